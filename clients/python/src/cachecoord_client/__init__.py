@@ -1,0 +1,45 @@
+"""Python client for cachecoord, the gRPC cache-coordination service.
+
+`AsyncClient` (``grpc.aio``) and `Client` (blocking) expose the same methods,
+named after the RPCs of ``cachecoord.v1.CacheCoordService``. They return the
+plain types of `cachecoord_client.types` and raise the errors of
+`cachecoord_client.errors`.
+"""
+
+from cachecoord_client.client import AsyncClient
+from cachecoord_client.errors import (
+    CacheCoordError,
+    DeadlineExceeded,
+    InvalidArgument,
+    LockNotAcquired,
+    NamespaceNotFound,
+    PermissionDenied,
+    QueueFull,
+    Unauthenticated,
+    Unavailable,
+    VersionConflict,
+    from_rpc_error,
+)
+from cachecoord_client.sync import Client
+from cachecoord_client.types import Deleted, Entry, Layer, Lock, Value
+
+__all__ = [
+    "AsyncClient",
+    "CacheCoordError",
+    "Client",
+    "DeadlineExceeded",
+    "Deleted",
+    "Entry",
+    "InvalidArgument",
+    "Layer",
+    "Lock",
+    "LockNotAcquired",
+    "NamespaceNotFound",
+    "PermissionDenied",
+    "QueueFull",
+    "Unauthenticated",
+    "Unavailable",
+    "Value",
+    "VersionConflict",
+    "from_rpc_error",
+]

@@ -1,0 +1,179 @@
+"""Request building, response conversion and call options shared by both clients.
+
+`cachecoord_client.client.AsyncClient` and `cachecoord_client.sync.Client`
+differ only in how they invoke an RPC; everything else lives here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
+from cachecoord_client.types import Deleted, Entry, Layer, Lock, Value
+
+Metadata = tuple[tuple[str, str], ...]
+
+_LAYERS: dict[int, Layer] = {
+    pb.LAYER_UNSPECIFIED: Layer.UNSPECIFIED,
+    pb.LAYER_NEAR: Layer.NEAR,
+    pb.LAYER_REDIS: Layer.REDIS,
+    pb.LAYER_DATABASE: Layer.DATABASE,
+}
+
+# Call options.
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Validated per-client call settings."""
+
+    default_timeout: float
+    metadata: Metadata | None
+
+
+def settings(default_timeout: float, token: str | None) -> Settings:
+    """Validate a client's ``default_timeout`` (seconds) and bearer ``token``."""
+    if not (default_timeout > 0 and math.isfinite(default_timeout)):
+        raise ValueError(
+            f"default_timeout must be a positive number of seconds: {default_timeout!r}"
+        )
+    return Settings(float(default_timeout), auth_metadata(token))
+
+
+def auth_metadata(token: str | None) -> Metadata | None:
+    """Return the call metadata carrying ``token`` as a bearer token, if any."""
+    if token is None:
+        return None
+    if not (token and token.isascii() and token.isprintable() and token == token.strip()):
+        raise ValueError("token must be non-empty printable ASCII without surrounding spaces")
+    return (("authorization", f"Bearer {token}"),)
+
+
+def deadline(timeout: float | None, default_timeout: float) -> float:
+    """Return the deadline (seconds from now) of a call."""
+    return default_timeout if timeout is None else timeout
+
+
+def lock_deadline(timeout: float | None, default_timeout: float, wait_timeout_ms: int) -> float:
+    """Return the deadline of an AcquireLock call: by default the wait plus ``default_timeout``."""
+    return default_timeout + max(wait_timeout_ms, 0) / 1000 if timeout is None else timeout
+
+
+# Requests.
+
+
+def _keys(keys: Iterable[str]) -> list[str]:
+    # A str is an Iterable[str] too: "abc" would silently become ["a", "b", "c"].
+    if isinstance(keys, str | bytes):
+        raise TypeError(f"keys must be an iterable of str, not a single {type(keys).__name__}")
+    return list(keys)
+
+
+def get_request(namespace: str, key: str) -> pb.GetRequest:
+    """Build a GetRequest."""
+    return pb.GetRequest(namespace=namespace, key=key)
+
+
+def batch_get_request(namespace: str, keys: Iterable[str]) -> pb.BatchGetRequest:
+    """Build a BatchGetRequest."""
+    return pb.BatchGetRequest(namespace=namespace, keys=_keys(keys))
+
+
+def put_request(
+    namespace: str, key: str, value: bytes, expected_version: int | None, ttl_ms: int | None
+) -> pb.PutRequest:
+    """Build a PutRequest; None leaves an optional field unset (0 is sent as 0)."""
+    request = pb.PutRequest(namespace=namespace, key=key, value=value)
+    if expected_version is not None:
+        request.expected_version = expected_version
+    if ttl_ms is not None:
+        request.ttl_ms = ttl_ms
+    return request
+
+
+def delete_request(namespace: str, key: str, expected_version: int | None) -> pb.DeleteRequest:
+    """Build a DeleteRequest; None leaves ``expected_version`` unset."""
+    request = pb.DeleteRequest(namespace=namespace, key=key)
+    if expected_version is not None:
+        request.expected_version = expected_version
+    return request
+
+
+def invalidate_request(namespace: str, keys: Iterable[str], all: bool) -> pb.InvalidateRequest:
+    """Build an InvalidateRequest."""
+    return pb.InvalidateRequest(namespace=namespace, keys=_keys(keys), all=all)
+
+
+def acquire_lock_request(name: str, ttl_ms: int, wait_timeout_ms: int) -> pb.AcquireLockRequest:
+    """Build an AcquireLockRequest."""
+    return pb.AcquireLockRequest(name=name, ttl_ms=ttl_ms, wait_timeout_ms=wait_timeout_ms)
+
+
+def release_lock_request(name: str, token: str) -> pb.ReleaseLockRequest:
+    """Build a ReleaseLockRequest."""
+    return pb.ReleaseLockRequest(name=name, token=token)
+
+
+def extend_lock_request(name: str, token: str, ttl_ms: int) -> pb.ExtendLockRequest:
+    """Build an ExtendLockRequest."""
+    return pb.ExtendLockRequest(name=name, token=token, ttl_ms=ttl_ms)
+
+
+# Responses.
+
+
+def to_layer(value: int) -> Layer:
+    """Convert a proto Layer; a value unknown to this client maps to UNSPECIFIED."""
+    return _LAYERS.get(value, Layer.UNSPECIFIED)
+
+
+def to_value(response: pb.GetResponse) -> Value:
+    """Convert a GetResponse."""
+    return Value(
+        found=response.found,
+        value=response.value,
+        version=response.version,
+        layer=to_layer(response.layer),
+        stale=response.stale,
+        ttl_ms=response.ttl_ms,
+    )
+
+
+def to_entry(message: pb.Entry) -> Entry:
+    """Convert one BatchGet entry."""
+    return Entry(
+        key=message.key,
+        found=message.found,
+        value=message.value,
+        version=message.version,
+        layer=to_layer(message.layer),
+        stale=message.stale,
+        ttl_ms=message.ttl_ms,
+    )
+
+
+def to_entries(response: pb.BatchGetResponse) -> list[Entry]:
+    """Convert a BatchGetResponse, keeping the server's order."""
+    return [to_entry(e) for e in response.entries]
+
+
+def to_version(response: pb.PutResponse) -> int:
+    """Convert a PutResponse to the version it created."""
+    return response.version
+
+
+def to_deleted(response: pb.DeleteResponse) -> Deleted:
+    """Convert a DeleteResponse."""
+    return Deleted(deleted=response.deleted, version=response.version)
+
+
+def to_invalidated(response: pb.InvalidateResponse) -> int:
+    """Convert an InvalidateResponse to the number of entries dropped."""
+    return response.invalidated
+
+
+def to_lock(name: str, response: pb.AcquireLockResponse) -> Lock:
+    """Convert an AcquireLockResponse for lock ``name``."""
+    return Lock(name=name, token=response.token, fencing_token=response.fencing_token)

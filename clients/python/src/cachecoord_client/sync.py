@@ -1,0 +1,336 @@
+"""The blocking client, built on a ``grpc`` channel."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import grpc
+
+from cachecoord_client import _convert
+from cachecoord_client.errors import from_rpc_error
+from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc
+from cachecoord_client.types import Deleted, Entry, Lock, Value
+
+__all__ = ["Client"]
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
+
+class Client:
+    """Blocking client of a cachecoord server; the same methods as `AsyncClient`.
+
+    The client is thread-safe: one instance (one channel) can serve every
+    thread of a process. It opens its channel in the constructor; the
+    connection itself is made on the first call.
+
+    Every method takes a keyword ``timeout`` in seconds; None means the
+    client's ``default_timeout``. Every failed call raises a
+    `cachecoord_client.errors.CacheCoordError` subclass chained to the
+    `grpc.RpcError`.
+
+    Example:
+        >>> with Client("127.0.0.1:50051") as client:  # doctest: +SKIP
+        ...     value = client.get("users", "1")
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        default_timeout: float = 5.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        """Open a channel to ``target``.
+
+        Args:
+            target: Server address, e.g. ``"127.0.0.1:50051"`` or ``"dns:///cachecoord:50051"``.
+            default_timeout: Deadline in seconds of calls made without ``timeout``.
+            credentials: TLS credentials; None opens a plaintext channel.
+            token: Bearer token sent as ``authorization: Bearer <token>`` metadata.
+            options: gRPC channel options, e.g. ``[("grpc.keepalive_time_ms", 30000)]``.
+
+        Raises:
+            ValueError: ``default_timeout`` is not positive, or ``token`` is not
+                printable ASCII.
+        """
+        settings = _convert.settings(default_timeout, token)
+        if credentials is None:
+            channel = grpc.insecure_channel(target, options=list(options))
+        else:
+            channel = grpc.secure_channel(target, credentials, options=list(options))
+        self._setup(channel, owns_channel=True, settings=settings)
+
+    @classmethod
+    def from_channel(
+        cls,
+        channel: grpc.Channel,
+        *,
+        default_timeout: float = 5.0,
+        token: str | None = None,
+    ) -> Self:
+        """Wrap an existing blocking ``grpc`` channel.
+
+        The client does not own the channel: `close` leaves it open, and the
+        caller closes it.
+
+        Args:
+            channel: An open ``grpc.Channel``.
+            default_timeout: Deadline in seconds of calls made without ``timeout``.
+            token: Bearer token sent as ``authorization: Bearer <token>`` metadata.
+
+        Returns:
+            A client using ``channel``.
+        """
+        settings = _convert.settings(default_timeout, token)
+        self = cls.__new__(cls)
+        self._setup(channel, owns_channel=False, settings=settings)
+        return self
+
+    def _setup(
+        self,
+        channel: grpc.Channel,
+        *,
+        owns_channel: bool,
+        settings: _convert.Settings,
+    ) -> None:
+        self._default_timeout = settings.default_timeout
+        self._metadata = settings.metadata
+        self._channel = channel
+        self._owns_channel = owns_channel
+        self._stub = cachecoord_pb2_grpc.CacheCoordServiceStub(channel)
+
+    @property
+    def default_timeout(self) -> float:
+        """Deadline in seconds of calls made without ``timeout``."""
+        return self._default_timeout
+
+    def close(self) -> None:
+        """Close the channel, cancelling calls in flight; a no-op for a borrowed channel."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> Self:
+        """Return the client itself."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the client."""
+        self.close()
+
+    def _call(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[_Req, _Resp],
+        request: _Req,
+        timeout: float,
+    ) -> _Resp:
+        try:
+            return method(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    def get(self, namespace: str, key: str, *, timeout: float | None = None) -> Value:
+        """Read one key (near cache, then Redis, then PostgreSQL).
+
+        Args:
+            namespace: Namespace as configured on the server, e.g. ``"users"``.
+            key: Key within the namespace.
+            timeout: Deadline in seconds; None uses ``default_timeout``.
+
+        Returns:
+            The value; ``found`` is False when the key does not exist.
+
+        Raises:
+            NamespaceNotFound: The namespace is not configured.
+            CacheCoordError: Any other failure.
+        """
+        request = _convert.get_request(namespace, key)
+        timeout = _convert.deadline(timeout, self._default_timeout)
+        return _convert.to_value(self._call(self._stub.Get, request, timeout))
+
+    def batch_get(
+        self, namespace: str, keys: Iterable[str], *, timeout: float | None = None
+    ) -> list[Entry]:
+        """Read many keys of one namespace.
+
+        Args:
+            namespace: Namespace as configured on the server.
+            keys: Keys to read (1 to 1000); not a single str.
+            timeout: Deadline in seconds; None uses ``default_timeout``.
+
+        Returns:
+            One entry per requested key, in request order.
+
+        Raises:
+            TypeError: ``keys`` is a str or bytes.
+            NamespaceNotFound: The namespace is not configured.
+            CacheCoordError: Any other failure.
+        """
+        request = _convert.batch_get_request(namespace, keys)
+        timeout = _convert.deadline(timeout, self._default_timeout)
+        return _convert.to_entries(self._call(self._stub.BatchGet, request, timeout))
+
+    def put(
+        self,
+        namespace: str,
+        key: str,
+        value: bytes,
+        *,
+        expected_version: int | None = None,
+        ttl_ms: int | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Write one key according to the namespace's strategy.
+
+        Args:
+            namespace: Namespace as configured on the server.
+            key: Key within the namespace.
+            value: Opaque bytes, or a UTF-8 JSON object for mapped namespaces.
+            expected_version: Write only if the key's current version equals
+                this (0: only if the key does not exist); None writes unconditionally.
+            ttl_ms: Cache time to live for this write; None or 0 uses the namespace's.
+            timeout: Deadline in seconds; None uses ``default_timeout``.
+
+        Returns:
+            The version the write created.
+
+        Raises:
+            VersionConflict: ``expected_version`` did not match.
+            NamespaceNotFound: The namespace is not configured.
+            CacheCoordError: Any other failure.
+        """
+        request = _convert.put_request(namespace, key, value, expected_version, ttl_ms)
+        timeout = _convert.deadline(timeout, self._default_timeout)
+        return _convert.to_version(self._call(self._stub.Put, request, timeout))
+
+    def delete(
+        self,
+        namespace: str,
+        key: str,
+        *,
+        expected_version: int | None = None,
+        timeout: float | None = None,
+    ) -> Deleted:
+        """Remove one key from PostgreSQL and from the cache.
+
+        Args:
+            namespace: Namespace as configured on the server.
+            key: Key within the namespace.
+            expected_version: Delete only if the key's current version equals
+                this; None deletes unconditionally.
+            timeout: Deadline in seconds; None uses ``default_timeout``.
+
+        Returns:
+            Whether a row was deleted, and the version recorded for the deletion.
+
+        Raises:
+            VersionConflict: ``expected_version`` did not match.
+            NamespaceNotFound: The namespace is not configured.
+            CacheCoordError: Any other failure.
+        """
+        request = _convert.delete_request(namespace, key, expected_version)
+        timeout = _convert.deadline(timeout, self._default_timeout)
+        return _convert.to_deleted(self._call(self._stub.Delete, request, timeout))
+
+    def invalidate(
+        self,
+        namespace: str,
+        keys: Iterable[str] = (),
+        *,
+        all: bool = False,
+        timeout: float | None = None,
+    ) -> int:
+        """Drop cached copies on every instance, without touching PostgreSQL.
+
+        Args:
+            namespace: Namespace as configured on the server.
+            keys: Keys to invalidate; must be empty when ``all`` is True.
+            all: Invalidate every cached key of the namespace.
+            timeout: Deadline in seconds; None uses ``default_timeout``.
+
+        Returns:
+            The number of cached entries dropped from Redis.
+
+        Raises:
+            TypeError: ``keys`` is a str or bytes.
+            InvalidArgument: The request is malformed, e.g. ``keys`` given with ``all``.
+            NamespaceNotFound: The namespace is not configured.
+            CacheCoordError: Any other failure.
+        """
+        request = _convert.invalidate_request(namespace, keys, all)
+        timeout = _convert.deadline(timeout, self._default_timeout)
+        return _convert.to_invalidated(self._call(self._stub.Invalidate, request, timeout))
+
+    def acquire_lock(
+        self,
+        name: str,
+        *,
+        ttl_ms: int,
+        wait_timeout_ms: int = 0,
+        timeout: float | None = None,
+    ) -> Lock:
+        """Take a distributed lock, waiting up to ``wait_timeout_ms`` while it is held.
+
+        Args:
+            name: Lock name.
+            ttl_ms: Time to live of the lock (1 to 86400000 ms); it is released
+                when this elapses without `extend_lock`.
+            wait_timeout_ms: How long to wait for a held lock; 0 fails at once.
+            timeout: Deadline in seconds; None uses ``wait_timeout_ms / 1000 +
+                default_timeout``. A deadline shorter than the wait can end the
+                call with DeadlineExceeded instead of LockNotAcquired.
+
+        Returns:
+            The lock, with its token and fencing token.
+
+        Raises:
+            LockNotAcquired: The lock is still held by someone else.
+            CacheCoordError: Any other failure.
+        """
+        request = _convert.acquire_lock_request(name, ttl_ms, wait_timeout_ms)
+        timeout = _convert.lock_deadline(timeout, self._default_timeout, wait_timeout_ms)
+        return _convert.to_lock(name, self._call(self._stub.AcquireLock, request, timeout))
+
+    def release_lock(self, name: str, token: str, *, timeout: float | None = None) -> None:
+        """Release a held lock.
+
+        Args:
+            name: Lock name.
+            token: Token returned by `acquire_lock`.
+            timeout: Deadline in seconds; None uses ``default_timeout``.
+
+        Raises:
+            CacheCoordError: The call failed, e.g. because ``token`` does not
+                hold the lock (any more).
+        """
+        request = _convert.release_lock_request(name, token)
+        timeout = _convert.deadline(timeout, self._default_timeout)
+        self._call(self._stub.ReleaseLock, request, timeout)
+
+    def extend_lock(
+        self, name: str, token: str, *, ttl_ms: int, timeout: float | None = None
+    ) -> None:
+        """Reset a held lock's time to live.
+
+        Args:
+            name: Lock name.
+            token: Token returned by `acquire_lock`.
+            ttl_ms: New time to live in milliseconds, counted from now.
+            timeout: Deadline in seconds; None uses ``default_timeout``.
+
+        Raises:
+            CacheCoordError: The call failed, e.g. because ``token`` does not
+                hold the lock (any more).
+        """
+        request = _convert.extend_lock_request(name, token, ttl_ms)
+        timeout = _convert.deadline(timeout, self._default_timeout)
+        self._call(self._stub.ExtendLock, request, timeout)

@@ -1,0 +1,105 @@
+"""Plain value types returned by the cachecoord clients.
+
+They carry no gRPC or protobuf types, so code using the clients does not
+need to import the generated stubs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+__all__ = ["Deleted", "Entry", "Layer", "Lock", "Value"]
+
+
+class Layer(StrEnum):
+    """The layer a value was served from."""
+
+    UNSPECIFIED = "unspecified"
+    """Not set: the key was not found (or the server sent a layer this client does not know)."""
+    NEAR = "near"
+    """The server instance's in-process near cache."""
+    REDIS = "redis"
+    """Redis."""
+    DATABASE = "database"
+    """PostgreSQL, the source of truth (a cache miss)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    """The answer of ``get`` for one key.
+
+    Attributes:
+        found: True when the key exists; when False the other fields hold their
+            zero values.
+        value: The value: opaque bytes for managed namespaces, a UTF-8 JSON
+            object for mapped namespaces.
+        version: Version of the value; versions of one key strictly increase.
+        layer: Where the value was served from.
+        stale: True when the value was served past its freshness time (while
+            being revalidated, or because PostgreSQL is unreachable).
+        ttl_ms: Milliseconds until the cached copy expires; 0 when served from
+            PostgreSQL without caching.
+    """
+
+    found: bool
+    value: bytes
+    version: int
+    layer: Layer
+    stale: bool
+    ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """The answer of ``batch_get`` for one key.
+
+    Attributes:
+        key: The key this entry answers.
+        found: True when the key exists; when False the other fields hold their
+            zero values.
+        value: The value, as in `Value.value`.
+        version: Version of the value.
+        layer: Where the value was served from.
+        stale: True when the value was served stale (see `Value.stale`).
+        ttl_ms: Milliseconds until the cached copy expires (see `Value.ttl_ms`).
+    """
+
+    key: str
+    found: bool
+    value: bytes
+    version: int
+    layer: Layer
+    stale: bool
+    ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    """The answer of ``delete``.
+
+    Attributes:
+        deleted: True when a row existed and was deleted.
+        version: The version recorded for the deletion; a later put gets a
+            higher one.
+    """
+
+    deleted: bool
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lock:
+    """A held distributed lock, as returned by ``acquire_lock``.
+
+    Attributes:
+        name: The lock name.
+        token: Opaque proof of ownership; pass it to ``release_lock`` and
+            ``extend_lock``.
+        fencing_token: Strictly increasing number per lock name; pass it to the
+            protected resource so that it can reject stale holders.
+    """
+
+    name: str
+    token: str
+    fencing_token: int

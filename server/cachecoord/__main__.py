@@ -1,0 +1,3 @@
+from cachecoord.cli import main
+
+main()

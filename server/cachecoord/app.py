@@ -1,0 +1,151 @@
+"""Start-up and shutdown order, and the wiring of every component."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import grpc
+import psycopg
+import psycopg_pool
+from grpc_health.v1._async import HealthServicer
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from cachecoord.cache import Cache
+from cachecoord.config import ConfigError, Kind, Settings, StrategyName
+from cachecoord.coordination.locks import Locks
+from cachecoord.invalidation.bus import Bus
+from cachecoord.invalidation.outbox import Outbox
+from cachecoord.rpc import server as rpc_server
+from cachecoord.rpc.servicer import CacheCoordServicer
+from cachecoord.storage import keys, postgres
+from cachecoord.storage.redis_store import RedisStore, connect
+from cachecoord.storage.tables import ManagedTable, MappedTable, Table
+from cachecoord.strategies import STRATEGIES, Backends, Strategy
+
+log = logging.getLogger(__name__)
+
+StartupError = rpc_server.StartupError
+
+
+class App:
+    """One cachecoord instance. ``await start()``, then ``await stop()``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.origin = settings.server.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.port = 0
+        self.pool: AsyncConnectionPool[AsyncConnection] | None = None
+        self.cache: Cache | None = None
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._server: grpc.aio.Server | None = None
+        self._health: HealthServicer | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Connect to the backends, check the configuration against them, and
+        serve. Raises StartupError or ConfigError with a message saying why."""
+        settings = self.settings
+        classes = {name: _strategy(ns.strategy, name) for name, ns in settings.namespaces.items()}
+        self.pool = postgres.create_pool(settings.postgres)
+        try:
+            await self.pool.open(wait=True, timeout=10)
+            await postgres.install_schema(self.pool)
+            tables = await self._tables(self.pool)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as err:
+            await self.pool.close()
+            raise StartupError(
+                f"cannot use PostgreSQL at {_redact(settings.postgres.url)} (postgres.url): {err}"
+            ) from None
+        except BaseException:
+            await self.pool.close()
+            raise
+        client = connect(settings.redis)
+        store = RedisStore(client)
+        outbox = Outbox(
+            self.pool, store, origin=self.origin, interval_ms=settings.postgres.outbox_interval
+        )
+        backends = Backends(pool=self.pool, store=store, outbox=outbox, origin=self.origin)
+        strategies: dict[str, Strategy] = {
+            name: classes[name](ns, tables[name], backends)
+            for name, ns in settings.namespaces.items()
+        }
+        locks = Locks(client)
+        bus = Bus(settings.redis.url)
+        bus.on(keys.LOCK_CHANNEL, lambda name: locks.on_release_notice(name.decode()))
+        bus.on_reset(locks.wake_all)
+        self.cache = Cache(strategies, settings.server)
+        servicer = CacheCoordServicer(
+            self.cache, locks, default_timeout=settings.server.default_deadline / 1000
+        )
+        self._server, self._health, self.port = rpc_server.build(servicer, settings.server)
+        await outbox.open()
+        await bus.open()
+        self._closers = [bus.close, outbox.close, client.aclose, self.pool.close]
+        await self._server.start()
+        await rpc_server.set_serving(self._health, True)
+        log.info(
+            "cachecoord %s serving on port %d, namespaces: %s",
+            self.origin,
+            self.port,
+            ", ".join(self.cache.namespaces) or "(none)",
+        )
+
+    async def stop(self) -> None:
+        """Drain: report NOT_SERVING, let in-flight RPCs finish, close backends."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.settings.server.shutdown_grace / 1000)
+        for close in self._closers:
+            await close()
+        self._closers = []
+        self._stopped.set()
+
+    async def _tables(self, pool: AsyncConnectionPool[AsyncConnection]) -> dict[str, Table]:
+        tables: dict[str, Table] = {}
+        async with pool.connection() as conn:
+            for name, ns in self.settings.namespaces.items():
+                if ns.kind is Kind.MAPPED:
+                    tables[name] = await MappedTable.introspect(conn, ns)
+                else:
+                    tables[name] = ManagedTable(name)
+        return tables
+
+
+def _strategy(name: StrategyName, namespace: str) -> type[Strategy]:
+    strategy = STRATEGIES.get(name)
+    if strategy is None:
+        raise ConfigError(
+            f"namespaces.{namespace}.strategy: {name.value!r} is not available in this version; "
+            f"use one of {', '.join(s.value for s in STRATEGIES)}"
+        )
+    return strategy
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages (secrets are never logged)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    app = App(settings)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await app.stop()

@@ -1,0 +1,117 @@
+"""The domain entry point: find the namespace, validate the input, and hand the
+call to the namespace's strategy. Front-ends (the gRPC servicer, the CLI)
+only translate to and from these calls."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from cachecoord.config import ServerSettings
+from cachecoord.errors import InvalidArgument, NamespaceNotFound
+from cachecoord.model import Deleted, Entry
+from cachecoord.strategies import Strategy
+
+MAX_TTL_MS = 365 * 86_400_000
+
+
+class Cache:
+    """Get, BatchGet, Put, Delete and Invalidate over configured namespaces."""
+
+    def __init__(self, namespaces: Mapping[str, Strategy], limits: ServerSettings) -> None:
+        self._namespaces = dict(namespaces)
+        self._limits = limits
+
+    async def get(self, namespace: str, key: str) -> Entry:
+        strategy = self._namespace(namespace)
+        self._check_key(strategy, key)
+        return await strategy.get(key)
+
+    async def batch_get(self, namespace: str, keys: Sequence[str]) -> list[Entry]:
+        strategy = self._namespace(namespace)
+        self._check_keys(strategy, keys)
+        return await strategy.batch_get(keys)
+
+    async def put(
+        self,
+        namespace: str,
+        key: str,
+        value: bytes,
+        *,
+        expected_version: int | None = None,
+        ttl_ms: int | None = None,
+    ) -> int:
+        strategy = self._namespace(namespace)
+        self._check_key(strategy, key)
+        if len(value) > self._limits.max_value_bytes:
+            raise InvalidArgument(
+                f"value is {len(value)} bytes; the limit is {self._limits.max_value_bytes} "
+                "(server.max_value_bytes)"
+            )
+        _check_version(expected_version)
+        if ttl_ms is not None and not 0 <= ttl_ms <= MAX_TTL_MS:
+            raise InvalidArgument(
+                f"ttl_ms must be between 0 (namespace default) and {MAX_TTL_MS} (got {ttl_ms})"
+            )
+        return await strategy.put(key, value, expected_version, ttl_ms or None)
+
+    async def delete(
+        self, namespace: str, key: str, *, expected_version: int | None = None
+    ) -> Deleted:
+        strategy = self._namespace(namespace)
+        self._check_key(strategy, key)
+        _check_version(expected_version)
+        return await strategy.delete(key, expected_version)
+
+    async def invalidate(
+        self, namespace: str, keys: Sequence[str], *, everything: bool = False
+    ) -> int:
+        strategy = self._namespace(namespace)
+        if everything:
+            if keys:
+                raise InvalidArgument("give either keys or all, not both")
+            return await strategy.invalidate_all()
+        if not keys:
+            raise InvalidArgument("give at least one key, or all = true")
+        self._check_keys(strategy, keys)
+        return await strategy.invalidate(list(dict.fromkeys(keys)))
+
+    @property
+    def namespaces(self) -> list[str]:
+        return sorted(self._namespaces)
+
+    def _namespace(self, name: str) -> Strategy:
+        strategy = self._namespaces.get(name)
+        if strategy is None:
+            if not name:
+                raise InvalidArgument("namespace must not be empty")
+            raise NamespaceNotFound(name, list(self._namespaces))
+        return strategy
+
+    def _check_key(self, strategy: Strategy, key: str) -> None:
+        if not key:
+            raise InvalidArgument("key must not be empty")
+        size = len(key.encode())
+        if size > self._limits.max_key_bytes:
+            raise InvalidArgument(
+                f"key is {size} bytes; the limit is {self._limits.max_key_bytes} "
+                "(server.max_key_bytes)"
+            )
+        if "\x00" in key:
+            raise InvalidArgument("key must not contain NUL characters")
+        strategy.table.check_key(key)
+
+    def _check_keys(self, strategy: Strategy, keys: Sequence[str]) -> None:
+        if not keys:
+            raise InvalidArgument("give at least one key")
+        if len(keys) > self._limits.max_batch_keys:
+            raise InvalidArgument(
+                f"{len(keys)} keys in one call; the limit is {self._limits.max_batch_keys} "
+                "(server.max_batch_keys)"
+            )
+        for key in keys:
+            self._check_key(strategy, key)
+
+
+def _check_version(expected_version: int | None) -> None:
+    if expected_version is not None and expected_version < 0:
+        raise InvalidArgument(f"expected_version must not be negative (got {expected_version})")

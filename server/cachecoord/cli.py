@@ -1,0 +1,231 @@
+"""The ``cachecoord`` command: run the server, or talk to one.
+
+    cachecoord serve --config FILE
+    cachecoord get NAMESPACE KEY
+    cachecoord put NAMESPACE KEY VALUE [--expected-version N] [--ttl-ms N]
+    cachecoord delete NAMESPACE KEY
+    cachecoord invalidate NAMESPACE [KEY...] [--all]
+    cachecoord lock NAME [--ttl-ms N] [--wait-ms N] -- COMMAND...
+
+Client commands reach ``--target`` (default ``$CACHECOORD_TARGET`` or
+127.0.0.1:50051), print human-readable text, or JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cachecoord_client import CacheCoordError, Client
+
+from cachecoord.config import ConfigError, load
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    sys.exit(args.run(args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cachecoord", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the server")
+    serve.add_argument("--config", type=Path, default=os.environ.get("CACHECOORD_CONFIG"))
+    serve.add_argument("--log-level", default=os.environ.get("CACHECOORD_LOG_LEVEL", "INFO"))
+    serve.set_defaults(run=_serve)
+
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--target", default=os.environ.get("CACHECOORD_TARGET", "127.0.0.1:50051"))
+    client.add_argument("--json", action="store_true", help="print JSON")
+    client.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
+
+    get = commands.add_parser("get", parents=[client], help="read a key")
+    get.add_argument("namespace")
+    get.add_argument("key")
+    get.set_defaults(run=_get)
+
+    put = commands.add_parser("put", parents=[client], help="write a key")
+    put.add_argument("namespace")
+    put.add_argument("key")
+    put.add_argument("value", help="the value ('-' reads it from standard input)")
+    put.add_argument("--expected-version", type=int)
+    put.add_argument("--ttl-ms", type=int)
+    put.set_defaults(run=_put)
+
+    delete = commands.add_parser("delete", parents=[client], help="delete a key")
+    delete.add_argument("namespace")
+    delete.add_argument("key")
+    delete.add_argument("--expected-version", type=int)
+    delete.set_defaults(run=_delete)
+
+    invalidate = commands.add_parser("invalidate", parents=[client], help="drop cached copies")
+    invalidate.add_argument("namespace")
+    invalidate.add_argument("keys", nargs="*")
+    invalidate.add_argument("--all", action="store_true", help="every key of the namespace")
+    invalidate.set_defaults(run=_invalidate)
+
+    lock = commands.add_parser("lock", parents=[client], help="run a command while holding a lock")
+    lock.add_argument("name")
+    lock.add_argument("--ttl-ms", type=int, default=30_000, help="lock TTL, renewed while held")
+    lock.add_argument("--wait-ms", type=int, default=10_000, help="how long to wait for it")
+    lock.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    lock.set_defaults(run=_lock)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cachecoord.app import StartupError, serve
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = load(args.config, os.environ)
+    except ConfigError as err:
+        print(f"cachecoord: configuration error: {err}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        runner(serve(settings))
+    except (ConfigError, StartupError) as err:
+        print(f"cachecoord: cannot start: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.target, default_timeout=args.timeout)
+
+
+def _call(args: argparse.Namespace, action: Any) -> int:
+    try:
+        with _client(args) as client:
+            result = action(client)
+    except CacheCoordError as err:
+        if args.json:
+            print(json.dumps({"error": err.code.name, "message": err.details}))
+        else:
+            print(f"cachecoord: {err.code.name}: {err.details}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result[0]))
+    else:
+        print(result[1])
+    return 0
+
+
+def _show(value: bytes) -> str:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return "base64:" + base64.b64encode(value).decode()
+
+
+def _get(args: argparse.Namespace) -> int:
+    def action(client: Client) -> tuple[Any, str]:
+        got = client.get(args.namespace, args.key)
+        if not got.found:
+            return {"found": False}, "(not found)"
+        doc = {
+            "found": True,
+            "value": _show(got.value),
+            "version": got.version,
+            "layer": got.layer.value,
+            "stale": got.stale,
+            "ttl_ms": got.ttl_ms,
+        }
+        stale = ", stale" if got.stale else ""
+        return doc, f"{_show(got.value)}\n(version {got.version}, from {got.layer.value}{stale})"
+
+    return _call(args, action)
+
+
+def _put(args: argparse.Namespace) -> int:
+    value = sys.stdin.buffer.read() if args.value == "-" else args.value.encode()
+
+    def action(client: Client) -> tuple[Any, str]:
+        version = client.put(
+            args.namespace,
+            args.key,
+            value,
+            expected_version=args.expected_version,
+            ttl_ms=args.ttl_ms,
+        )
+        return {"version": version}, f"version {version}"
+
+    return _call(args, action)
+
+
+def _delete(args: argparse.Namespace) -> int:
+    def action(client: Client) -> tuple[Any, str]:
+        result = client.delete(args.namespace, args.key, expected_version=args.expected_version)
+        text = "deleted" if result.deleted else "no such key"
+        return {"deleted": result.deleted, "version": result.version}, text
+
+    return _call(args, action)
+
+
+def _invalidate(args: argparse.Namespace) -> int:
+    def action(client: Client) -> tuple[Any, str]:
+        count = client.invalidate(args.namespace, args.keys, all=args.all)
+        return {"invalidated": count}, f"{count} cached entr{'y' if count == 1 else 'ies'} dropped"
+
+    return _call(args, action)
+
+
+def _lock(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        print("cachecoord: lock needs a command: cachecoord lock NAME -- COMMAND", file=sys.stderr)
+        return 2
+    try:
+        with _client(args) as client:
+            lock = client.acquire_lock(
+                args.name,
+                ttl_ms=args.ttl_ms,
+                wait_timeout_ms=args.wait_ms,
+                timeout=args.wait_ms / 1000 + args.timeout,
+            )
+            done = threading.Event()
+            renewer = threading.Thread(
+                target=_renew, args=(client, lock.name, lock.token, args.ttl_ms, done), daemon=True
+            )
+            renewer.start()
+            env = {**os.environ, "CACHECOORD_FENCING_TOKEN": str(lock.fencing_token)}
+            try:
+                code = subprocess.call(command, env=env)
+            finally:
+                done.set()
+                renewer.join()
+                client.release_lock(lock.name, lock.token)
+    except CacheCoordError as err:
+        print(f"cachecoord: {err.code.name}: {err.details}", file=sys.stderr)
+        return 1
+    return code
+
+
+def _renew(client: Client, name: str, token: str, ttl_ms: int, done: threading.Event) -> None:
+    """Extend the lock every third of its TTL until *done*."""
+    while not done.wait(ttl_ms / 3000):
+        try:
+            client.extend_lock(name, token, ttl_ms=ttl_ms)
+        except CacheCoordError as err:
+            print(f"cachecoord: could not extend lock {name!r}: {err.details}", file=sys.stderr)
+            return

@@ -1,0 +1,299 @@
+"""Settings: one TOML file plus ``CACHECOORD_*`` environment overrides.
+
+Everything is validated while loading; a mistake raises :class:`ConfigError`
+naming the file, the key and the fix, and the server does not start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the fix."""
+
+
+class StrategyName(enum.StrEnum):
+    CACHE_ASIDE = "cache-aside"
+    WRITE_THROUGH = "write-through"
+    WRITE_BEHIND = "write-behind"
+
+
+class Kind(enum.StrEnum):
+    MAPPED = "mapped"
+    MANAGED = "managed"
+
+
+class Invalidation(enum.StrEnum):
+    DELETE = "delete"
+    VERSION = "version"
+
+
+class Duration(int):
+    """Milliseconds, written in the file as ``"250ms"``, ``"5s"``, ``"5m"``, ``"1h"`` or a
+    number of seconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    listen: str = "127.0.0.1:50051"
+    """host:port of the gRPC listener."""
+    instance_id: str = ""
+    """Name of this instance in invalidation messages; default host-pid."""
+    shutdown_grace: Duration = Duration(10_000)
+    """How long in-flight RPCs get to finish on SIGTERM."""
+    default_deadline: Duration = Duration(5_000)
+    """Deadline applied to backend calls of an RPC that came without one."""
+    max_key_bytes: int = 512
+    """Longest accepted key (UTF-8 bytes)."""
+    max_value_bytes: int = 1_048_576
+    """Largest accepted value."""
+    max_batch_keys: int = 1000
+    """Most keys in one BatchGet or Invalidate."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str = "redis://127.0.0.1:6379/0"
+    """Redis URL (redis:// or rediss://)."""
+    max_connections: int = 64
+    """Size of the blocking connection pool."""
+    pool_timeout: Duration = Duration(1_000)
+    """How long a request waits for a free connection before failing."""
+    socket_timeout: Duration = Duration(1_000)
+    """Timeout of one Redis command (and of connecting)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresSettings:
+    url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    """libpq connection string or URL."""
+    min_connections: int = 1
+    """Connections kept open."""
+    max_connections: int = 10
+    """Most connections the pool opens."""
+    prepare_threshold: int = 5
+    """Executions before a statement is prepared; -1 disables prepared statements
+    (needed behind pgbouncer in transaction mode)."""
+    outbox_interval: Duration = Duration(1_000)
+    """How often the outbox drainer looks for invalidations left behind."""
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceSettings:
+    name: str
+    """Name used by clients."""
+    kind: Kind
+    """mapped (an existing table, values are JSON rows) or managed (opaque bytes)."""
+    table: str = ""
+    """mapped only: the table (optionally schema-qualified)."""
+    key_column: str = ""
+    """mapped only: the column holding the key; must be unique."""
+    strategy: StrategyName = StrategyName.CACHE_ASIDE
+    """cache-aside, write-through or write-behind."""
+    invalidation: Invalidation = Invalidation.DELETE
+    """delete the cached copy, or bump the key's version."""
+    ttl: Duration = Duration(300_000)
+    """Time a cached value stays fresh."""
+    ttl_jitter: float = 0.1
+    """Fraction by which each TTL is randomly spread (0 to 0.5)."""
+    negative_ttl: Duration = Duration(30_000)
+    """Time a "not found" answer is cached."""
+    lease: Duration = Duration(3_000)
+    """Time a reader may take to load a missing key before another may try."""
+    lease_wait: Duration = Duration(1_000)
+    """How long a reader waits for another's fill before loading itself."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    postgres: PostgresSettings = field(default_factory=PostgresSettings)
+    namespaces: Mapping[str, NamespaceSettings] = field(default_factory=dict)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerSettings,
+    "redis": RedisSettings,
+    "postgres": PostgresSettings,
+}
+_ENV_ALIASES = {"CACHECOORD_DATABASE_URL": "CACHECOORD_POSTGRES_URL"}
+_ENV_IGNORED = {"CACHECOORD_CONFIG"}
+
+
+def load(path: Path | None, environ: Mapping[str, str]) -> Settings:
+    """Read *path* (if any), apply ``CACHECOORD_<SECTION>_<KEY>`` overrides from
+    *environ*, validate, and return frozen settings."""
+    source = str(path) if path else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    for name in raw:
+        if name not in (*_SECTIONS, "namespaces"):
+            raise ConfigError(
+                f"{source}: unknown section [{name}]; expected one of "
+                f"{', '.join([*_SECTIONS, 'namespaces'])}"
+            )
+    sections = {name: dict(raw.get(name, {})) for name in _SECTIONS}
+    _apply_env(sections, environ)
+    settings = Settings(
+        server=_build(ServerSettings, sections["server"], "server", source),
+        redis=_build(RedisSettings, sections["redis"], "redis", source),
+        postgres=_build(PostgresSettings, sections["postgres"], "postgres", source),
+        namespaces=_namespaces(raw.get("namespaces", {}), source),
+    )
+    _check(settings, source)
+    return settings
+
+
+def _apply_env(sections: dict[str, dict[str, Any]], environ: Mapping[str, str]) -> None:
+    for var, value in environ.items():
+        if not var.startswith("CACHECOORD_") or var in _ENV_IGNORED:
+            continue
+        canonical = _ENV_ALIASES.get(var, var)
+        section, _, key = canonical.removeprefix("CACHECOORD_").lower().partition("_")
+        known = (
+            {f.name for f in dataclasses.fields(_SECTIONS[section])}
+            if section in _SECTIONS
+            else set()
+        )
+        if key not in known:
+            raise ConfigError(
+                f"environment variable {var} is not a setting; use CACHECOORD_<SECTION>_<KEY> "
+                f"with a section of {', '.join(_SECTIONS)} and a key of that section"
+            )
+        sections[section][key] = value
+
+
+def _namespaces(raw: Any, source: str) -> dict[str, NamespaceSettings]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [namespaces] must be a table of [namespaces.<name>]")
+    result = {}
+    for name, table in raw.items():
+        where = f"namespaces.{name}"
+        if not NAME_RE.match(name):
+            raise ConfigError(
+                f"{source}: [{where}]: a namespace name is 1-63 characters of a-z, 0-9, _ and -,"
+                " starting with a letter"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{where}] must be a table")
+        if "kind" not in table:
+            raise ConfigError(f'{source}: {where}.kind is missing; set "mapped" or "managed"')
+        result[name] = _build(NamespaceSettings, {**table, "name": name}, where, source)
+    return result
+
+
+def _build(cls: type[Any], values: dict[str, Any], where: str, source: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(
+                f"{source}: unknown key {where}.{key}; known keys: {', '.join(fields)}"
+            )
+        kwargs[key] = _coerce(fields[key].type, value, f"{where}.{key}", source)
+    return cls(**kwargs)
+
+
+def _coerce(kind: Any, value: Any, key: str, source: str) -> Any:
+    kind = {"str": str, "int": int, "float": float, "bool": bool}.get(kind) or globals()[kind]
+    try:
+        if kind is Duration:
+            return _duration(value)
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            return kind(value)
+        if kind is bool:
+            if isinstance(value, str):
+                return {"true": True, "1": True, "false": False, "0": False}[value.lower()]
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if kind is int:
+            if isinstance(value, bool) or not isinstance(value, int | str):
+                raise TypeError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise TypeError
+            return float(value)
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    except (TypeError, ValueError, KeyError):
+        hint = {
+            Duration: 'a duration such as "250ms", "5s", "5m", "1h" or a number of seconds',
+            int: "an integer",
+            float: "a number",
+            bool: "true or false",
+            str: "a string",
+        }.get(kind) or "one of " + ", ".join(repr(m.value) for m in kind)
+        raise ConfigError(f"{source}: {key} = {value!r} is invalid; expected {hint}") from None
+
+
+def _duration(value: Any) -> Duration:
+    if isinstance(value, bool):
+        raise TypeError
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError
+        return Duration(round(value * 1000))
+    match = _DURATION_RE.match(str(value))
+    if not match:
+        raise ValueError
+    return Duration(round(float(match[1]) * _UNIT_MS[match[2] or "s"]))
+
+
+def _check(settings: Settings, source: str) -> None:
+    def fail(key: str, fix: str) -> None:
+        raise ConfigError(f"{source}: {key}: {fix}")
+
+    server = settings.server
+    if not re.match(r"^(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}$", server.listen):
+        fail("server.listen", f"{server.listen!r} is not host:port, e.g. 127.0.0.1:50051")
+    if not 1 <= server.max_key_bytes <= 65_536:
+        fail("server.max_key_bytes", "must be between 1 and 65536")
+    if not 1 <= server.max_value_bytes <= 64 * 1024 * 1024:
+        fail("server.max_value_bytes", "must be between 1 and 67108864")
+    if not 1 <= server.max_batch_keys <= 100_000:
+        fail("server.max_batch_keys", "must be between 1 and 100000")
+    if server.default_deadline <= 0:
+        fail("server.default_deadline", "must be positive")
+    if not settings.redis.url.startswith(("redis://", "rediss://", "unix://")):
+        fail("redis.url", "must start with redis://, rediss:// or unix://")
+    if settings.redis.max_connections < 1:
+        fail("redis.max_connections", "must be at least 1")
+    pg = settings.postgres
+    if not 0 <= pg.min_connections <= pg.max_connections or pg.max_connections < 1:
+        fail("postgres.max_connections", "need 0 <= min_connections <= max_connections, max >= 1")
+    if pg.prepare_threshold < -1:
+        fail("postgres.prepare_threshold", "must be -1 (disabled) or a count >= 0")
+    for ns in settings.namespaces.values():
+        where = f"namespaces.{ns.name}"
+        if ns.kind is Kind.MAPPED and not (ns.table and ns.key_column):
+            fail(f"{where}.table", "a mapped namespace needs both table and key_column")
+        if ns.kind is Kind.MANAGED and (ns.table or ns.key_column):
+            fail(f"{where}.table", "a managed namespace uses cachecoord's own table; remove table")
+        if ns.ttl <= 0:
+            fail(f"{where}.ttl", "must be positive")
+        if not 0 <= ns.ttl_jitter <= 0.5:
+            fail(f"{where}.ttl_jitter", "must be between 0 and 0.5")
+        if ns.lease <= 0 or ns.lease_wait < 0:
+            fail(f"{where}.lease", "lease must be positive and lease_wait not negative")

@@ -1,0 +1,1 @@
+"""Coordination: single-flight loads and distributed locks."""

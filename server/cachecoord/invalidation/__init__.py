@@ -1,0 +1,1 @@
+"""Invalidation fabric: the pub/sub bus and the transactional outbox."""

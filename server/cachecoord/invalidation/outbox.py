@@ -1,0 +1,116 @@
+"""The transactional outbox: invalidations committed with their write.
+
+Every write records its invalidation in ``cachecoord.outbox`` inside its own
+transaction. Right after the commit the strategy applies it to Redis and hands
+the row to :meth:`Outbox.done`, which deletes finished rows in batches. Rows
+left behind (Redis down, instance killed between commit and cache delete) are
+applied by the drainer, on any instance: ``FOR UPDATE SKIP LOCKED`` keeps
+several instances from doing the same row twice. Re-applying an invalidation
+is harmless: it only drops a cache entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+from redis.exceptions import RedisError
+
+from cachecoord.invalidation.messages import Invalidation
+from cachecoord.storage.redis_store import RedisStore
+
+log = logging.getLogger(__name__)
+
+_DRAIN = """
+DELETE FROM cachecoord.outbox WHERE id IN (
+    SELECT id FROM cachecoord.outbox
+    WHERE created_at < now() - %(grace_ms)s * interval '1 millisecond'
+    ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+) RETURNING namespace, key, version, reason
+"""
+
+
+class Outbox:
+    """Finishes committed invalidations; see the module docstring."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[AsyncConnection],
+        store: RedisStore,
+        *,
+        origin: str,
+        interval_ms: int,
+        grace_ms: int = 2_000,
+        batch: int = 500,
+    ) -> None:
+        self._pool = pool
+        self._store = store
+        self._origin = origin
+        self._interval = interval_ms / 1000
+        self._grace_ms = grace_ms
+        self._batch = batch
+        self._done: list[int] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def done(self, outbox_id: int) -> None:
+        """The invalidation of row *outbox_id* reached Redis; forget the row soon."""
+        self._done.append(outbox_id)
+        if len(self._done) >= self._batch:
+            self._wake.set()
+
+    async def open(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="cachecoord-outbox")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self._forget_done()
+
+    async def drain(self) -> int:
+        """Apply invalidations left behind for longer than the grace period."""
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(_DRAIN, {"grace_ms": self._grace_ms, "limit": self._batch})
+            rows = await cur.fetchall()
+            by_namespace: defaultdict[str, dict[str, bytes]] = defaultdict(dict)
+            for namespace, key, version, reason in rows:
+                message = Invalidation(namespace, key, version, reason, self._origin).encode()
+                if key is None:
+                    await self._store.drop_namespace(namespace, message)
+                else:
+                    by_namespace[namespace][key] = message
+            for namespace, messages in by_namespace.items():
+                await self._store.invalidate(namespace, messages)
+            # Leaving the block commits: the rows go only once Redis has them.
+        return len(rows)
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            self._wake.clear()
+            try:
+                await self._forget_done()
+                while await self.drain() == self._batch:
+                    pass
+            except (RedisError, psycopg.Error, OSError) as err:
+                log.warning("outbox drain failed, will retry: %s", err)
+
+    async def _forget_done(self) -> None:
+        ids, self._done = self._done, []
+        if not ids:
+            return
+        try:
+            async with self._pool.connection() as conn:
+                await conn.execute("DELETE FROM cachecoord.outbox WHERE id = ANY(%s)", (ids,))
+        except psycopg.Error as err:
+            # The drainer will re-apply them later; harmless.
+            log.warning("could not forget %d finished outbox rows: %s", len(ids), err)

@@ -1,0 +1,50 @@
+"""The values the domain hands to the RPC layer."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Layer(enum.Enum):
+    """Where a value was served from."""
+
+    NEAR = "near"
+    REDIS = "redis"
+    DATABASE = "database"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One key's answer: ``value is None`` means the key does not exist."""
+
+    key: str
+    value: bytes | None
+    version: int
+    layer: Layer
+    stale: bool = False
+    ttl_ms: int = 0
+
+    @property
+    def found(self) -> bool:
+        return self.value is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A value as PostgreSQL holds it (``value is None``: no row)."""
+
+    value: bytes | None
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    deleted: bool
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class LockGrant:
+    token: str
+    fencing_token: int

@@ -1,0 +1,62 @@
+"""Assemble the gRPC server: our service, grpc.health.v1 and reflection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
+from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+# Public as grpc_health.v1.health.aio.HealthServicer, which mypy cannot see.
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from cachecoord.config import ServerSettings
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CacheCoordService"].full_name
+
+
+class StartupError(RuntimeError):
+    """The server could not start; the message says why."""
+
+
+def build(
+    servicer: pb_grpc.CacheCoordServiceServicer, settings: ServerSettings
+) -> tuple[grpc.aio.Server, HealthServicer, int]:
+    """A started-to-be server bound to settings.listen; returns it, its health
+    servicer and the bound port. Call inside the running event loop."""
+    options: list[tuple[str, Any]] = [
+        # grpc turns SO_REUSEPORT on by default: a second server on the same
+        # port would silently share it. Multi-worker mode asks for it itself.
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", settings.max_value_bytes + 1_048_576),
+    ]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_CacheCoordServiceServicer_to_server(servicer, server)
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    try:
+        port = server.add_insecure_port(settings.listen)
+    except RuntimeError as err:
+        raise StartupError(f"cannot listen on {settings.listen} (server.listen): {err}") from None
+    return server, health_servicer, port
+
+
+async def set_serving(health_servicer: HealthServicer, serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, status)

@@ -1,0 +1,120 @@
+"""CacheCoordService: protobuf in, domain call, protobuf out. Nothing else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
+from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
+
+from cachecoord.cache import Cache
+from cachecoord.coordination.locks import Locks
+from cachecoord.model import Entry, Layer
+from cachecoord.rpc.status import rpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_LAYERS = {
+    Layer.NEAR: pb.LAYER_NEAR,
+    Layer.REDIS: pb.LAYER_REDIS,
+    Layer.DATABASE: pb.LAYER_DATABASE,
+}
+
+
+def _timeout(servicer: CacheCoordServicer) -> float:
+    return servicer.default_timeout
+
+
+class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
+    def __init__(self, cache: Cache, locks: Locks, *, default_timeout: float) -> None:
+        self.cache = cache
+        self.locks = locks
+        self.default_timeout = default_timeout
+
+    @rpc(_timeout)
+    async def Get(self, request: pb.GetRequest, context: Context) -> pb.GetResponse:
+        entry = await self.cache.get(request.namespace, request.key)
+        if entry.value is None:
+            return pb.GetResponse(found=False)
+        return pb.GetResponse(
+            found=True,
+            value=entry.value,
+            version=entry.version,
+            layer=_LAYERS[entry.layer],
+            stale=entry.stale,
+            ttl_ms=entry.ttl_ms,
+        )
+
+    @rpc(_timeout)
+    async def BatchGet(self, request: pb.BatchGetRequest, context: Context) -> pb.BatchGetResponse:
+        entries = await self.cache.batch_get(request.namespace, list(request.keys))
+        return pb.BatchGetResponse(entries=[_entry(e) for e in entries])
+
+    @rpc(_timeout)
+    async def Put(self, request: pb.PutRequest, context: Context) -> pb.PutResponse:
+        version = await self.cache.put(
+            request.namespace,
+            request.key,
+            request.value,
+            expected_version=(
+                request.expected_version if request.HasField("expected_version") else None
+            ),
+            ttl_ms=request.ttl_ms if request.HasField("ttl_ms") else None,
+        )
+        return pb.PutResponse(version=version)
+
+    @rpc(_timeout)
+    async def Delete(self, request: pb.DeleteRequest, context: Context) -> pb.DeleteResponse:
+        deleted = await self.cache.delete(
+            request.namespace,
+            request.key,
+            expected_version=(
+                request.expected_version if request.HasField("expected_version") else None
+            ),
+        )
+        return pb.DeleteResponse(deleted=deleted.deleted, version=deleted.version)
+
+    @rpc(_timeout)
+    async def Invalidate(
+        self, request: pb.InvalidateRequest, context: Context
+    ) -> pb.InvalidateResponse:
+        count = await self.cache.invalidate(
+            request.namespace, list(request.keys), everything=request.all
+        )
+        return pb.InvalidateResponse(invalidated=count)
+
+    @rpc(_timeout)
+    async def AcquireLock(
+        self, request: pb.AcquireLockRequest, context: Context
+    ) -> pb.AcquireLockResponse:
+        grant = await self.locks.acquire(request.name, request.ttl_ms, request.wait_timeout_ms)
+        return pb.AcquireLockResponse(token=grant.token, fencing_token=grant.fencing_token)
+
+    @rpc(_timeout)
+    async def ReleaseLock(
+        self, request: pb.ReleaseLockRequest, context: Context
+    ) -> pb.ReleaseLockResponse:
+        await self.locks.release(request.name, request.token)
+        return pb.ReleaseLockResponse()
+
+    @rpc(_timeout)
+    async def ExtendLock(
+        self, request: pb.ExtendLockRequest, context: Context
+    ) -> pb.ExtendLockResponse:
+        await self.locks.extend(request.name, request.token, request.ttl_ms)
+        return pb.ExtendLockResponse()
+
+
+def _entry(entry: Entry) -> pb.Entry:
+    if entry.value is None:
+        return pb.Entry(key=entry.key, found=False)
+    return pb.Entry(
+        key=entry.key,
+        found=True,
+        value=entry.value,
+        version=entry.version,
+        layer=_LAYERS[entry.layer],
+        stale=entry.stale,
+        ttl_ms=entry.ttl_ms,
+    )

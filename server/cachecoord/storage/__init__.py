@@ -1,0 +1,1 @@
+"""Redis and PostgreSQL access: keys, envelopes, Lua scripts, tables."""

@@ -1,0 +1,255 @@
+"""The PostgreSQL tables that hold namespace values.
+
+*Mapped*: an existing table; a value is one row as a JSON object. *Managed*:
+cachecoord's own table of opaque bytes. Both load any number of keys in one
+query, together with the keys' versions. Identifiers are quoted with
+psycopg.sql and values are always bound parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from psycopg import AsyncConnection, sql
+
+from cachecoord.config import ConfigError, NamespaceSettings
+from cachecoord.errors import InvalidArgument
+from cachecoord.model import Row
+
+
+class Table(Protocol):
+    """Where one namespace's values live in PostgreSQL."""
+
+    def check_key(self, key: str) -> None:
+        """Raise InvalidArgument if *key* cannot name a row of this table."""
+
+    def prepare(self, key: str, value: bytes) -> Any:
+        """Validate a value to be written; return what ``write`` takes."""
+
+    async def load(self, conn: AsyncConnection, keys: Sequence[str]) -> dict[str, Row]:
+        """Every key's row and version, in one query."""
+
+    async def exists(self, conn: AsyncConnection, key: str) -> bool: ...
+
+    async def write(self, conn: AsyncConnection, key: str, prepared: Any) -> bytes:
+        """Upsert the row; return the value as it is now stored."""
+
+    async def delete(self, conn: AsyncConnection, key: str) -> bool: ...
+
+
+class ManagedTable:
+    """Opaque bytes in ``cachecoord.entries``."""
+
+    _LOAD = """
+        SELECT k.key, e.value, coalesce(v.version, 0)
+        FROM unnest(%(keys)s::text[]) AS k(key)
+        LEFT JOIN cachecoord.entries e ON e.namespace = %(ns)s AND e.key = k.key
+        LEFT JOIN cachecoord.versions v ON v.namespace = %(ns)s AND v.key = k.key
+    """
+    _WRITE = """
+        INSERT INTO cachecoord.entries (namespace, key, value) VALUES (%s, %s, %s)
+        ON CONFLICT (namespace, key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
+    """
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+
+    def check_key(self, key: str) -> None:
+        return None
+
+    def prepare(self, key: str, value: bytes) -> bytes:
+        return value
+
+    async def load(self, conn: AsyncConnection, keys: Sequence[str]) -> dict[str, Row]:
+        cur = await conn.execute(self._LOAD, {"keys": list(keys), "ns": self.namespace})
+        return {key: Row(value, version) async for key, value, version in cur}
+
+    async def exists(self, conn: AsyncConnection, key: str) -> bool:
+        cur = await conn.execute(
+            "SELECT 1 FROM cachecoord.entries WHERE namespace = %s AND key = %s",
+            (self.namespace, key),
+        )
+        return await cur.fetchone() is not None
+
+    async def write(self, conn: AsyncConnection, key: str, prepared: bytes) -> bytes:
+        await conn.execute(self._WRITE, (self.namespace, key, prepared))
+        return prepared
+
+    async def delete(self, conn: AsyncConnection, key: str) -> bool:
+        cur = await conn.execute(
+            "DELETE FROM cachecoord.entries WHERE namespace = %s AND key = %s",
+            (self.namespace, key),
+        )
+        return cur.rowcount > 0
+
+
+_INTEGER_RANGES = {
+    "smallint": 2**15,
+    "integer": 2**31,
+    "bigint": 2**63,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MappedTable:
+    """An existing table, one row per key, rows exchanged as JSON objects."""
+
+    namespace: str
+    table: sql.Composable
+    key_column: str
+    key_type: str
+    writable: frozenset[str]
+
+    @classmethod
+    async def introspect(cls, conn: AsyncConnection, ns: NamespaceSettings) -> MappedTable:
+        """Read the table's columns; refuse a missing table or a non-unique key."""
+        where = f"namespaces.{ns.name}"
+        cur = await conn.execute("SELECT to_regclass(%s)::oid", (ns.table,))
+        found = await cur.fetchone()
+        if found is None or found[0] is None:
+            raise ConfigError(f"{where}.table: table {ns.table!r} does not exist in the database")
+        oid = found[0]
+        cur = await conn.execute(
+            """SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '',
+                      EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid
+                              AND i.indisunique AND i.indnkeyatts = 1
+                              AND i.indkey[0] = a.attnum AND i.indpred IS NULL)
+               FROM pg_attribute a
+               WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped""",
+            (oid,),
+        )
+        columns = {name: (kind, generated, unique) async for name, kind, generated, unique in cur}
+        if ns.key_column not in columns:
+            raise ConfigError(
+                f"{where}.key_column: table {ns.table!r} has no column {ns.key_column!r}; "
+                f"columns: {', '.join(columns)}"
+            )
+        key_type, _, unique = columns[ns.key_column]
+        if not unique:
+            raise ConfigError(
+                f"{where}.key_column: column {ns.key_column!r} of {ns.table!r} must be the "
+                "primary key or have a unique index (one row per key)"
+            )
+        cur = await conn.execute(
+            "SELECT n.nspname, c.relname FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s",
+            (oid,),
+        )
+        schema_table = await cur.fetchone()
+        assert schema_table is not None
+        return cls(
+            namespace=ns.name,
+            table=sql.Identifier(*schema_table),
+            key_column=ns.key_column,
+            key_type=key_type,
+            writable=frozenset(name for name, (_, gen, _) in columns.items() if not gen),
+        )
+
+    def check_key(self, key: str) -> None:
+        # Keys must be in the column type's canonical text form: "01" and "1"
+        # name one row, but would be two cache entries, and only one of them
+        # would be invalidated when the row changes.
+        canonical = key
+        try:
+            if self.key_type in _INTEGER_RANGES:
+                number = int(key)
+                if not -_INTEGER_RANGES[self.key_type] <= number < _INTEGER_RANGES[self.key_type]:
+                    raise ValueError
+                canonical = str(number)
+            elif self.key_type == "uuid":
+                canonical = str(uuid.UUID(key))
+        except ValueError:
+            raise InvalidArgument(
+                f"key {key!r} is not a valid {self.key_type} for column {self.key_column} "
+                f"of namespace {self.namespace!r}"
+            ) from None
+        if canonical != key:
+            raise InvalidArgument(
+                f"key {key!r} is not in canonical form for {self.key_type} column "
+                f"{self.key_column}; use {canonical!r}"
+            )
+
+    def prepare(self, key: str, value: bytes) -> str:
+        try:
+            row = json.loads(value)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InvalidArgument(
+                f"namespace {self.namespace!r} stores rows: the value must be a JSON object ({err})"
+            ) from None
+        if not isinstance(row, dict):
+            raise InvalidArgument(
+                f"namespace {self.namespace!r} stores rows: the value must be a JSON object, "
+                f"not {type(row).__name__}"
+            )
+        unknown = sorted(set(row) - self.writable)
+        if unknown:
+            raise InvalidArgument(
+                f"unknown or read-only column(s) {', '.join(map(repr, unknown))} for namespace "
+                f"{self.namespace!r}; writable columns: {', '.join(sorted(self.writable))}"
+            )
+        given = row.get(self.key_column, key)
+        if given is None or str(given) != key:
+            raise InvalidArgument(
+                f"the value's {self.key_column!r} ({given!r}) differs from the key {key!r}; "
+                "omit it or make them equal"
+            )
+        row[self.key_column] = key
+        return json.dumps(row)
+
+    async def load(self, conn: AsyncConnection, keys: Sequence[str]) -> dict[str, Row]:
+        query = sql.SQL(
+            """SELECT k.key, row_to_json(t)::text, coalesce(v.version, 0)
+               FROM unnest(%(keys)s::text[]) AS k(key)
+               LEFT JOIN {table} t ON t.{key} = k.key::{type}
+               LEFT JOIN cachecoord.versions v ON v.namespace = %(ns)s AND v.key = k.key"""
+        ).format(table=self.table, key=sql.Identifier(self.key_column), type=self._type())
+        cur = await conn.execute(query, {"keys": list(keys), "ns": self.namespace})
+        return {
+            key: Row(None if row is None else row.encode(), version)
+            async for key, row, version in cur
+        }
+
+    async def exists(self, conn: AsyncConnection, key: str) -> bool:
+        query = sql.SQL("SELECT 1 FROM {table} WHERE {key} = %s::{type}").format(
+            table=self.table, key=sql.Identifier(self.key_column), type=self._type()
+        )
+        cur = await conn.execute(query, (key,))
+        return await cur.fetchone() is not None
+
+    async def write(self, conn: AsyncConnection, key: str, prepared: str) -> bytes:
+        # Only the given columns are written (a partial update of an existing
+        # row); PostgreSQL converts each JSON member to its column's type.
+        columns = sorted(json.loads(prepared))
+        updated = [c for c in columns if c != self.key_column] or [self.key_column]
+        query = sql.SQL(
+            "INSERT INTO {table} AS t ({names}) SELECT {names} "
+            "FROM jsonb_populate_record(NULL::{table}, %s::jsonb) "
+            "ON CONFLICT ({key}) DO UPDATE SET {updates} "
+            "RETURNING row_to_json(t)::text"
+        ).format(
+            table=self.table,
+            names=sql.SQL(", ").join(map(sql.Identifier, columns)),
+            key=sql.Identifier(self.key_column),
+            updates=sql.SQL(", ").join(
+                sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in updated
+            ),
+        )
+        cur = await conn.execute(query, (prepared,))
+        row = await cur.fetchone()
+        assert row is not None
+        return str(row[0]).encode()
+
+    async def delete(self, conn: AsyncConnection, key: str) -> bool:
+        query = sql.SQL("DELETE FROM {table} WHERE {key} = %s::{type}").format(
+            table=self.table, key=sql.Identifier(self.key_column), type=self._type()
+        )
+        cur = await conn.execute(query, (key,))
+        return cur.rowcount > 0
+
+    def _type(self) -> sql.Composable:
+        # format_type() output comes from the catalog, not from a request.
+        return sql.SQL(self.key_type)

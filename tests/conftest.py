@@ -1,0 +1,119 @@
+"""Fixtures: private Redis and PostgreSQL servers, and cachecoord instances.
+
+Never the shared servers on 6379/5432, never fakes: each session starts its
+own redis-server and PostgreSQL from the installed binaries, and tests that
+kill or restart a backend get servers of their own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import pytest_asyncio
+from cachecoord_client import AsyncClient
+from local_servers import PostgresServer, RedisServer
+
+from cachecoord.app import App
+from cachecoord.config import Settings, load
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = (ROOT / "examples" / "schema.sql").read_text()
+
+# The namespaces every test instance serves, beside the example's `users`.
+NAMESPACES = """
+[namespaces.users]
+kind = "mapped"
+table = "users"
+key_column = "id"
+ttl = "5m"
+
+[namespaces.blobs]
+kind = "managed"
+strategy = "cache-aside"
+ttl = "5m"
+
+[namespaces.sessions]
+kind = "managed"
+strategy = "write-through"
+ttl = "5m"
+
+[namespaces.short]
+kind = "managed"
+ttl = "300ms"
+ttl_jitter = 0
+negative_ttl = "300ms"
+"""
+
+
+def settings_for(
+    tmp: Path, redis_url: str, postgres_url: str, extra: str = "", namespaces: str = NAMESPACES
+) -> Settings:
+    """Settings loaded from a real TOML file, as `cachecoord serve` would."""
+    path = tmp / f"cachecoord-{uuid.uuid4().hex[:8]}.toml"
+    path.write_text(
+        f"""
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace = "1s"
+
+[redis]
+url = "{redis_url}"
+
+[postgres]
+url = "{postgres_url}"
+outbox_interval = "200ms"
+{extra}
+{namespaces}
+"""
+    )
+    return load(path, {})
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    with PostgresServer(tmp_path_factory.mktemp("postgres")) as server:
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            conn.execute(SCHEMA)
+        yield server
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def app(
+    redis_server: RedisServer,
+    postgres_server: PostgresServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[App]:
+    instance = App(
+        settings_for(tmp_path_factory.mktemp("config"), redis_server.url, postgres_server.dsn)
+    )
+    await instance.start()
+    yield instance
+    await instance.stop()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def client(app: App) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(f"127.0.0.1:{app.port}") as c:
+        yield c
+
+
+@pytest.fixture
+def key() -> str:
+    """A key no other test uses."""
+    return f"k-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def new_user_id() -> Callable[[], str]:
+    """Ids of users rows no other test uses."""
+    return lambda: str(1000 + uuid.uuid4().int % 1_000_000_000)
