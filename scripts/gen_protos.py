@@ -28,7 +28,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
             [
-                sys.executable, "-m", "grpc_tools.protoc",
+                sys.executable,
+                "-m",
+                "grpc_tools.protoc",
                 f"--proto_path={PROTOS}",
                 f"--plugin=protoc-gen-mypy={BIN / 'protoc-gen-mypy'}",
                 f"--plugin=protoc-gen-mypy_grpc={BIN / 'protoc-gen-mypy_grpc'}",

@@ -14,14 +14,21 @@ from pathlib import Path
 import psycopg
 import pytest
 import pytest_asyncio
-from cachecoord_client import AsyncClient
-from local_servers import PostgresServer, RedisServer
 
 from cachecoord.app import App
 from cachecoord.config import Settings, load
+from cachecoord_client import AsyncClient
+from local_servers import PostgresServer, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMA = (ROOT / "examples" / "schema.sql").read_text()
+SCHEMA = (ROOT / "examples" / "schema.sql").read_text() + """
+-- For write-behind on a mapped table (constraints make poison entries).
+CREATE TABLE IF NOT EXISTS profiles (
+    id bigint PRIMARY KEY,
+    name text NOT NULL,
+    score integer NOT NULL DEFAULT 0 CHECK (score >= 0)
+);
+"""
 
 # The namespaces every test instance serves, beside the example's `users`.
 NAMESPACES = """
@@ -40,6 +47,25 @@ ttl = "5m"
 kind = "managed"
 strategy = "write-through"
 ttl = "5m"
+
+[namespaces.queued]
+kind = "managed"
+strategy = "write-behind"
+ttl = "5m"
+flush_interval = "50ms"
+retry_after = "200ms"
+claim_idle = "1s"
+max_attempts = 3
+
+[namespaces.profiles]
+kind = "mapped"
+table = "profiles"
+key_column = "id"
+strategy = "write-behind"
+flush_interval = "50ms"
+retry_after = "200ms"
+claim_idle = "1s"
+max_attempts = 3
 
 [namespaces.short]
 kind = "managed"

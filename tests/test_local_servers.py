@@ -10,6 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
+
 from local_servers import PostgresServer, RedisServer, _pg_reachable, _redis_reachable
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "local_servers.py"

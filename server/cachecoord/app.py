@@ -8,26 +8,32 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable
+from functools import partial
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import psycopg
 import psycopg_pool
+import redis.asyncio as redis
 from grpc_health.v1._async import HealthServicer
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
+from redis.exceptions import RedisError
 
 from cachecoord.cache import Cache
-from cachecoord.config import ConfigError, Kind, Settings, StrategyName
+from cachecoord.config import ConfigError, Invalidation, Kind, Settings, StrategyName
 from cachecoord.coordination.locks import Locks
 from cachecoord.invalidation.bus import Bus
 from cachecoord.invalidation.outbox import Outbox
 from cachecoord.rpc import server as rpc_server
 from cachecoord.rpc.servicer import CacheCoordServicer
 from cachecoord.storage import keys, postgres
-from cachecoord.storage.redis_store import RedisStore, connect
+from cachecoord.storage.keys import KeySpace
+from cachecoord.storage.redis_store import EntryStore, connect
 from cachecoord.storage.tables import ManagedTable, MappedTable, Table
 from cachecoord.strategies import STRATEGIES, Backends, Strategy
+from cachecoord.strategies.flusher import Flusher
+from cachecoord.strategies.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,7 @@ class App:
         self.port = 0
         self.pool: AsyncConnectionPool[AsyncConnection] | None = None
         self.cache: Cache | None = None
+        self.flushers: list[Flusher] = []
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._server: grpc.aio.Server | None = None
         self._health: HealthServicer | None = None
@@ -50,30 +57,44 @@ class App:
 
     async def start(self) -> None:
         """Connect to the backends, check the configuration against them, and
-        serve. Raises StartupError or ConfigError with a message saying why."""
+        serve. Raises StartupError or ConfigError with a message saying why,
+        having closed whatever it had opened."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._close()
+            raise
+
+    async def _start(self) -> None:
         settings = self.settings
         classes = {name: _strategy(ns.strategy, name) for name, ns in settings.namespaces.items()}
-        self.pool = postgres.create_pool(settings.postgres)
+        self.pool = pool = postgres.create_pool(settings.postgres)
+        self._closers.append(pool.close)
         try:
-            await self.pool.open(wait=True, timeout=10)
-            await postgres.install_schema(self.pool)
-            tables = await self._tables(self.pool)
+            await pool.open(wait=True, timeout=10)
+            await postgres.install_schema(pool)
+            tables = await self._tables(pool)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as err:
-            await self.pool.close()
             raise StartupError(
                 f"cannot use PostgreSQL at {_redact(settings.postgres.url)} (postgres.url): {err}"
             ) from None
-        except BaseException:
-            await self.pool.close()
-            raise
         client = connect(settings.redis)
-        store = RedisStore(client)
+        self._closers.append(client.aclose)
+        await self._check_eviction_policy(client)
+        stores = {
+            name: EntryStore(
+                client,
+                KeySpace(name, classes[name].partitions(ns)),
+                generations=ns.invalidation is Invalidation.VERSION,
+            )
+            for name, ns in settings.namespaces.items()
+        }
         outbox = Outbox(
-            self.pool, store, origin=self.origin, interval_ms=settings.postgres.outbox_interval
+            pool, stores, origin=self.origin, interval_ms=settings.postgres.outbox_interval
         )
-        backends = Backends(pool=self.pool, store=store, outbox=outbox, origin=self.origin)
+        backends = Backends(pool=pool, outbox=outbox, origin=self.origin)
         strategies: dict[str, Strategy] = {
-            name: classes[name](ns, tables[name], backends)
+            name: classes[name](ns, tables[name], stores[name], backends)
             for name, ns in settings.namespaces.items()
         }
         locks = Locks(client)
@@ -86,8 +107,16 @@ class App:
         )
         self._server, self._health, self.port = rpc_server.build(servicer, settings.server)
         await outbox.open()
+        self._closers.append(outbox.close)
         await bus.open()
-        self._closers = [bus.close, outbox.close, client.aclose, self.pool.close]
+        self._closers.append(bus.close)
+        grace = settings.server.shutdown_grace / 1000
+        for strategy in strategies.values():
+            if isinstance(strategy, WriteBehind):
+                flusher = Flusher(strategy, consumer=self.origin)
+                await flusher.open()
+                self.flushers.append(flusher)
+                self._closers.append(partial(flusher.close, grace))
         await self._server.start()
         await rpc_server.set_serving(self._health, True)
         log.info(
@@ -103,10 +132,39 @@ class App:
             await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self.settings.server.shutdown_grace / 1000)
-        for close in self._closers:
-            await close()
-        self._closers = []
+        await self._close()
         self._stopped.set()
+
+    async def _close(self) -> None:
+        """Close what was opened, newest first (flushers drain before Redis goes)."""
+        closers, self._closers = self._closers, []
+        for close in reversed(closers):
+            await close()
+
+    async def _check_eviction_policy(self, client: redis.Redis) -> None:
+        """Refuse write-behind under an allkeys-* policy: Redis could evict a
+        value not yet flushed to PostgreSQL, losing an acknowledged write."""
+        behind = [
+            name
+            for name, ns in self.settings.namespaces.items()
+            if ns.strategy is StrategyName.WRITE_BEHIND
+        ]
+        if not behind:
+            return
+        try:
+            policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy", "")
+        except RedisError as err:
+            log.warning(
+                "cannot read Redis maxmemory-policy (%s); make sure it is not allkeys-*", err
+            )
+            return
+        policy = policy.decode() if isinstance(policy, bytes) else str(policy)
+        if policy.startswith("allkeys"):
+            raise StartupError(
+                f"Redis maxmemory-policy is {policy!r}: it may evict write-behind values not yet "
+                f"written to PostgreSQL (namespaces {', '.join(behind)}). Set it to noeviction or "
+                "volatile-lru (queued values have no TTL, so volatile-* never evicts them)"
+            )
 
     async def _tables(self, pool: AsyncConnectionPool[AsyncConnection]) -> dict[str, Table]:
         tables: dict[str, Table] = {}

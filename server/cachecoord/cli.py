@@ -26,9 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cachecoord_client import CacheCoordError, Client
-
 from cachecoord.config import ConfigError, load
+from cachecoord_client import CacheCoordError, Client
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -79,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     lock.add_argument("name")
     lock.add_argument("--ttl-ms", type=int, default=30_000, help="lock TTL, renewed while held")
     lock.add_argument("--wait-ms", type=int, default=10_000, help="how long to wait for it")
-    lock.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    lock.add_argument("command", nargs="*", help="-- COMMAND [ARGS...]")
     lock.set_defaults(run=_lock)
     return parser
 
@@ -191,7 +190,7 @@ def _invalidate(args: argparse.Namespace) -> int:
 
 
 def _lock(args: argparse.Namespace) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.command
     if not command:
         print("cachecoord: lock needs a command: cachecoord lock NAME -- COMMAND", file=sys.stderr)
         return 2
@@ -211,6 +210,9 @@ def _lock(args: argparse.Namespace) -> int:
             env = {**os.environ, "CACHECOORD_FENCING_TOKEN": str(lock.fencing_token)}
             try:
                 code = subprocess.call(command, env=env)
+            except OSError as err:
+                print(f"cachecoord: cannot run {command[0]!r}: {err.strerror}", file=sys.stderr)
+                code = 127
             finally:
                 done.set()
                 renewer.join()

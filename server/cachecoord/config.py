@@ -40,6 +40,11 @@ class Invalidation(enum.StrEnum):
     VERSION = "version"
 
 
+class QueueFull(enum.StrEnum):
+    REJECT = "reject"
+    WRITE_THROUGH = "write-through"
+
+
 class Duration(int):
     """Milliseconds, written in the file as ``"250ms"``, ``"5s"``, ``"5m"``, ``"1h"`` or a
     number of seconds."""
@@ -114,6 +119,26 @@ class NamespaceSettings:
     """Time a reader may take to load a missing key before another may try."""
     lease_wait: Duration = Duration(1_000)
     """How long a reader waits for another's fill before loading itself."""
+    flush_interval: Duration = Duration(100)
+    """write-behind: longest time a queued write waits before its flush starts."""
+    flush_batch: int = 500
+    """write-behind: most queue entries one flush reads (coalesced per key)."""
+    max_queue: int = 100_000
+    """write-behind: queued writes beyond which Put answers RESOURCE_EXHAUSTED."""
+    on_queue_full: QueueFull = QueueFull.REJECT
+    """write-behind: reject a Put on a full queue, or write it through instead."""
+    partitions: int = 4
+    """write-behind: queues per namespace (on Redis Cluster they spread over shards)."""
+    max_attempts: int = 5
+    """write-behind: flush attempts of an entry before it is dead-lettered."""
+    retry_after: Duration = Duration(1_000)
+    """write-behind: how long a failed entry waits before it is retried (doubling)."""
+    claim_idle: Duration = Duration(15_000)
+    """write-behind: idle time after which another instance takes over a
+    crashed instance's unflushed entries."""
+    wait_replicas: int = 0
+    """write-behind: replicas that must acknowledge a Put (Redis WAIT) before it
+    is acknowledged; 0 relies on the primary's persistence alone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +155,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "postgres": PostgresSettings,
 }
 _ENV_ALIASES = {"CACHECOORD_DATABASE_URL": "CACHECOORD_POSTGRES_URL"}
-_ENV_IGNORED = {"CACHECOORD_CONFIG"}
+# Read by the command line, not settings.
+_ENV_IGNORED = {"CACHECOORD_CONFIG", "CACHECOORD_LOG_LEVEL", "CACHECOORD_TARGET"}
 
 
 def load(path: Path | None, environ: Mapping[str, str]) -> Settings:
@@ -297,3 +323,20 @@ def _check(settings: Settings, source: str) -> None:
             fail(f"{where}.ttl_jitter", "must be between 0 and 0.5")
         if ns.lease <= 0 or ns.lease_wait < 0:
             fail(f"{where}.lease", "lease must be positive and lease_wait not negative")
+        if ns.strategy is StrategyName.WRITE_BEHIND:
+            if ns.invalidation is Invalidation.VERSION:
+                fail(
+                    f"{where}.invalidation",
+                    '"version" is not supported with write-behind; use "delete"',
+                )
+            for key, value, low, high in (
+                ("flush_batch", ns.flush_batch, 1, 10_000),
+                ("max_queue", ns.max_queue, 1, 100_000_000),
+                ("partitions", ns.partitions, 1, 1024),
+                ("max_attempts", ns.max_attempts, 1, 100),
+                ("wait_replicas", ns.wait_replicas, 0, 16),
+            ):
+                if not low <= value <= high:
+                    fail(f"{where}.{key}", f"must be between {low} and {high} (got {value})")
+            if ns.flush_interval <= 0 or ns.claim_idle <= 0:
+                fail(f"{where}.flush_interval", "flush_interval and claim_idle must be positive")

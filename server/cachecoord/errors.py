@@ -45,6 +45,10 @@ class LockNotHeld(CacheCoordError):
     """Release or extend with a token that does not hold the lock."""
 
 
+class QueueFullError(CacheCoordError):
+    """The write-behind queue is at its bound."""
+
+
 class Unavailable(CacheCoordError):
     """A backend is down and there is nothing to serve instead."""
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Mapping
 
 import psycopg
 from psycopg import AsyncConnection
@@ -22,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.exceptions import RedisError
 
 from cachecoord.invalidation.messages import Invalidation
-from cachecoord.storage.redis_store import RedisStore
+from cachecoord.storage.redis_store import EntryStore
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class Outbox:
     def __init__(
         self,
         pool: AsyncConnectionPool[AsyncConnection],
-        store: RedisStore,
+        stores: Mapping[str, EntryStore],
         *,
         origin: str,
         interval_ms: int,
@@ -49,7 +50,7 @@ class Outbox:
         batch: int = 500,
     ) -> None:
         self._pool = pool
-        self._store = store
+        self._stores = stores
         self._origin = origin
         self._interval = interval_ms / 1000
         self._grace_ms = grace_ms
@@ -82,13 +83,16 @@ class Outbox:
             rows = await cur.fetchall()
             by_namespace: defaultdict[str, dict[str, bytes]] = defaultdict(dict)
             for namespace, key, version, reason in rows:
+                store = self._stores.get(namespace)
+                if store is None:
+                    continue  # a namespace no longer configured: nothing cached to drop
                 message = Invalidation(namespace, key, version, reason, self._origin).encode()
                 if key is None:
-                    await self._store.drop_namespace(namespace, message)
+                    await store.drop_namespace(message)
                 else:
                     by_namespace[namespace][key] = message
             for namespace, messages in by_namespace.items():
-                await self._store.invalidate(namespace, messages)
+                await self._stores[namespace].invalidate(messages)
             # Leaving the block commits: the rows go only once Redis has them.
         return len(rows)
 

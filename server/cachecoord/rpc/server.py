@@ -5,8 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
-from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 # Public as grpc_health.v1.health.aio.HealthServicer, which mypy cannot see.
@@ -14,6 +12,8 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from cachecoord.config import ServerSettings
+from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
+from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CacheCoordService"].full_name
 

@@ -1,21 +1,71 @@
 """Redis key names.
 
-Every key of one cache entry shares the hash tag ``{<namespace>:<key>}`` so
-that each multi-key Lua script touches a single Redis Cluster slot. Namespace
-names cannot contain ``:`` (config.NAME_RE) and every sibling ends in a fixed
-suffix, so distinct (namespace, key) pairs never share a Redis key, whatever
-bytes the key holds.
+Every key of one cache entry shares a hash tag, so that each multi-key Lua
+script touches a single Redis Cluster slot:
+
+* cache-aside and write-through: ``cc:{<ns>:<key>}`` (value), ``...:lease``
+  and, with ``invalidation = "version"``, ``...:gen`` (the key's generation;
+  values live at ``...:g<generation>``);
+* write-behind: keys are grouped into partitions so that a value and the
+  queue (Redis Stream) it is written to share a slot:
+  ``cc:wb:{<ns>:<partition>}:v:<key>``, ``...:l:<key>`` and
+  ``cc:wb:{<ns>:<partition>}:queue``.
+
+Namespace names cannot contain ``:`` or ``{`` (config.NAME_RE), and the key
+is always last or followed by a fixed suffix, so distinct (namespace, key)
+pairs never share a Redis key, whatever bytes the key holds.
 """
 
 from __future__ import annotations
 
-
-def value_key(namespace: str, key: str) -> str:
-    return f"cc:{{{namespace}:{key}}}"
+import zlib
 
 
-def lease_key(namespace: str, key: str) -> str:
-    return f"cc:{{{namespace}:{key}}}:lease"
+class KeySpace:
+    """The Redis names of one namespace."""
+
+    def __init__(self, namespace: str, partitions: int = 0) -> None:
+        self.namespace = namespace
+        self.partitions = partitions
+        self.channel = f"cc:inv:{namespace}"
+
+    def partition(self, key: str) -> int:
+        return zlib.crc32(key.encode()) % self.partitions
+
+    def value(self, key: str) -> str:
+        if self.partitions:
+            return f"cc:wb:{{{self.namespace}:{self.partition(key)}}}:v:{key}"
+        return f"cc:{{{self.namespace}:{key}}}"
+
+    def lease(self, key: str) -> str:
+        if self.partitions:
+            return f"cc:wb:{{{self.namespace}:{self.partition(key)}}}:l:{key}"
+        return f"cc:{{{self.namespace}:{key}}}:lease"
+
+    def generation(self, key: str) -> str:
+        return f"cc:{{{self.namespace}:{key}}}:gen"
+
+    def queue(self, key: str) -> str:
+        return self.queue_of(self.partition(key))
+
+    def queue_of(self, partition: int) -> str:
+        return f"cc:wb:{{{self.namespace}:{partition}}}:queue"
+
+    @property
+    def queues(self) -> list[str]:
+        return [self.queue_of(p) for p in range(self.partitions)]
+
+    @property
+    def dead_letters(self) -> str:
+        return f"cc:wb:{{{self.namespace}}}:dead"
+
+    @property
+    def scan_patterns(self) -> list[str]:
+        """Globs matching every cached value and lease of the namespace (names
+        hold no glob characters), never its queues."""
+        if self.partitions:
+            return [f"cc:wb:{{{self.namespace}:*}}:[vl]:*"]
+        return [f"cc:{{{self.namespace}:*"]
 
 
 def lock_key(name: str) -> str:
@@ -24,15 +74,6 @@ def lock_key(name: str) -> str:
 
 def fencing_key(name: str) -> str:
     return f"cc:lock:{{{name}}}:fencing"
-
-
-def scan_pattern(namespace: str) -> str:
-    """Glob matching every key of *namespace* (names hold no glob characters)."""
-    return f"cc:{{{namespace}:*"
-
-
-def invalidation_channel(namespace: str) -> str:
-    return f"cc:inv:{namespace}"
 
 
 LOCK_CHANNEL = "cc:locks"

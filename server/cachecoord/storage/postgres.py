@@ -49,8 +49,9 @@ CREATE TABLE IF NOT EXISTS cachecoord.outbox (
 # serialises writers of one key) and record the invalidation in the outbox.
 _RECORD_WRITE = """
 WITH bumped AS (
-    INSERT INTO cachecoord.versions AS v (namespace, key, version) VALUES (%(ns)s, %(key)s, 1)
-    ON CONFLICT (namespace, key) DO UPDATE SET version = v.version + 1
+    INSERT INTO cachecoord.versions AS v (namespace, key, version)
+    VALUES (%(ns)s, %(key)s, GREATEST(1, %(floor)s))
+    ON CONFLICT (namespace, key) DO UPDATE SET version = GREATEST(v.version + 1, %(floor)s)
     RETURNING version
 ), queued AS (
     INSERT INTO cachecoord.outbox (namespace, key, version, reason)
@@ -93,10 +94,13 @@ class RecordedWrite:
 
 
 async def record_write(
-    conn: AsyncConnection, namespace: str, key: str, reason: str
+    conn: AsyncConnection, namespace: str, key: str, reason: str, floor: int = 0
 ) -> RecordedWrite:
-    """Inside the write's transaction: the key's new version and its outbox row."""
-    cur = await conn.execute(_RECORD_WRITE, {"ns": namespace, "key": key, "reason": reason})
+    """Inside the write's transaction: the key's new version (previous + 1, or
+    *floor* if higher) and its outbox row."""
+    cur = await conn.execute(
+        _RECORD_WRITE, {"ns": namespace, "key": key, "reason": reason, "floor": floor}
+    )
     row = await cur.fetchone()
     assert row is not None
     return RecordedWrite(outbox_id=row[0], version=row[1])

@@ -1,19 +1,39 @@
-"""Redis access for the cache: the connection pool and the Lua scripts.
+"""Redis access for one namespace's cache entries: reads, leased fills,
+invalidation and version-guarded stores, as Lua scripts.
 
-Each script touches the keys of a single entry (one hash tag), so all of them
-stay valid on Redis Cluster. Scripts are registered once; redis-py sends them
-by SHA and reloads them on NOSCRIPT.
+Each script touches the keys of a single entry (one hash tag, see keys.py),
+so all of them stay valid on Redis Cluster. Scripts are registered once;
+redis-py sends them by SHA and reloads them on NOSCRIPT. With
+``invalidation = "version"`` the entry lives under its key's current
+generation, and invalidating bumps the generation instead of deleting: old
+entries become unreachable at once and are left to expire.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import cast
+from typing import Any, cast
 
 import redis.asyncio as redis
 
 from cachecoord.config import RedisSettings
-from cachecoord.storage import keys
+from cachecoord.storage.keys import KeySpace
+
+# In generation mode KEYS[1] is the generation counter and ARGV[1] the value
+# key's prefix; the value key is <prefix>:g<generation>. Every other script
+# gets the value key itself.
+_VALUE_KEY = """
+local function value_key(gen_key, prefix)
+  return prefix .. ':g' .. (redis.call('GET', gen_key) or '0')
+end
+"""
+
+GET_GENERATION = (
+    _VALUE_KEY
+    + """
+return redis.call('GET', value_key(KEYS[1], ARGV[1]))
+"""
+)
 
 # Fill only while the reader's lease is still there: any write or invalidation
 # since the lease was granted deleted it (memcache leases, NSDI'13 3.2.1).
@@ -24,30 +44,65 @@ redis.call('DEL', KEYS[2])
 return 1
 """
 
+FILL_GENERATION = (
+    _VALUE_KEY
+    + """
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+redis.call('SET', value_key(KEYS[1], ARGV[1]), ARGV[3], 'PX', ARGV[4])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+)
+
 # Drop the cached copy and any lease (so an in-flight fill is rejected), and
 # tell every instance; atomically, so no reader sees one without the other.
+# A value without TTL is a write-behind value not yet flushed to PostgreSQL:
+# it is the newest version there is, and dropping it would lose it.
 INVALIDATE = """
-local dropped = redis.call('DEL', KEYS[1])
+local dropped = 0
+if redis.call('PTTL', KEYS[1]) ~= -1 then dropped = redis.call('DEL', KEYS[1]) end
 redis.call('DEL', KEYS[2])
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return dropped
 """
 
-# Cache a value just written (write-through) unless a newer version is cached.
-STORE = """
-local current = redis.call('GET', KEYS[1])
+INVALIDATE_GENERATION = (
+    _VALUE_KEY
+    + """
+local dropped = redis.call('EXISTS', value_key(KEYS[1], ARGV[1]))
+redis.call('INCR', KEYS[1])
 redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return dropped
+"""
+)
+
+DROP_IF_CLEAN = """
+if redis.call('PTTL', KEYS[1]) == -1 then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
+# Cache a value just written (write-through) unless a newer version is cached.
+_STORE_BODY = """
+local current = redis.call('GET', target)
+redis.call('DEL', lease)
 if current then
   local version = tonumber(string.match(current, '^(%d+):'))
-  if version and version >= tonumber(ARGV[3]) then
-    redis.call('PUBLISH', ARGV[4], ARGV[5])
+  if version and version >= tonumber(ARGV[n + 2]) then
+    redis.call('PUBLISH', ARGV[n + 3], ARGV[n + 4])
     return 0
   end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('PUBLISH', ARGV[4], ARGV[5])
+redis.call('SET', target, ARGV[n], 'PX', ARGV[n + 1])
+redis.call('PUBLISH', ARGV[n + 3], ARGV[n + 4])
 return 1
 """
+
+STORE = "local target, lease, n = KEYS[1], KEYS[2], 1\n" + _STORE_BODY
+
+STORE_GENERATION = (
+    _VALUE_KEY + "local target, lease, n = value_key(KEYS[1], ARGV[1]), KEYS[2], 2\n" + _STORE_BODY
+)
 
 
 def connect(settings: RedisSettings) -> redis.Redis:
@@ -65,80 +120,97 @@ def connect(settings: RedisSettings) -> redis.Redis:
     return redis.Redis(connection_pool=pool)
 
 
-class RedisStore:
-    """Cache entries in Redis, addressed by namespace and key."""
+class EntryStore:
+    """One namespace's entries in Redis."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, keyspace: KeySpace, *, generations: bool) -> None:
         self.client = client
-        self._fill = client.register_script(FILL)
-        self._invalidate = client.register_script(INVALIDATE)
-        self._store = client.register_script(STORE)
+        self.keys = keyspace
+        self.generations = generations
+        register = client.register_script
+        self._drop_if_clean = register(DROP_IF_CLEAN)
+        if generations:
+            self._get = register(GET_GENERATION)
+            self._fill = register(FILL_GENERATION)
+            self._invalidate = register(INVALIDATE_GENERATION)
+            self._store = register(STORE_GENERATION)
+        else:
+            self._fill = register(FILL)
+            self._invalidate = register(INVALIDATE)
+            self._store = register(STORE)
 
-    async def get(self, namespace: str, key: str) -> bytes | None:
-        raw = await self.client.get(keys.value_key(namespace, key))
-        return cast("bytes | None", raw)
+    def _entry_keys(self, key: str) -> tuple[list[str], list[Any]]:
+        """KEYS and leading ARGV of the scripts for *key*."""
+        if self.generations:
+            return [self.keys.generation(key), self.keys.lease(key)], [self.keys.value(key)]
+        return [self.keys.value(key), self.keys.lease(key)], []
 
-    async def get_many(self, namespace: str, key_list: Sequence[str]) -> list[bytes | None]:
-        raws = await self.client.mget([keys.value_key(namespace, k) for k in key_list])
-        return cast("list[bytes | None]", raws)
+    async def get(self, key: str) -> bytes | None:
+        if self.generations:
+            keys, args = self._entry_keys(key)
+            return cast("bytes | None", await self._get(keys=keys, args=args))
+        return cast("bytes | None", await self.client.get(self.keys.value(key)))
 
-    async def take_leases(
-        self, namespace: str, tokens: dict[str, str], lease_ms: int
-    ) -> dict[str, bool]:
+    async def get_many(self, key_list: Sequence[str]) -> list[bytes | None]:
+        if not self.generations:
+            raws = await self.client.mget([self.keys.value(k) for k in key_list])
+            return cast("list[bytes | None]", raws)
+        pipe = self.client.pipeline(transaction=False)
+        for key in key_list:
+            keys, args = self._entry_keys(key)
+            await self._get(keys=keys, args=args, client=pipe)
+        return cast("list[bytes | None]", await pipe.execute())
+
+    async def take_leases(self, tokens: dict[str, str], lease_ms: int) -> dict[str, bool]:
         """Try to take the lease of each key; True where this caller got it."""
         pipe = self.client.pipeline(transaction=False)
         for key, token in tokens.items():
-            pipe.set(keys.lease_key(namespace, key), token, nx=True, px=lease_ms)
+            pipe.set(self.keys.lease(key), token, nx=True, px=lease_ms)
         results = await pipe.execute()
         return {key: bool(ok) for key, ok in zip(tokens, results, strict=True)}
 
-    async def fill_many(
-        self, namespace: str, fills: dict[str, tuple[str, bytes, int]]
-    ) -> dict[str, bool]:
+    async def fill_many(self, fills: dict[str, tuple[str, bytes, int]]) -> dict[str, bool]:
         """Store each ``key -> (lease token, envelope, px)`` if its lease still holds."""
         if not fills:
             return {}
         pipe = self.client.pipeline(transaction=False)
         for key, (token, envelope, px) in fills.items():
-            await self._fill(
-                keys=[keys.value_key(namespace, key), keys.lease_key(namespace, key)],
-                args=[token, envelope, px],
-                client=pipe,
-            )
+            keys, args = self._entry_keys(key)
+            await self._fill(keys=keys, args=[*args, token, envelope, px], client=pipe)
         results = await pipe.execute()
         return {key: bool(ok) for key, ok in zip(fills, results, strict=True)}
 
-    async def invalidate(self, namespace: str, messages: dict[str, bytes]) -> int:
-        """Drop the entries and leases of ``key -> message`` and publish each
-        message; returns how many cached values were dropped."""
+    async def invalidate(self, messages: dict[str, bytes]) -> int:
+        """Drop (or, in generation mode, retire) the entries and leases of
+        ``key -> message`` and publish each message; returns how many cached
+        values were dropped."""
         if not messages:
             return 0
-        channel = keys.invalidation_channel(namespace)
         pipe = self.client.pipeline(transaction=False)
         for key, message in messages.items():
-            await self._invalidate(
-                keys=[keys.value_key(namespace, key), keys.lease_key(namespace, key)],
-                args=[channel, message],
-                client=pipe,
-            )
+            keys, args = self._entry_keys(key)
+            await self._invalidate(keys=keys, args=[*args, self.keys.channel, message], client=pipe)
         return sum(int(n) for n in await pipe.execute())
 
-    async def store(
-        self, namespace: str, key: str, envelope: bytes, px: int, version: int, message: bytes
-    ) -> bool:
+    async def store(self, key: str, envelope: bytes, px: int, version: int, message: bytes) -> bool:
         """Cache a freshly written value unless a newer version is already cached."""
+        keys, args = self._entry_keys(key)
         stored = await self._store(
-            keys=[keys.value_key(namespace, key), keys.lease_key(namespace, key)],
-            args=[envelope, px, version, keys.invalidation_channel(namespace), message],
+            keys=keys, args=[*args, envelope, px, version, self.keys.channel, message]
         )
         return bool(stored)
 
-    async def drop_namespace(self, namespace: str, message: bytes) -> int:
-        """Delete every cached key of *namespace* (SCAN, never KEYS) and publish."""
+    async def drop_namespace(self, message: bytes) -> int:
+        """Delete every cached entry of the namespace (SCAN, never KEYS) but
+        unflushed write-behind values and generation counters (no TTL), and publish."""
         dropped = 0
-        async for batch in _batches(self.client.scan_iter(match=keys.scan_pattern(namespace))):
-            dropped += int(await self.client.unlink(*batch))
-        await self.client.publish(keys.invalidation_channel(namespace), message)
+        for pattern in self.keys.scan_patterns:
+            async for batch in _batches(self.client.scan_iter(match=pattern, count=1000)):
+                pipe = self.client.pipeline(transaction=False)
+                for name in batch:
+                    await self._drop_if_clean(keys=[name], client=pipe)
+                dropped += sum(int(n) for n in await pipe.execute())
+        await self.client.publish(self.keys.channel, message)
         return dropped
 
 

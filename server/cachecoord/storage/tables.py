@@ -24,6 +24,14 @@ from cachecoord.model import Row
 class Table(Protocol):
     """Where one namespace's values live in PostgreSQL."""
 
+    @property
+    def merges_rows(self) -> bool:
+        """True when a write names some columns of a row (mapped), so the value
+        written is the current row with those columns replaced."""
+
+    @property
+    def writable_columns(self) -> frozenset[str]: ...
+
     def check_key(self, key: str) -> None:
         """Raise InvalidArgument if *key* cannot name a row of this table."""
 
@@ -54,6 +62,9 @@ class ManagedTable:
         INSERT INTO cachecoord.entries (namespace, key, value) VALUES (%s, %s, %s)
         ON CONFLICT (namespace, key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
     """
+
+    merges_rows = False
+    writable_columns: frozenset[str] = frozenset()
 
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
@@ -102,7 +113,8 @@ class MappedTable:
     table: sql.Composable
     key_column: str
     key_type: str
-    writable: frozenset[str]
+    writable_columns: frozenset[str]
+    merges_rows = True
 
     @classmethod
     async def introspect(cls, conn: AsyncConnection, ns: NamespaceSettings) -> MappedTable:
@@ -146,7 +158,7 @@ class MappedTable:
             table=sql.Identifier(*schema_table),
             key_column=ns.key_column,
             key_type=key_type,
-            writable=frozenset(name for name, (_, gen, _) in columns.items() if not gen),
+            writable_columns=frozenset(name for name, (_, gen, _) in columns.items() if not gen),
         )
 
     def check_key(self, key: str) -> None:
@@ -185,19 +197,19 @@ class MappedTable:
                 f"namespace {self.namespace!r} stores rows: the value must be a JSON object, "
                 f"not {type(row).__name__}"
             )
-        unknown = sorted(set(row) - self.writable)
+        unknown = sorted(set(row) - self.writable_columns)
         if unknown:
             raise InvalidArgument(
                 f"unknown or read-only column(s) {', '.join(map(repr, unknown))} for namespace "
-                f"{self.namespace!r}; writable columns: {', '.join(sorted(self.writable))}"
+                f"{self.namespace!r}; writable columns: {', '.join(sorted(self.writable_columns))}"
             )
         given = row.get(self.key_column, key)
-        if given is None or str(given) != key:
+        if given is None or isinstance(given, bool) or str(given) != key:
             raise InvalidArgument(
                 f"the value's {self.key_column!r} ({given!r}) differs from the key {key!r}; "
                 "omit it or make them equal"
             )
-        row[self.key_column] = key
+        row[self.key_column] = int(key) if self.key_type in _INTEGER_RANGES else key
         return json.dumps(row)
 
     async def load(self, conn: AsyncConnection, keys: Sequence[str]) -> dict[str, Row]:
@@ -222,26 +234,40 @@ class MappedTable:
 
     async def write(self, conn: AsyncConnection, key: str, prepared: str) -> bytes:
         # Only the given columns are written (a partial update of an existing
-        # row); PostgreSQL converts each JSON member to its column's type.
+        # row); PostgreSQL converts each JSON member to its column's type. An
+        # UPDATE comes first: an INSERT ... ON CONFLICT would check NOT NULL
+        # columns absent from a partial update before seeing the conflict.
         columns = sorted(json.loads(prepared))
         updated = [c for c in columns if c != self.key_column] or [self.key_column]
-        query = sql.SQL(
+        names = sql.SQL(", ").join(map(sql.Identifier, columns))
+        assignments = sql.SQL(", ").join(
+            sql.SQL("{c} = r.{c}").format(c=sql.Identifier(c)) for c in updated
+        )
+        update = sql.SQL(
+            "UPDATE {table} AS t SET {assignments} "
+            "FROM jsonb_populate_record(NULL::{table}, %(row)s::jsonb) AS r "
+            "WHERE t.{key} = r.{key} RETURNING row_to_json(t)::text"
+        )
+        insert = sql.SQL(
             "INSERT INTO {table} AS t ({names}) SELECT {names} "
-            "FROM jsonb_populate_record(NULL::{table}, %s::jsonb) "
-            "ON CONFLICT ({key}) DO UPDATE SET {updates} "
-            "RETURNING row_to_json(t)::text"
-        ).format(
-            table=self.table,
-            names=sql.SQL(", ").join(map(sql.Identifier, columns)),
-            key=sql.Identifier(self.key_column),
-            updates=sql.SQL(", ").join(
+            "FROM jsonb_populate_record(NULL::{table}, %(row)s::jsonb) AS r "
+            "ON CONFLICT ({key}) DO UPDATE SET {excluded} RETURNING row_to_json(t)::text"
+        )
+        parts = {
+            "table": self.table,
+            "key": sql.Identifier(self.key_column),
+            "names": names,
+            "assignments": assignments,
+            "excluded": sql.SQL(", ").join(
                 sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in updated
             ),
-        )
-        cur = await conn.execute(query, (prepared,))
-        row = await cur.fetchone()
-        assert row is not None
-        return str(row[0]).encode()
+        }
+        for statement in (update, insert):
+            cur = await conn.execute(statement.format(**parts), {"row": prepared})
+            row = await cur.fetchone()
+            if row is not None:
+                return str(row[0]).encode()
+        raise AssertionError("an upsert returns its row")
 
     async def delete(self, conn: AsyncConnection, key: str) -> bool:
         query = sql.SQL("DELETE FROM {table} WHERE {key} = %s::{type}").format(

@@ -33,7 +33,7 @@ from cachecoord.invalidation.outbox import Outbox
 from cachecoord.model import Deleted, Entry, Layer, Row
 from cachecoord.storage import envelope
 from cachecoord.storage.postgres import RecordedWrite, database_errors, record_write
-from cachecoord.storage.redis_store import RedisStore
+from cachecoord.storage.redis_store import EntryStore
 from cachecoord.storage.tables import Table
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,6 @@ class Backends:
     """The shared resources a strategy works with."""
 
     pool: AsyncConnectionPool[AsyncConnection]
-    store: RedisStore
     outbox: Outbox
     origin: str
 
@@ -56,21 +55,28 @@ class Strategy(abc.ABC):
     """A namespace's caching behaviour. Subclasses define how writes reach
     PostgreSQL and Redis (:meth:`put`, :meth:`delete`)."""
 
-    def __init__(self, settings: NamespaceSettings, table: Table, backends: Backends) -> None:
+    def __init__(
+        self, settings: NamespaceSettings, table: Table, store: EntryStore, backends: Backends
+    ) -> None:
         self.settings = settings
         self.name = settings.name
         self.table = table
+        self.store = store
         self.pool = backends.pool
-        self.store = backends.store
         self.outbox = backends.outbox
         self.origin = backends.origin
         self._loads: SingleFlight[str, Entry] = SingleFlight(f"load-{settings.name}")
+
+    @classmethod
+    def partitions(cls, settings: NamespaceSettings) -> int:
+        """How many queue partitions the namespace's keys are grouped in (0: none)."""
+        return 0
 
     # -- reads ---------------------------------------------------------------
 
     async def get(self, key: str) -> Entry:
         try:
-            raw = await self.store.get(self.name, key)
+            raw = await self.store.get(key)
         except RedisError as err:
             log.debug("redis get failed, reading PostgreSQL: %s", err)
             return await self._load_uncached(key)
@@ -83,7 +89,7 @@ class Strategy(abc.ABC):
         entries: dict[str, Entry] = {}
         redis_up = True
         try:
-            raws = await self.store.get_many(self.name, unique)
+            raws = await self.store.get_many(unique)
         except RedisError:
             raws, redis_up = [None] * len(unique), False
         misses = []
@@ -107,7 +113,7 @@ class Strategy(abc.ABC):
         leased: dict[str, bool] = {}
         if redis_up:
             with suppress(RedisError):
-                leased = await self.store.take_leases(self.name, tokens, self.settings.lease)
+                leased = await self.store.take_leases(tokens, self.settings.lease)
         if len(keys) == 1 and redis_up and leased and not leased[keys[0]]:
             filled = await self._await_fill(keys[0])
             if filled is not None:
@@ -120,7 +126,7 @@ class Strategy(abc.ABC):
             if leased.get(key):
                 fills[key] = (tokens[key], stored, px)
         try:
-            await self.store.fill_many(self.name, fills)
+            await self.store.fill_many(fills)
         except RedisError as err:
             log.debug("fill failed: %s", err)
         return entries
@@ -133,7 +139,7 @@ class Strategy(abc.ABC):
             await asyncio.sleep(delay)
             delay = min(delay * 2, _MAX_POLL)
             try:
-                raw = await self.store.get(self.name, key)
+                raw = await self.store.get(key)
             except RedisError:
                 return None
             if raw is not None:
@@ -174,14 +180,15 @@ class Strategy(abc.ABC):
 
     @asynccontextmanager
     async def _write(
-        self, key: str, reason: str, expected_version: int | None
+        self, key: str, reason: str, expected_version: int | None, floor: int = 0
     ) -> AsyncIterator[tuple[AsyncConnection, RecordedWrite]]:
-        """A transaction that bumps the key's version, records the outbox row,
-        and checks *expected_version* (the writer holds the key's version row
-        lock until commit, so the check cannot race)."""
+        """A transaction that bumps the key's version (to at least *floor*),
+        records the outbox row, and checks *expected_version* (the writer holds
+        the key's version row lock until commit, so the check cannot race)."""
         async with database_errors(), self.pool.connection() as conn, conn.transaction():
-            recorded = await record_write(conn, self.name, key, reason)
+            recorded = await record_write(conn, self.name, key, reason, floor)
             if expected_version is not None:
+                assert floor == 0, "compare-and-set needs versions that step by one"
                 previous = recorded.version - 1
                 current = previous if await self.table.exists(conn, key) else 0
                 if current != expected_version:
@@ -196,13 +203,13 @@ class Strategy(abc.ABC):
     async def invalidate(self, keys: Sequence[str]) -> int:
         messages = {key: self.message(key, 0, "invalidate") for key in keys}
         try:
-            return await self.store.invalidate(self.name, messages)
+            return await self.store.invalidate(messages)
         except RedisError as err:
             raise Unavailable(f"Redis is unavailable, nothing was invalidated: {err}") from err
 
     async def invalidate_all(self) -> int:
         try:
-            return await self.store.drop_namespace(self.name, self.message(None, 0, "invalidate"))
+            return await self.store.drop_namespace(self.message(None, 0, "invalidate"))
         except RedisError as err:
             raise Unavailable(f"Redis is unavailable, nothing was invalidated: {err}") from err
 

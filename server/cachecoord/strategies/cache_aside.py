@@ -40,9 +40,7 @@ class CacheAside(Strategy):
         """Bring Redis up to date with a committed write (here: drop the entry)."""
         reason = "put" if stored is not None else "delete"
         try:
-            await self.store.invalidate(
-                self.name, {key: self.message(key, recorded.version, reason)}
-            )
+            await self.store.invalidate({key: self.message(key, recorded.version, reason)})
         except RedisError as err:
             log.warning("invalidation of %s/%s left to the outbox: %s", self.name, key, err)
             return

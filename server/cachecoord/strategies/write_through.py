@@ -26,7 +26,6 @@ class WriteThrough(CacheAside):
         reason = "put" if stored is not None else "delete"
         try:
             await self.store.store(
-                self.name,
                 key,
                 cached,
                 px,

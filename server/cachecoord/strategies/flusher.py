@@ -1,0 +1,353 @@
+"""The write-behind flusher: moves queued writes from Redis into PostgreSQL.
+
+Each instance runs one per write-behind namespace, as a consumer of the
+namespace's queues (Redis Streams, one consumer group shared by all
+instances). A flush reads up to ``flush_batch`` entries, keeps the newest
+entry of each key (coalescing), and commits them in one transaction whose
+version guard (``... WHERE version < EXCLUDED.version``) makes replays and
+reordering harmless. Entries are acknowledged (XACK, then XDEL) only after the
+commit; only then does a flushed value get its TTL.
+
+Failures: if PostgreSQL is down, entries stay pending and are retried with
+backoff. An entry PostgreSQL rejects (a constraint, a bad type) is retried
+alone, with backoff, and after ``max_attempts`` moved to the dead-letter
+stream with its error; the other entries of its batch are committed, so one
+bad entry never blocks the queue. Entries pending on an instance that died
+are claimed by another after ``claim_idle``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from redis.exceptions import RedisError, ResponseError
+
+from cachecoord.errors import CacheCoordError
+from cachecoord.storage import envelope
+from cachecoord.strategies.write_behind import WriteBehind
+
+log = logging.getLogger(__name__)
+
+GROUP = "cachecoord"
+
+# Give a flushed value its TTL, unless a newer write replaced it meanwhile;
+# with ARGV[3], replace it by the row as PostgreSQL stored it (defaults and
+# all) under the same version.
+SETTLE = """
+local current = redis.call('GET', KEYS[1])
+if current and string.match(current, '^(%d+):') == ARGV[1] then
+  if ARGV[3] ~= '' then return redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2]) end
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_ADVANCE = """
+INSERT INTO cachecoord.versions AS v (namespace, key, version)
+SELECT %(ns)s, k, ver FROM unnest(%(keys)s::text[], %(versions)s::bigint[]) AS u(k, ver)
+ON CONFLICT (namespace, key) DO UPDATE SET version = EXCLUDED.version
+WHERE v.version < EXCLUDED.version
+RETURNING key
+"""
+
+# Errors that say "this entry is wrong", as opposed to "PostgreSQL is down".
+_REJECTED = (psycopg.IntegrityError, psycopg.DataError, psycopg.ProgrammingError, CacheCoordError)
+_MAX_BACKOFF = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """One queue entry: a write waiting for PostgreSQL."""
+
+    queue: str
+    id: str
+    key: str
+    version: int
+    kind: str  # "v" value, "n" deletion
+    payload: bytes
+
+    @classmethod
+    def parse(cls, queue: str, entry_id: Any, fields: dict[bytes, bytes]) -> Queued:
+        return cls(
+            queue=queue,
+            id=entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id),
+            key=fields[b"k"].decode(),
+            version=int(fields[b"v"]),
+            kind=fields[b"t"].decode(),
+            payload=fields[b"p"],
+        )
+
+
+class Flusher:
+    """Flushes one write-behind namespace; ``open()``, then ``close()``."""
+
+    def __init__(self, strategy: WriteBehind, *, consumer: str) -> None:
+        self._ns = strategy
+        self._settings = strategy.settings
+        self._client = strategy.store.client
+        self._keys = strategy.store.keys
+        self._consumer = consumer
+        self._settle = self._client.register_script(SETTLE)
+        self._errors_key = f"cc:wb:{{{strategy.name}}}:errors"
+        self._task: asyncio.Task[None] | None = None
+        self._draining = False
+        self._next_reclaim = 0.0
+        self.flushed_rows = 0
+        """Rows written to PostgreSQL so far (coalesced writes count once)."""
+
+    async def open(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"flusher-{self._ns.name}")
+
+    async def close(self, grace: float) -> None:
+        """Drain what can be flushed within *grace* seconds, then stop."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._draining = True
+        try:
+            await asyncio.wait_for(asyncio.shield(task), grace)
+        except TimeoutError:
+            log.warning(
+                "write-behind %s: queue not drained at shutdown; left for others", self._ns.name
+            )
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                batch = await self._next_batch()
+                if not batch:
+                    if self._draining:
+                        return
+                    continue
+                await self._flush(batch)
+                backoff = 0.1
+            except (RedisError, OSError, psycopg.OperationalError, psycopg.InterfaceError) as err:
+                log.warning("write-behind %s: flush deferred (%s)", self._ns.name, err)
+                if self._draining:
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    # -- reading -------------------------------------------------------------
+
+    async def _next_batch(self) -> list[Queued]:
+        if time.monotonic() >= self._next_reclaim:
+            self._next_reclaim = time.monotonic() + self._settings.retry_after / 2000
+            reclaimed = await self._reclaim()
+            if reclaimed:
+                return reclaimed
+        replies: Any
+        try:
+            replies = await self._client.xreadgroup(
+                GROUP,
+                self._consumer,
+                streams=dict.fromkeys(self._keys.queues, ">"),
+                count=self._settings.flush_batch,
+                block=None if self._draining else self._settings.flush_interval,
+            )
+        except ResponseError as err:
+            if "NOGROUP" not in str(err):
+                raise
+            await self._create_groups()  # first start, or Redis lost its data
+            return []
+        return [
+            Queued.parse(queue.decode(), entry_id, fields)
+            for queue, entries in replies or []
+            for entry_id, fields in entries
+            if fields
+        ]
+
+    async def _create_groups(self) -> None:
+        for queue in self._keys.queues:
+            with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+                await self._client.xgroup_create(queue, GROUP, id="0", mkstream=True)
+
+    async def _reclaim(self) -> list[Queued]:
+        """Entries due for another attempt: this consumer's failed ones after
+        their backoff, and those of a consumer that stopped after claim_idle.
+        Entries out of attempts go to the dead-letter stream instead."""
+        retry_ms = self._settings.retry_after
+        due: list[Queued] = []
+        for queue in self._keys.queues:
+            try:
+                pending = await self._client.xpending_range(
+                    queue, GROUP, min="-", max="+", count=self._settings.flush_batch, idle=retry_ms
+                )
+            except ResponseError:
+                continue  # no group yet
+            ids = []
+            item: Any
+            for item in pending:
+                deliveries = int(item["times_delivered"])
+                mine = item["consumer"].decode() == self._consumer
+                wait = min(retry_ms * 2 ** (deliveries - 1), _MAX_BACKOFF * 1000)
+                if item["time_since_delivered"] >= (wait if mine else self._settings.claim_idle):
+                    ids.append((item["message_id"], deliveries))
+            if not ids:
+                continue
+            claimed: Any = await self._client.xclaim(
+                queue,
+                GROUP,
+                self._consumer,
+                min_idle_time=retry_ms,
+                message_ids=[i for i, _ in ids],
+            )
+            deliveries_of = {(i.decode() if isinstance(i, bytes) else i): d for i, d in ids}
+            for entry_id, fields in claimed:
+                if not fields:
+                    continue
+                entry = Queued.parse(queue, entry_id, fields)
+                if deliveries_of.get(entry.id, 0) >= self._settings.max_attempts:
+                    await self._dead_letter(entry)
+                else:
+                    due.append(entry)
+        return due
+
+    async def _dead_letter(self, entry: Queued) -> None:
+        error: Any = await self._client.hget(self._errors_key, entry.id)
+        reason = error.decode() if error else "no error recorded"
+        await self._client.xadd(
+            self._keys.dead_letters,
+            {
+                "k": entry.key,
+                "v": entry.version,
+                "t": entry.kind,
+                "p": entry.payload,
+                "error": reason,
+                "queue": entry.queue,
+                "id": entry.id,
+            },
+        )
+        await self._acknowledge([entry])
+        log.error(
+            "write-behind %s: key %r version %d dead-lettered after %d attempts: %s",
+            self._ns.name,
+            entry.key,
+            entry.version,
+            self._settings.max_attempts,
+            reason,
+        )
+
+    # -- flushing ------------------------------------------------------------
+
+    async def _flush(self, batch: list[Queued]) -> None:
+        newest: dict[str, Queued] = {}
+        for entry in batch:
+            if entry.key not in newest or entry.version > newest[entry.key].version:
+                newest[entry.key] = entry
+        rows = list(newest.values())
+        stored: dict[str, bytes] = {}
+        try:
+            failed = await self._commit(rows, stored, isolated=False)
+        except _REJECTED:
+            stored.clear()
+            failed = await self._commit(rows, stored, isolated=True)
+        self.flushed_rows += len(rows) - len(failed)
+        if failed:
+            await self._client.hset(
+                self._errors_key, mapping={newest[k].id: error for k, error in failed.items()}
+            )
+            log.warning(
+                "write-behind %s: PostgreSQL rejected %d entr(y/ies), will retry: %s",
+                self._ns.name,
+                len(failed),
+                "; ".join(f"{k!r}: {e}" for k, e in failed.items()),
+            )
+        await self._acknowledge([e for e in batch if e.key not in failed])
+        await self._settle_cached([e for e in rows if e.key not in failed], stored)
+
+    async def _commit(
+        self, rows: list[Queued], stored: dict[str, bytes], *, isolated: bool
+    ) -> dict[str, str]:
+        """Write *rows* in one transaction; with *isolated*, each in a savepoint
+        so that rejected rows are reported (key -> error) and the rest commit.
+        Rows as PostgreSQL stored them (mapped tables) go into *stored*."""
+        failed: dict[str, str] = {}
+        async with self._ns.pool.connection() as conn, conn.transaction():
+            if not isolated:
+                await self._write(conn, rows, stored)
+                return failed
+            for row in rows:
+                try:
+                    async with conn.transaction():
+                        await self._write(conn, [row], stored)
+                except _REJECTED as err:
+                    failed[row.key] = _describe(err)
+                    stored.pop(row.key, None)
+        return failed
+
+    async def _write(
+        self, conn: AsyncConnection, rows: list[Queued], stored: dict[str, bytes]
+    ) -> None:
+        cur = await conn.execute(
+            _ADVANCE,
+            {
+                "ns": self._ns.name,
+                "keys": [r.key for r in rows],
+                "versions": [r.version for r in rows],
+            },
+        )
+        advanced = {key async for (key,) in cur}
+        table = self._ns.table
+        for row in rows:
+            if row.key not in advanced:
+                continue  # PostgreSQL already holds a newer version: a replay
+            if row.kind == "n":
+                await table.delete(conn, row.key)
+                continue
+            written = await table.write(conn, row.key, table.prepare(row.key, row.payload))
+            if table.merges_rows:
+                stored[row.key] = written
+
+    async def _acknowledge(self, entries: list[Queued]) -> None:
+        by_queue: defaultdict[str, list[str]] = defaultdict(list)
+        for entry in entries:
+            by_queue[entry.queue].append(entry.id)
+        if not by_queue:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for queue, ids in by_queue.items():
+            pipe.xack(queue, GROUP, *ids)
+            pipe.xdel(queue, *ids)
+            pipe.hdel(self._errors_key, *ids)
+        await pipe.execute()
+
+    async def _settle_cached(self, rows: list[Queued], stored: dict[str, bytes]) -> None:
+        """Flushed values become ordinary cache entries: they get a TTL (and a
+        mapped row is replaced by the row as stored), unless rewritten meanwhile."""
+        settings = self._settings
+        pipe = self._client.pipeline(transaction=False)
+        for row in rows:
+            ttl: int = settings.ttl if row.kind == "v" else settings.negative_ttl
+            ttl = max(1, round(ttl * (1 + settings.ttl_jitter * (2 * random.random() - 1))))
+            row_now = stored.get(row.key)
+            replacement = (
+                b""
+                if row_now is None
+                else envelope.encode(row.version, time.time_ns() // 1_000_000 + ttl, 0, row_now)
+            )
+            await self._settle(
+                keys=[self._keys.value(row.key)],
+                args=[row.version, ttl, replacement],
+                client=pipe,
+            )
+        await pipe.execute()
+
+
+def _describe(err: Exception) -> str:
+    if isinstance(err, psycopg.Error) and err.diag.message_primary:
+        return err.diag.message_primary
+    return str(err).splitlines()[0] if str(err) else type(err).__name__

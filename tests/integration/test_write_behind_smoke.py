@@ -1,0 +1,37 @@
+import asyncio
+import json
+
+import psycopg
+from cachecoord_client import AsyncClient, Layer
+from local_servers import PostgresServer
+
+
+async def row_of(dsn: str, key: str) -> tuple[bytes, int] | None:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT e.value, v.version FROM cachecoord.entries e JOIN cachecoord.versions v "
+            "USING (namespace, key) WHERE namespace = 'queued' AND key = %s",
+            (key,),
+        )
+        return await cur.fetchone()  # type: ignore[return-value]
+
+
+async def test_put_is_cached_then_flushed(
+    client: AsyncClient, key: str, postgres_server: PostgresServer
+) -> None:
+    version = await client.put("queued", key, b"v1")
+    got = await client.get("queued", key)
+    assert (got.value, got.version, got.layer) == (b"v1", version, Layer.REDIS)
+    for _ in range(50):
+        if await row_of(postgres_server.dsn, key) == (b"v1", version):
+            break
+        await asyncio.sleep(0.05)
+    assert await row_of(postgres_server.dsn, key) == (b"v1", version)
+
+
+async def test_mapped_partial_put_merges(client: AsyncClient, new_user_id) -> None:
+    user = new_user_id()
+    await client.put("profiles", user, json.dumps({"name": "A", "score": 1}).encode())
+    await client.put("profiles", user, json.dumps({"score": 2}).encode())
+    got = json.loads((await client.get("profiles", user)).value)
+    assert got == {"id": int(user), "name": "A", "score": 2}
