@@ -16,6 +16,7 @@ run: install
 	    --database-url "$${CACHECOORD_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/postgres}")" && \
 	export CACHECOORD_REDIS_URL && \
 	export CACHECOORD_DATABASE_URL="$$($(BIN)/python scripts/example_db.py "$$CACHECOORD_DATABASE_URL")" && \
+	$(BIN)/cachecoord triggers install users --config examples/cachecoord.toml && \
 	exec $(BIN)/cachecoord serve --config examples/cachecoord.toml
 
 ## test: the whole suite (it starts its own private Redis and PostgreSQL)

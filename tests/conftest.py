@@ -21,7 +21,9 @@ from cachecoord_client import AsyncClient
 from local_servers import PostgresServer, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMA = (ROOT / "examples" / "schema.sql").read_text() + """
+SCHEMA = (
+    (ROOT / "examples" / "schema.sql").read_text()
+    + """
 -- For write-behind on a mapped table (constraints make poison entries).
 CREATE TABLE IF NOT EXISTS profiles (
     id bigint PRIMARY KEY,
@@ -29,6 +31,7 @@ CREATE TABLE IF NOT EXISTS profiles (
     score integer NOT NULL DEFAULT 0 CHECK (score >= 0)
 );
 """
+)
 
 # The namespaces every test instance serves, beside the example's `users`.
 NAMESPACES = """
@@ -111,6 +114,22 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
         with psycopg.connect(server.dsn, autocommit=True) as conn:
             conn.execute(SCHEMA)
         yield server
+
+
+@pytest.fixture
+def own_database(postgres_server: PostgresServer) -> str:
+    """A database of this test's own on the session PostgreSQL, with the schema.
+
+    Instances that share a PostgreSQL must share one Redis too (the outbox
+    drainer of any instance applies any instance's leftovers), so a test that
+    runs its own Redis needs its own database."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server.dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    dsn = postgres_server.dsn.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    return dsn
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

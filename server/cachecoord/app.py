@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from functools import partial
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,7 +24,10 @@ from redis.exceptions import RedisError
 from cachecoord.cache import Cache
 from cachecoord.config import ConfigError, Invalidation, Kind, Settings, StrategyName
 from cachecoord.coordination.locks import Locks
+from cachecoord.invalidation import triggers
 from cachecoord.invalidation.bus import Bus
+from cachecoord.invalidation.listener import ChangeListener
+from cachecoord.invalidation.messages import Invalidation as Message
 from cachecoord.invalidation.outbox import Outbox
 from cachecoord.rpc import server as rpc_server
 from cachecoord.rpc.servicer import CacheCoordServicer
@@ -50,6 +54,7 @@ class App:
         self.pool: AsyncConnectionPool[AsyncConnection] | None = None
         self.cache: Cache | None = None
         self.flushers: list[Flusher] = []
+        self.listener: ChangeListener | None = None
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._server: grpc.aio.Server | None = None
         self._health: HealthServicer | None = None
@@ -101,6 +106,9 @@ class App:
         bus = Bus(settings.redis.url)
         bus.on(keys.LOCK_CHANNEL, lambda name: locks.on_release_notice(name.decode()))
         bus.on_reset(locks.wake_all)
+        for strategy in strategies.values():
+            bus.on(strategy.store.keys.channel, _decoded(strategy.on_message))
+            bus.on_reset(strategy.on_reset)
         self.cache = Cache(strategies, settings.server)
         servicer = CacheCoordServicer(
             self.cache, locks, default_timeout=settings.server.default_deadline / 1000
@@ -108,8 +116,15 @@ class App:
         self._server, self._health, self.port = rpc_server.build(servicer, settings.server)
         await outbox.open()
         self._closers.append(outbox.close)
+        self.listener = ChangeListener(settings.postgres.url, outbox.wake)
+        await self.listener.open()
+        self._closers.append(self.listener.close)
         await bus.open()
         self._closers.append(bus.close)
+        # Serve once subscribed, so the first reads already get invalidations
+        # (if Redis is down, serve anyway: reads fall back to PostgreSQL).
+        with suppress(TimeoutError):
+            await asyncio.wait_for(bus.subscribed.wait(), 2.0)
         grace = settings.server.shutdown_grace / 1000
         for strategy in strategies.values():
             if isinstance(strategy, WriteBehind):
@@ -187,6 +202,18 @@ def _strategy(name: StrategyName, namespace: str) -> type[Strategy]:
     return strategy
 
 
+def _decoded(handler: Callable[[Message], None]) -> Callable[[bytes], None]:
+    def handle(raw: bytes) -> None:
+        try:
+            message = Message.decode(raw)
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring a malformed invalidation message: %.200r", raw)
+            return
+        handler(message)
+
+    return handle
+
+
 def _redact(url: str) -> str:
     """The URL without its password, for messages (secrets are never logged)."""
     parts = urlsplit(url)
@@ -194,6 +221,32 @@ def _redact(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def change_triggers(settings: Settings, namespace: str, action: str) -> str:
+    """Install or uninstall the change triggers of mapped *namespace*."""
+    ns = settings.namespaces.get(namespace)
+    if ns is None or ns.kind is not Kind.MAPPED:
+        mapped = [n for n, s in settings.namespaces.items() if s.kind is Kind.MAPPED]
+        raise ConfigError(
+            f"{namespace!r} is not a mapped namespace of this configuration; mapped namespaces: "
+            + (", ".join(mapped) or "(none)")
+        )
+    try:
+        async with await psycopg.AsyncConnection.connect(settings.postgres.url) as conn:
+            await postgres.install_schema_on(conn)
+            table = (await MappedTable.introspect(conn, ns)).table
+            if action == "install":
+                await triggers.install(conn, ns, table)
+            else:
+                await triggers.uninstall(conn, ns, table)
+            await conn.commit()
+    except psycopg.Error as err:
+        raise ConfigError(
+            f"cannot use PostgreSQL at {_redact(settings.postgres.url)} (postgres.url): {err}"
+        ) from None
+    done = "installed on" if action == "install" else "removed from"
+    return f"change triggers of namespace {namespace!r} {done} table {ns.table!r}"
 
 
 async def serve(settings: Settings) -> None:

@@ -79,6 +79,10 @@ class Cache:
     def namespaces(self) -> list[str]:
         return sorted(self._namespaces)
 
+    def strategy(self, namespace: str) -> Strategy:
+        """The strategy serving *namespace* (raises NamespaceNotFound)."""
+        return self._namespace(namespace)
+
     def _namespace(self, name: str) -> Strategy:
         strategy = self._namespaces.get(name)
         if strategy is None:

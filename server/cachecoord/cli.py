@@ -31,7 +31,15 @@ from cachecoord_client import CacheCoordError, Client
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first "--" is a command for `lock`, verbatim
+    # (argparse would drop later "--" and cannot take options before it).
+    command: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, command = argv[:at], argv[at + 1 :]
     args = _parser().parse_args(argv)
+    args.command = command
     sys.exit(args.run(args))
 
 
@@ -74,11 +82,18 @@ def _parser() -> argparse.ArgumentParser:
     invalidate.add_argument("--all", action="store_true", help="every key of the namespace")
     invalidate.set_defaults(run=_invalidate)
 
+    triggers = commands.add_parser(
+        "triggers", help="install or remove the change triggers of a mapped namespace"
+    )
+    triggers.add_argument("action", choices=["install", "uninstall"])
+    triggers.add_argument("namespace")
+    triggers.add_argument("--config", type=Path, default=os.environ.get("CACHECOORD_CONFIG"))
+    triggers.set_defaults(run=_triggers)
+
     lock = commands.add_parser("lock", parents=[client], help="run a command while holding a lock")
     lock.add_argument("name")
     lock.add_argument("--ttl-ms", type=int, default=30_000, help="lock TTL, renewed while held")
     lock.add_argument("--wait-ms", type=int, default=10_000, help="how long to wait for it")
-    lock.add_argument("command", nargs="*", help="-- COMMAND [ARGS...]")
     lock.set_defaults(run=_lock)
     return parser
 
@@ -106,6 +121,19 @@ def _serve(args: argparse.Namespace) -> int:
     except (ConfigError, StartupError) as err:
         print(f"cachecoord: cannot start: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _triggers(args: argparse.Namespace) -> int:
+    from cachecoord.app import change_triggers
+
+    try:
+        settings = load(args.config, os.environ)
+        message = asyncio.run(change_triggers(settings, args.namespace, args.action))
+    except ConfigError as err:
+        print(f"cachecoord: {err}", file=sys.stderr)
+        return 2
+    print(message)
     return 0
 
 

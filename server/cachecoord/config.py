@@ -18,6 +18,7 @@ from typing import Any
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+_MAX_DURATION_S = 365 * 86_400  # a year; also keeps every TTL within Redis' limits
 
 
 class ConfigError(ValueError):
@@ -119,6 +120,15 @@ class NamespaceSettings:
     """Time a reader may take to load a missing key before another may try."""
     lease_wait: Duration = Duration(1_000)
     """How long a reader waits for another's fill before loading itself."""
+    stale_window: Duration = Duration(0)
+    """How long past its TTL a value may still be served (marked stale) while
+    one reader refreshes it in the background; 0 disables."""
+    early_refresh_beta: float = 1.0
+    """XFetch: how eagerly a hot key is refreshed before it expires (0 disables)."""
+    near_cache_entries: int = 0
+    """Entries of the in-process near cache (0: no near cache)."""
+    near_cache_ttl: Duration = Duration(1_000)
+    """Longest time a near-cache entry is served without asking Redis."""
     flush_interval: Duration = Duration(100)
     """write-behind: longest time a queued write waits before its flush starts."""
     flush_batch: int = 500
@@ -166,31 +176,37 @@ def load(path: Path | None, environ: Mapping[str, str]) -> Settings:
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: file not found") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read the file: {err}") from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    for name in raw:
+    for name, value in raw.items():
         if name not in (*_SECTIONS, "namespaces"):
             raise ConfigError(
                 f"{source}: unknown section [{name}]; expected one of "
                 f"{', '.join([*_SECTIONS, 'namespaces'])}"
             )
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {name} must be a table: write it as [{name}]")
     sections = {name: dict(raw.get(name, {})) for name in _SECTIONS}
-    _apply_env(sections, environ)
+    from_env = _apply_env(sections, environ)
     settings = Settings(
-        server=_build(ServerSettings, sections["server"], "server", source),
-        redis=_build(RedisSettings, sections["redis"], "redis", source),
-        postgres=_build(PostgresSettings, sections["postgres"], "postgres", source),
+        server=_build(ServerSettings, sections["server"], "server", source, from_env),
+        redis=_build(RedisSettings, sections["redis"], "redis", source, from_env),
+        postgres=_build(PostgresSettings, sections["postgres"], "postgres", source, from_env),
         namespaces=_namespaces(raw.get("namespaces", {}), source),
     )
     _check(settings, source)
     return settings
 
 
-def _apply_env(sections: dict[str, dict[str, Any]], environ: Mapping[str, str]) -> None:
-    for var, value in environ.items():
+def _apply_env(sections: dict[str, dict[str, Any]], environ: Mapping[str, str]) -> dict[str, str]:
+    """Apply the overrides; return ``section.key -> variable`` for messages."""
+    from_env: dict[str, str] = {}
+    for var, value in sorted(environ.items()):
         if not var.startswith("CACHECOORD_") or var in _ENV_IGNORED:
             continue
         canonical = _ENV_ALIASES.get(var, var)
@@ -205,7 +221,15 @@ def _apply_env(sections: dict[str, dict[str, Any]], environ: Mapping[str, str]) 
                 f"environment variable {var} is not a setting; use CACHECOORD_<SECTION>_<KEY> "
                 f"with a section of {', '.join(_SECTIONS)} and a key of that section"
             )
+        where = f"{section}.{key}"
+        if where in from_env and sections[section][key] != value:
+            raise ConfigError(
+                f"environment variables {from_env[where]} and {var} both set {where} "
+                "to different values; set only one"
+            )
         sections[section][key] = value
+        from_env[where] = var
+    return from_env
 
 
 def _namespaces(raw: Any, source: str) -> dict[str, NamespaceSettings]:
@@ -214,32 +238,44 @@ def _namespaces(raw: Any, source: str) -> dict[str, NamespaceSettings]:
     result = {}
     for name, table in raw.items():
         where = f"namespaces.{name}"
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise ConfigError(
                 f"{source}: [{where}]: a namespace name is 1-63 characters of a-z, 0-9, _ and -,"
                 " starting with a letter"
             )
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: [{where}] must be a table")
+        if "name" in table:
+            raise ConfigError(
+                f"{source}: {where}.name: the name is the table's own ([namespaces.<name>]); "
+                "remove the key"
+            )
         if "kind" not in table:
             raise ConfigError(f'{source}: {where}.kind is missing; set "mapped" or "managed"')
         result[name] = _build(NamespaceSettings, {**table, "name": name}, where, source)
     return result
 
 
-def _build(cls: type[Any], values: dict[str, Any], where: str, source: str) -> Any:
+def _build(
+    cls: type[Any],
+    values: dict[str, Any],
+    where: str,
+    source: str,
+    from_env: Mapping[str, str] | None = None,
+) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise ConfigError(
-                f"{source}: unknown key {where}.{key}; known keys: {', '.join(fields)}"
-            )
-        kwargs[key] = _coerce(fields[key].type, value, f"{where}.{key}", source)
+            known = ", ".join(f for f in fields if f != "name")
+            raise ConfigError(f"{source}: unknown key {where}.{key}; known keys: {known}")
+        variable = (from_env or {}).get(f"{where}.{key}")
+        label = f"environment variable {variable}" if variable else f"{source}: {where}.{key}"
+        kwargs[key] = _coerce(fields[key].type, value, label)
     return cls(**kwargs)
 
 
-def _coerce(kind: Any, value: Any, key: str, source: str) -> Any:
+def _coerce(kind: Any, value: Any, label: str) -> Any:
     kind = {"str": str, "int": int, "float": float, "bool": bool}.get(kind) or globals()[kind]
     try:
         if kind is Duration:
@@ -271,20 +307,23 @@ def _coerce(kind: Any, value: Any, key: str, source: str) -> Any:
             bool: "true or false",
             str: "a string",
         }.get(kind) or "one of " + ", ".join(repr(m.value) for m in kind)
-        raise ConfigError(f"{source}: {key} = {value!r} is invalid; expected {hint}") from None
+        raise ConfigError(f"{label} = {value!r} is invalid; expected {hint}") from None
 
 
 def _duration(value: Any) -> Duration:
     if isinstance(value, bool):
         raise TypeError
     if isinstance(value, int | float):
-        if value < 0:
+        if not 0 <= value <= _MAX_DURATION_S:
             raise ValueError
         return Duration(round(value * 1000))
-    match = _DURATION_RE.match(str(value))
+    match = _DURATION_RE.fullmatch(str(value))
     if not match:
         raise ValueError
-    return Duration(round(float(match[1]) * _UNIT_MS[match[2] or "s"]))
+    milliseconds = float(match[1]) * _UNIT_MS[match[2] or "s"]
+    if milliseconds > _MAX_DURATION_S * 1000:
+        raise ValueError
+    return Duration(round(milliseconds))
 
 
 def _check(settings: Settings, source: str) -> None:
@@ -292,7 +331,8 @@ def _check(settings: Settings, source: str) -> None:
         raise ConfigError(f"{source}: {key}: {fix}")
 
     server = settings.server
-    if not re.match(r"^(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}$", server.listen):
+    listen = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s\[\]]+):(\d{1,5})", server.listen)
+    if not listen or int(listen[2]) > 65_535:
         fail("server.listen", f"{server.listen!r} is not host:port, e.g. 127.0.0.1:50051")
     if not 1 <= server.max_key_bytes <= 65_536:
         fail("server.max_key_bytes", "must be between 1 and 65536")
@@ -321,6 +361,12 @@ def _check(settings: Settings, source: str) -> None:
             fail(f"{where}.ttl", "must be positive")
         if not 0 <= ns.ttl_jitter <= 0.5:
             fail(f"{where}.ttl_jitter", "must be between 0 and 0.5")
+        if not 0 <= ns.near_cache_entries <= 10_000_000:
+            fail(f"{where}.near_cache_entries", "must be between 0 (off) and 10000000")
+        if ns.near_cache_entries and ns.near_cache_ttl <= 0:
+            fail(f"{where}.near_cache_ttl", "must be positive")
+        if not 0 <= ns.early_refresh_beta <= 100:
+            fail(f"{where}.early_refresh_beta", "must be between 0 (off) and 100")
         if ns.lease <= 0 or ns.lease_wait < 0:
             fail(f"{where}.lease", "lease must be positive and lease_wait not negative")
         if ns.strategy is StrategyName.WRITE_BEHIND:

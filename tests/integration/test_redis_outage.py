@@ -11,7 +11,7 @@ import pytest_asyncio
 from cachecoord.app import App
 from cachecoord_client import AsyncClient, Layer
 from conftest import settings_for
-from local_servers import PostgresServer, RedisServer
+from local_servers import RedisServer
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -26,9 +26,9 @@ async def durable_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def own_client(
-    durable_redis: RedisServer, postgres_server: PostgresServer, tmp_path: Path
+    durable_redis: RedisServer, own_database: str, tmp_path: Path
 ) -> AsyncIterator[AsyncClient]:
-    app = App(settings_for(tmp_path, durable_redis.url, postgres_server.dsn))
+    app = App(settings_for(tmp_path, durable_redis.url, own_database))
     await app.start()
     async with AsyncClient(f"127.0.0.1:{app.port}") as client:
         yield client

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import grpc
 import grpc.aio
 import pytest
+
 from cachecoord_client import (
     CacheCoordError,
     DeadlineExceeded,

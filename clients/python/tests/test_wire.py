@@ -22,6 +22,8 @@ from typing import Any, Literal
 import grpc
 import grpc.aio
 import pytest
+from google.protobuf.message import Message
+
 from cachecoord_client import (
     AsyncClient,
     CacheCoordError,
@@ -39,7 +41,6 @@ from cachecoord_client import (
 )
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
-from google.protobuf.message import Message
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Kind = Literal["async", "sync"]

@@ -20,6 +20,7 @@ from collections import defaultdict
 
 import redis.asyncio as redis
 
+from cachecoord.coordination.hold import Hold
 from cachecoord.errors import InvalidArgument, LockNotAcquired, LockNotHeld
 from cachecoord.model import LockGrant
 from cachecoord.storage import keys
@@ -56,7 +57,7 @@ MAX_NAME_BYTES = 512
 
 
 class Locks:
-    """Acquire, release and extend named locks."""
+    """Acquire, release, extend and hold named locks."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._acquire = client.register_script(ACQUIRE)
@@ -125,6 +126,15 @@ class Locks:
         extended = await self._extend(keys=[keys.lock_key(name)], args=[token, ttl_ms])
         if not extended:
             raise LockNotHeld(f"lock {name!r} is not held by this token (expired or released)")
+
+    def hold(self, name: str, ttl_ms: int, wait_timeout_ms: int) -> Hold:
+        """Hold the lock for the duration of an ``async with`` block.
+
+        The lock is renewed every third of *ttl_ms* while the block runs and
+        released when it exits, also when it is cancelled; *ttl_ms* then only
+        bounds how long the lock outlives a crashed instance. See `Hold`.
+        """
+        return Hold(self, name, ttl_ms, wait_timeout_ms)
 
     def on_release_notice(self, name: str) -> None:
         """Called by the bus for every release published by any instance."""

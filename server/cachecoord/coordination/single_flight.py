@@ -22,12 +22,16 @@ class SingleFlight(Generic[K, V]):
         self._loads: dict[K, asyncio.Task[V]] = {}
 
     async def run(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
+        return await asyncio.shield(self.spawn(key, load))
+
+    def spawn(self, key: K, load: Callable[[], Awaitable[V]]) -> asyncio.Task[V]:
+        """Start *load* for *key* unless one is running; return the running task."""
         task = self._loads.get(key)
         if task is None:
             task = asyncio.create_task(_call(load), name=f"{self._name}-load")
             self._loads[key] = task
             task.add_done_callback(lambda _: self._loads.pop(key, None))
-        return await asyncio.shield(task)
+        return task
 
     def __len__(self) -> int:
         return len(self._loads)

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 _DRAIN = """
 DELETE FROM cachecoord.outbox WHERE id IN (
     SELECT id FROM cachecoord.outbox
-    WHERE created_at < now() - %(grace_ms)s * interval '1 millisecond'
+    WHERE namespace = ANY(%(served)s)
+      AND (reason = 'db_change' OR created_at < now() - %(grace_ms)s * interval '1 millisecond')
     ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ) RETURNING namespace, key, version, reason
 """
@@ -59,6 +60,10 @@ class Outbox:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    def wake(self) -> None:
+        """Drain now (changes were recorded by the database triggers)."""
+        self._wake.set()
+
     def done(self, outbox_id: int) -> None:
         """The invalidation of row *outbox_id* reached Redis; forget the row soon."""
         self._done.append(outbox_id)
@@ -79,13 +84,16 @@ class Outbox:
     async def drain(self) -> int:
         """Apply invalidations left behind for longer than the grace period."""
         async with self._pool.connection() as conn, conn.transaction():
-            cur = await conn.execute(_DRAIN, {"grace_ms": self._grace_ms, "limit": self._batch})
+            # Only namespaces served here: in a rolling deploy another instance
+            # may serve a namespace this one does not know yet.
+            cur = await conn.execute(
+                _DRAIN,
+                {"served": list(self._stores), "grace_ms": self._grace_ms, "limit": self._batch},
+            )
             rows = await cur.fetchall()
             by_namespace: defaultdict[str, dict[str, bytes]] = defaultdict(dict)
             for namespace, key, version, reason in rows:
-                store = self._stores.get(namespace)
-                if store is None:
-                    continue  # a namespace no longer configured: nothing cached to drop
+                store = self._stores[namespace]
                 message = Invalidation(namespace, key, version, reason, self._origin).encode()
                 if key is None:
                     await store.drop_namespace(message)

@@ -12,10 +12,25 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from cachecoord.config import ServerSettings
-from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
+from cachecoord.rpc import registration
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CacheCoordService"].full_name
+SERVICE_NAME = registration.SERVICE.full_name
+
+
+# A HoldLock stream holds its lock until the connection under it dies. A
+# killed client process closes its socket, which ends the stream at once; a
+# client whose host died, froze or was cut off is found by HTTP/2 keepalive:
+# ping every 20 s, drop the connection if no answer comes within 10 s. grpc
+# core (1.85) times a keepalive ping out after grpc.http2.ping_timeout_ms
+# (default 60 s), not after grpc.keepalive_timeout_ms, so both are set.
+# Clients may ping every 10 s (the default refuses more than one in 5 min).
+KEEPALIVE: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
 
 
 class StartupError(RuntimeError):
@@ -32,9 +47,10 @@ def build(
         # port would silently share it. Multi-worker mode asks for it itself.
         ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", settings.max_value_bytes + 1_048_576),
+        *KEEPALIVE,
     ]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_CacheCoordServiceServicer_to_server(servicer, server)
+    registration.add_to_server(servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

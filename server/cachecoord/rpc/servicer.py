@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
-from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
 
 from cachecoord.cache import Cache
+from cachecoord.coordination.hold import LockLost
 from cachecoord.coordination.locks import Locks
+from cachecoord.errors import InvalidArgument
 from cachecoord.model import Entry, Layer
-from cachecoord.rpc.status import rpc
+from cachecoord.rpc.status import rpc, stream_rpc
+from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
+from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -105,6 +108,28 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
         await self.locks.extend(request.name, request.token, request.ttl_ms)
         return pb.ExtendLockResponse()
 
+    # grpc.aio also accepts a coroutine that uses context.write() for a
+    # streaming method, which the generated signature does not describe. It
+    # keeps every await of the stream inside this coroutine, so that a lost
+    # lock can interrupt whichever it is waiting on.
+    @stream_rpc
+    async def HoldLock(  # type: ignore[override]
+        self, requests: AsyncIterator[pb.HoldLockRequest], context: Context
+    ) -> None:
+        acquire = await _first_acquire(requests)
+        try:
+            async with self.locks.hold(
+                acquire.name, acquire.ttl_ms, acquire.wait_timeout_ms
+            ) as grant:
+                acquired = pb.HoldLockResponse.Acquired(
+                    token=grant.token, fencing_token=grant.fencing_token
+                )
+                await context.write(pb.HoldLockResponse(acquired=acquired))
+                await _until_released(requests)
+        except LockLost:
+            await context.write(pb.HoldLockResponse(lost=pb.HoldLockResponse.Lost()))
+            raise
+
 
 def _entry(entry: Entry) -> pb.Entry:
     if entry.value is None:
@@ -118,3 +143,24 @@ def _entry(entry: Entry) -> pb.Entry:
         stale=entry.stale,
         ttl_ms=entry.ttl_ms,
     )
+
+
+async def _first_acquire(
+    requests: AsyncIterator[pb.HoldLockRequest],
+) -> pb.HoldLockRequest.Acquire:
+    first = await anext(requests, None)
+    if first is None or first.WhichOneof("kind") != "acquire":
+        raise InvalidArgument(
+            "the first HoldLock message must be `acquire` (name, ttl_ms, wait_timeout_ms)"
+        )
+    return first.acquire
+
+
+async def _until_released(requests: AsyncIterator[pb.HoldLockRequest]) -> None:
+    """Return when the client sends `release` or half-closes; keep-alives change nothing."""
+    async for request in requests:
+        kind = request.WhichOneof("kind")
+        if kind == "release":
+            return
+        if kind == "acquire":
+            raise InvalidArgument("HoldLock: `acquire` may only be the first message of the stream")

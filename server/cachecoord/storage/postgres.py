@@ -57,8 +57,11 @@ WITH bumped AS (
     INSERT INTO cachecoord.outbox (namespace, key, version, reason)
     SELECT %(ns)s, %(key)s, version, %(reason)s FROM bumped
     RETURNING id, version
+), writer AS (
+    -- Our own writes invalidate by themselves: the change triggers skip them.
+    SELECT set_config('cachecoord.writer', 'on', true)
 )
-SELECT id, version FROM queued
+SELECT id, version FROM queued, writer
 """
 
 
@@ -80,11 +83,27 @@ def create_pool(settings: PostgresSettings) -> AsyncConnectionPool[AsyncConnecti
 
 
 async def install_schema(pool: AsyncConnectionPool[AsyncConnection]) -> None:
+    """Create cachecoord's tables (see install_schema_on)."""
+    async with pool.connection() as conn:
+        await install_schema_on(conn)
+
+
+async def install_schema_on(conn: AsyncConnection) -> None:
     """Create cachecoord's tables; an advisory lock keeps instances starting at
     the same moment from racing on CREATE ... IF NOT EXISTS."""
-    async with pool.connection() as conn, conn.transaction():
+    async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('cachecoord.schema'))")
         await conn.execute(SCHEMA)
+
+
+_SKIP_IMPLICIT_VERSION = """
+WITH bumped AS (
+    UPDATE cachecoord.versions SET version = version + 1
+    WHERE namespace = %(ns)s AND key = %(key)s RETURNING version
+)
+UPDATE cachecoord.outbox o SET version = b.version FROM bumped b WHERE o.id = %(id)s
+RETURNING b.version
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +123,19 @@ async def record_write(
     row = await cur.fetchone()
     assert row is not None
     return RecordedWrite(outbox_id=row[0], version=row[1])
+
+
+async def skip_implicit_version(
+    conn: AsyncConnection, namespace: str, key: str, recorded: RecordedWrite
+) -> RecordedWrite:
+    """The key's row existed before cachecoord first versioned it, so it was
+    at the implicit version 1: the write gets version 2."""
+    cur = await conn.execute(
+        _SKIP_IMPLICIT_VERSION, {"ns": namespace, "key": key, "id": recorded.outbox_id}
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return RecordedWrite(outbox_id=recorded.outbox_id, version=row[0])
 
 
 @asynccontextmanager

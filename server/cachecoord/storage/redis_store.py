@@ -35,21 +35,43 @@ return redis.call('GET', value_key(KEYS[1], ARGV[1]))
 """
 )
 
+# A refresh must not replace a value newer than what it loaded, nor a
+# write-behind value not yet flushed (no TTL): PostgreSQL is behind it.
+_NEWER_CACHED = """
+local function newer_cached(key, envelope)
+  local current = redis.call('GET', key)
+  if not current then return false end
+  if redis.call('PTTL', key) == -1 then return true end
+  local cached = tonumber(string.match(current, '^(%d+):'))
+  return cached ~= nil and cached > tonumber(string.match(envelope, '^(%d+):'))
+end
+"""
+
 # Fill only while the reader's lease is still there: any write or invalidation
 # since the lease was granted deleted it (memcache leases, NSDI'13 3.2.1).
-FILL = """
+# The fill notice wakes readers on other instances waiting for this fill.
+FILL = (
+    _NEWER_CACHED
+    + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if newer_cached(KEYS[1], ARGV[2]) then redis.call('DEL', KEYS[2]) return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
 """
+)
 
 FILL_GENERATION = (
     _VALUE_KEY
+    + _NEWER_CACHED
     + """
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
-redis.call('SET', value_key(KEYS[1], ARGV[1]), ARGV[3], 'PX', ARGV[4])
+local target = value_key(KEYS[1], ARGV[1])
+if newer_cached(target, ARGV[3]) then redis.call('DEL', KEYS[2]) return 0 end
+redis.call('SET', target, ARGV[3], 'PX', ARGV[4])
 redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
 """
 )
@@ -169,14 +191,19 @@ class EntryStore:
         results = await pipe.execute()
         return {key: bool(ok) for key, ok in zip(tokens, results, strict=True)}
 
-    async def fill_many(self, fills: dict[str, tuple[str, bytes, int]]) -> dict[str, bool]:
-        """Store each ``key -> (lease token, envelope, px)`` if its lease still holds."""
+    async def fill_many(self, fills: dict[str, tuple[str, bytes, int, bytes]]) -> dict[str, bool]:
+        """Store each ``key -> (lease token, envelope, px, notice)`` if its lease
+        still holds, and publish the notice."""
         if not fills:
             return {}
         pipe = self.client.pipeline(transaction=False)
-        for key, (token, envelope, px) in fills.items():
+        for key, (token, envelope, px, notice) in fills.items():
             keys, args = self._entry_keys(key)
-            await self._fill(keys=keys, args=[*args, token, envelope, px], client=pipe)
+            await self._fill(
+                keys=keys,
+                args=[*args, token, envelope, px, self.keys.channel, notice],
+                client=pipe,
+            )
         results = await pipe.execute()
         return {key: bool(ok) for key, ok in zip(fills, results, strict=True)}
 

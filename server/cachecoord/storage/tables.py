@@ -188,9 +188,10 @@ class MappedTable:
     def prepare(self, key: str, value: bytes) -> str:
         try:
             row = json.loads(value)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (ValueError, RecursionError) as err:  # also bad UTF-8, digit limits
             raise InvalidArgument(
-                f"namespace {self.namespace!r} stores rows: the value must be a JSON object ({err})"
+                f"namespace {self.namespace!r} stores rows: the value must be a JSON object, "
+                f"and it is not valid JSON ({err})"
             ) from None
         if not isinstance(row, dict):
             raise InvalidArgument(
@@ -214,7 +215,10 @@ class MappedTable:
 
     async def load(self, conn: AsyncConnection, keys: Sequence[str]) -> dict[str, Row]:
         query = sql.SQL(
-            """SELECT k.key, row_to_json(t)::text, coalesce(v.version, 0)
+            # A row written by another program and never through cachecoord
+            # has the implicit version 1 (a first write through us makes it 2).
+            """SELECT k.key, row_to_json(t)::text,
+                      coalesce(v.version, CASE WHEN t.{key} IS NULL THEN 0 ELSE 1 END)
                FROM unnest(%(keys)s::text[]) AS k(key)
                LEFT JOIN {table} t ON t.{key} = k.key::{type}
                LEFT JOIN cachecoord.versions v ON v.namespace = %(ns)s AND v.key = k.key"""

@@ -1,40 +1,32 @@
-"""What every strategy shares: the read path and invalidation.
-
-Reads go Redis, then (on a miss) PostgreSQL under a *lease*: only the reader
-holding ``...:lease`` loads and fills, and its fill is a compare-and-set that
-fails if any write or invalidation happened since (they delete the lease).
-Concurrent misses in one instance share one load (single-flight); readers on
-other instances wait for the holder's fill, up to ``lease_wait``. If Redis is
-unreachable, reads are answered from PostgreSQL.
-"""
+"""What every strategy shares: the read path (reads.py), the write
+transaction, and invalidation."""
 
 from __future__ import annotations
 
 import abc
-import asyncio
 import logging
-import random
-import secrets
-import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from redis.exceptions import RedisError
 
 from cachecoord.config import NamespaceSettings
-from cachecoord.coordination.single_flight import SingleFlight
 from cachecoord.errors import Unavailable, VersionConflict
 from cachecoord.invalidation.messages import Invalidation
 from cachecoord.invalidation.outbox import Outbox
-from cachecoord.model import Deleted, Entry, Layer, Row
-from cachecoord.storage import envelope
-from cachecoord.storage.postgres import RecordedWrite, database_errors, record_write
+from cachecoord.model import Deleted, Entry
+from cachecoord.storage.postgres import (
+    RecordedWrite,
+    database_errors,
+    record_write,
+    skip_implicit_version,
+)
 from cachecoord.storage.redis_store import EntryStore
 from cachecoord.storage.tables import Table
+from cachecoord.strategies.reads import Reader
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +57,7 @@ class Strategy(abc.ABC):
         self.pool = backends.pool
         self.outbox = backends.outbox
         self.origin = backends.origin
-        self._loads: SingleFlight[str, Entry] = SingleFlight(f"load-{settings.name}")
+        self.reader = Reader(settings, table, store, backends.pool, origin=backends.origin)
 
     @classmethod
     def partitions(cls, settings: NamespaceSettings) -> int:
@@ -75,96 +67,30 @@ class Strategy(abc.ABC):
     # -- reads ---------------------------------------------------------------
 
     async def get(self, key: str) -> Entry:
-        try:
-            raw = await self.store.get(key)
-        except RedisError as err:
-            log.debug("redis get failed, reading PostgreSQL: %s", err)
-            return await self._load_uncached(key)
-        if raw is not None:
-            return _cached(key, raw)
-        return await self._loads.run(key, partial(self._miss, key))
+        return await self.reader.get(key)
 
     async def batch_get(self, keys: Sequence[str]) -> list[Entry]:
-        unique = list(dict.fromkeys(keys))
-        entries: dict[str, Entry] = {}
-        redis_up = True
-        try:
-            raws = await self.store.get_many(unique)
-        except RedisError:
-            raws, redis_up = [None] * len(unique), False
-        misses = []
-        for key, raw in zip(unique, raws, strict=True):
-            if raw is None:
-                misses.append(key)
-            else:
-                entries[key] = _cached(key, raw)
-        if misses:
-            entries.update(await self._load_misses(misses, redis_up))
-        return [entries[key] for key in keys]
+        return await self.reader.batch_get(keys)
 
-    async def _miss(self, key: str) -> Entry:
-        entries = await self._load_misses([key], redis_up=True)
-        return entries[key]
+    def on_message(self, message: Invalidation) -> None:
+        """A message of this namespace's channel, from any instance."""
+        if message.reason == "fill":
+            # Not a change: the filled version is the current one.
+            if message.key is not None:
+                self.reader.on_fill(message.key)
+        elif self.reader.near is not None:
+            self.reader.near.invalidate(message.key, message.version)
 
-    async def _load_misses(self, keys: list[str], redis_up: bool) -> dict[str, Entry]:
-        """One SQL query for all *keys*; fill those whose lease this reader got.
-        Keys leased by another reader are waited for first (single key only)."""
-        tokens = {key: secrets.token_hex(8) for key in keys}
-        leased: dict[str, bool] = {}
-        if redis_up:
-            with suppress(RedisError):
-                leased = await self.store.take_leases(tokens, self.settings.lease)
-        if len(keys) == 1 and redis_up and leased and not leased[keys[0]]:
-            filled = await self._await_fill(keys[0])
-            if filled is not None:
-                return {keys[0]: filled}
-        rows, load_ms = await self._load(keys)
-        entries, fills = {}, {}
-        for key in keys:
-            entry, stored, px = self._fresh(key, rows[key], load_ms)
-            entries[key] = entry
-            if leased.get(key):
-                fills[key] = (tokens[key], stored, px)
-        try:
-            await self.store.fill_many(fills)
-        except RedisError as err:
-            log.debug("fill failed: %s", err)
-        return entries
+    def changed_here(self, key: str | None, version: int) -> None:
+        """This instance changed *key*: forget it locally now, not when our own
+        message comes back, so a Get right after a Put here sees the Put."""
+        if self.reader.near is not None:
+            self.reader.near.invalidate(key, version)
 
-    async def _await_fill(self, key: str) -> Entry | None:
-        """Wait up to lease_wait for the lease holder's fill to appear."""
-        deadline = time.monotonic() + self.settings.lease_wait / 1000
-        delay = 0.002
-        while time.monotonic() < deadline:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _MAX_POLL)
-            try:
-                raw = await self.store.get(key)
-            except RedisError:
-                return None
-            if raw is not None:
-                return _cached(key, raw)
-        return None
-
-    async def _load_uncached(self, key: str) -> Entry:
-        rows, _ = await self._load([key])
-        row = rows[key]
-        return Entry(key, row.value, row.version, Layer.DATABASE)
-
-    async def _load(self, keys: Sequence[str]) -> tuple[dict[str, Row], int]:
-        started = time.monotonic()
-        async with database_errors(), self.pool.connection() as conn:
-            rows = await self.table.load(conn, keys)
-        return rows, round((time.monotonic() - started) * 1000)
-
-    def _fresh(
-        self, key: str, row: Row, load_ms: int, ttl_ms: int | None = None
-    ) -> tuple[Entry, bytes, int]:
-        """The entry for a row just read or written, its envelope and Redis PX."""
-        ttl: int = self.settings.negative_ttl if row.value is None else ttl_ms or self.settings.ttl
-        ttl = max(1, round(ttl * (1 + self.settings.ttl_jitter * (2 * random.random() - 1))))
-        stored = envelope.encode(row.version, _now_ms() + ttl, load_ms, row.value)
-        return Entry(key, row.value, row.version, Layer.DATABASE, ttl_ms=ttl), stored, ttl
+    def on_reset(self) -> None:
+        """Messages may have been missed: nothing held locally can be trusted."""
+        if self.reader.near is not None:
+            self.reader.near.flush()
 
     # -- writes --------------------------------------------------------------
 
@@ -187,10 +113,16 @@ class Strategy(abc.ABC):
         the key's version row lock until commit, so the check cannot race)."""
         async with database_errors(), self.pool.connection() as conn, conn.transaction():
             recorded = await record_write(conn, self.name, key, reason, floor)
+            exists: bool | None = None
+            if recorded.version == 1 and self.table.merges_rows:
+                exists = await self.table.exists(conn, key)
+                if exists:
+                    recorded = await skip_implicit_version(conn, self.name, key, recorded)
             if expected_version is not None:
                 assert floor == 0, "compare-and-set needs versions that step by one"
-                previous = recorded.version - 1
-                current = previous if await self.table.exists(conn, key) else 0
+                if exists is None:
+                    exists = await self.table.exists(conn, key)
+                current = recorded.version - 1 if exists else 0
                 if current != expected_version:
                     raise VersionConflict(key, expected_version, current)
             yield conn, recorded
@@ -202,23 +134,16 @@ class Strategy(abc.ABC):
 
     async def invalidate(self, keys: Sequence[str]) -> int:
         messages = {key: self.message(key, 0, "invalidate") for key in keys}
+        for key in keys:
+            self.changed_here(key, 0)
         try:
             return await self.store.invalidate(messages)
         except RedisError as err:
             raise Unavailable(f"Redis is unavailable, nothing was invalidated: {err}") from err
 
     async def invalidate_all(self) -> int:
+        self.changed_here(None, 0)
         try:
             return await self.store.drop_namespace(self.message(None, 0, "invalidate"))
         except RedisError as err:
             raise Unavailable(f"Redis is unavailable, nothing was invalidated: {err}") from err
-
-
-def _cached(key: str, raw: bytes) -> Entry:
-    cached = envelope.decode(raw)
-    ttl_ms = max(0, cached.fresh_until_ms - _now_ms())
-    return Entry(key, cached.value, cached.version, Layer.REDIS, ttl_ms=ttl_ms)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000

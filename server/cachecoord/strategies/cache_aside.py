@@ -38,6 +38,7 @@ class CacheAside(Strategy):
         self, key: str, recorded: RecordedWrite, stored: bytes | None, ttl_ms: int | None
     ) -> None:
         """Bring Redis up to date with a committed write (here: drop the entry)."""
+        self.changed_here(key, recorded.version)
         reason = "put" if stored is not None else "delete"
         try:
             await self.store.invalidate({key: self.message(key, recorded.version, reason)})

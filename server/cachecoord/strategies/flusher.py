@@ -51,12 +51,29 @@ end
 return 0
 """
 
+# A dead-lettered write never reaches PostgreSQL: drop its cached value (if it
+# is still the cached one), so reads serve what PostgreSQL holds.
+DISCARD = """
+local current = redis.call('GET', KEYS[1])
+if current and string.match(current, '^(%d+):') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
 _ADVANCE = """
-INSERT INTO cachecoord.versions AS v (namespace, key, version)
-SELECT %(ns)s, k, ver FROM unnest(%(keys)s::text[], %(versions)s::bigint[]) AS u(k, ver)
-ON CONFLICT (namespace, key) DO UPDATE SET version = EXCLUDED.version
-WHERE v.version < EXCLUDED.version
-RETURNING key
+WITH advanced AS (
+    INSERT INTO cachecoord.versions AS v (namespace, key, version)
+    SELECT %(ns)s, k, ver FROM unnest(%(keys)s::text[], %(versions)s::bigint[]) AS u(k, ver)
+    ON CONFLICT (namespace, key) DO UPDATE SET version = EXCLUDED.version
+    WHERE v.version < EXCLUDED.version
+    RETURNING key
+), writer AS (
+    SELECT set_config('cachecoord.writer', 'on', true)  -- see invalidation/triggers.py
+)
+SELECT key FROM advanced, writer
 """
 
 # Errors that say "this entry is wrong", as opposed to "PostgreSQL is down".
@@ -97,6 +114,7 @@ class Flusher:
         self._keys = strategy.store.keys
         self._consumer = consumer
         self._settle = self._client.register_script(SETTLE)
+        self._discard = self._client.register_script(DISCARD)
         self._errors_key = f"cc:wb:{{{strategy.name}}}:errors"
         self._task: asyncio.Task[None] | None = None
         self._draining = False
@@ -105,6 +123,7 @@ class Flusher:
         """Rows written to PostgreSQL so far (coalesced writes count once)."""
 
     async def open(self) -> None:
+        self._draining = False
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"flusher-{self._ns.name}")
 
@@ -125,8 +144,10 @@ class Flusher:
 
     async def _run(self) -> None:
         backoff = 0.1
+        interval = self._settings.flush_interval / 1000
         while True:
             try:
+                started = time.monotonic()
                 batch = await self._next_batch()
                 if not batch:
                     if self._draining:
@@ -134,6 +155,10 @@ class Flusher:
                     continue
                 await self._flush(batch)
                 backoff = 0.1
+                if len(batch) < self._settings.flush_batch and not self._draining:
+                    # Let writes gather for a whole interval: Puts to one key
+                    # within it become one row write (coalescing).
+                    await asyncio.sleep(max(0.0, started + interval - time.monotonic()))
             except (RedisError, OSError, psycopg.OperationalError, psycopg.InterfaceError) as err:
                 log.warning("write-behind %s: flush deferred (%s)", self._ns.name, err)
                 if self._draining:
@@ -232,6 +257,10 @@ class Flusher:
             },
         )
         await self._acknowledge([entry])
+        await self._discard(
+            keys=[self._keys.value(entry.key)],
+            args=[entry.version, self._keys.channel, self._ns.message(entry.key, 0, "invalidate")],
+        )
         log.error(
             "write-behind %s: key %r version %d dead-lettered after %d attempts: %s",
             self._ns.name,

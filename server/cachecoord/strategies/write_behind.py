@@ -104,6 +104,7 @@ class WriteBehind(WriteThrough):
                     raise VersionConflict(key, expected, current.version if current.found else 0)
             status, version = await self._run_write(key, payload, kind, reason, expected, ttl_ms)
             if status == 1:
+                self.changed_here(key, version)
                 await self._wait_replicas()
                 return version
             if status == 0:

@@ -22,7 +22,10 @@ class WriteThrough(CacheAside):
     async def after_commit(
         self, key: str, recorded: RecordedWrite, stored: bytes | None, ttl_ms: int | None
     ) -> None:
-        _, cached, px = self._fresh(key, Row(stored, recorded.version), load_ms=0, ttl_ms=ttl_ms)
+        self.changed_here(key, recorded.version)
+        _, cached, px = self.reader.fresh(
+            key, Row(stored, recorded.version), load_ms=0, ttl_ms=ttl_ms
+        )
         reason = "put" if stored is not None else "delete"
         try:
             await self.store.store(

@@ -10,6 +10,9 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import grpc
+
+from cachecoord_client.errors import CacheCoordError, LockLost, from_rpc_error
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
 from cachecoord_client.types import Deleted, Entry, Layer, Lock, Value
 
@@ -121,6 +124,12 @@ def extend_lock_request(name: str, token: str, ttl_ms: int) -> pb.ExtendLockRequ
     return pb.ExtendLockRequest(name=name, token=token, ttl_ms=ttl_ms)
 
 
+def hold_lock_acquire(name: str, ttl_ms: int, wait_timeout_ms: int) -> pb.HoldLockRequest:
+    """Build the first message of a HoldLock stream."""
+    acquire = pb.HoldLockRequest.Acquire(name=name, ttl_ms=ttl_ms, wait_timeout_ms=wait_timeout_ms)
+    return pb.HoldLockRequest(acquire=acquire)
+
+
 # Responses.
 
 
@@ -177,3 +186,32 @@ def to_invalidated(response: pb.InvalidateResponse) -> int:
 def to_lock(name: str, response: pb.AcquireLockResponse) -> Lock:
     """Convert an AcquireLockResponse for lock ``name``."""
     return Lock(name=name, token=response.token, fencing_token=response.fencing_token)
+
+
+def to_held_lock(name: str, response: pb.HoldLockResponse) -> Lock:
+    """Convert the first event of a HoldLock stream, which must be ``acquired``."""
+    if response.WhichOneof("kind") != "acquired":
+        raise CacheCoordError(
+            f"HoldLock for {name!r}: the server sent {response.WhichOneof('kind')!r} "
+            "instead of `acquired`",
+            code=grpc.StatusCode.INTERNAL,
+        )
+    acquired = response.acquired
+    return Lock(name=name, token=acquired.token, fencing_token=acquired.fencing_token)
+
+
+def is_lost(response: pb.HoldLockResponse) -> bool:
+    """Whether a HoldLock event says the lock was lost."""
+    return response.WhichOneof("kind") == "lost"
+
+
+def hold_error(name: str, err: grpc.RpcError, lost: bool) -> CacheCoordError:
+    """Translate the error that ended a HoldLock stream after the lock was acquired.
+
+    ABORTED there can only mean that the lock was lost (the server sends
+    ``lost`` first, unless the client stopped reading).
+    """
+    error = from_rpc_error(err)
+    if lost or error.code is grpc.StatusCode.ABORTED:
+        return LockLost(error.details or f"lock {name!r} was lost while held")
+    return error

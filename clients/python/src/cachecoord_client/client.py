@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
@@ -15,7 +16,8 @@ import grpc
 import grpc.aio
 
 from cachecoord_client import _convert
-from cachecoord_client.errors import from_rpc_error
+from cachecoord_client.errors import CacheCoordError, DeadlineExceeded, from_rpc_error
+from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc
 from cachecoord_client.types import Deleted, Entry, Lock, Value
 
@@ -28,6 +30,7 @@ __all__ = ["AsyncClient"]
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
+_HoldCall = grpc.aio.StreamStreamCall[pb.HoldLockRequest, pb.HoldLockResponse]
 
 
 class AsyncClient:
@@ -356,3 +359,109 @@ class AsyncClient:
         request = _convert.extend_lock_request(name, token, ttl_ms)
         timeout = _convert.deadline(timeout, self._default_timeout)
         await self._call(self._stub.ExtendLock, request, timeout)
+
+    @contextlib.asynccontextmanager
+    async def hold_lock(
+        self,
+        name: str,
+        *,
+        ttl_ms: int,
+        wait_timeout_ms: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Lock]:
+        """Hold a distributed lock for the duration of an ``async with`` block.
+
+        The lock is held by a HoldLock stream: the server renews it while the
+        block runs and releases it when the block exits, or as soon as this
+        process dies or its connection breaks, so a crashed holder does not
+        keep others waiting for a whole TTL.
+
+        A block that ends normally releases the lock and waits for the
+        server's confirmation; a block that raises (or is cancelled) cancels
+        the stream, the server releases the lock at once, and the block's
+        exception propagates.
+
+        Example:
+            >>> async with client.hold_lock("report", ttl_ms=30_000) as lock:  # doctest: +SKIP
+            ...     await write_report(fencing_token=lock.fencing_token)
+
+        Args:
+            name: Lock name.
+            ttl_ms: Time to live of the lock (1 to 86400000 ms). The server
+                renews it every third of this, so it only matters when the
+                server itself stops: the lock then expires after it.
+            wait_timeout_ms: How long to wait for a held lock; 0 fails at once.
+            timeout: Deadline in seconds to take the lock, and again to release
+                it; None uses ``wait_timeout_ms / 1000 + default_timeout`` to
+                take it and ``default_timeout`` to release it. Holding it has
+                no deadline.
+
+        Yields:
+            The lock, with its token and fencing token.
+
+        Raises:
+            LockNotAcquired: The lock is still held by someone else.
+            LockLost: On leaving the block: the lock was lost while the block
+                ran (its renewal failed), so the block's work may not have
+                been exclusive.
+            DeadlineExceeded: The lock was not taken, or its release not
+                confirmed, within ``timeout``.
+            CacheCoordError: Any other failure.
+        """
+        # No request iterator: this side writes its requests with call.write().
+        call: _HoldCall = self._stub.HoldLock(None, metadata=self._metadata)
+        try:
+            take = _convert.lock_deadline(timeout, self._default_timeout, wait_timeout_ms)
+            request = _convert.hold_lock_acquire(name, ttl_ms, wait_timeout_ms)
+            yield await _take_held(call, name, request, take)
+            await _release_held(call, name, _convert.deadline(timeout, self._default_timeout))
+        finally:
+            # grpc.aio never cancels a call that is merely dropped (grpc
+            # #43462: it is never garbage-collected), so the stream, and the
+            # lock, would live until the channel closes. No-op once it ended.
+            call.cancel()
+
+
+async def _take_held(
+    call: _HoldCall, name: str, request: pb.HoldLockRequest, seconds: float
+) -> Lock:
+    """Send the HoldLock request and wait up to *seconds* for ``acquired``."""
+    try:
+        async with asyncio.timeout(seconds):
+            with contextlib.suppress(asyncio.InvalidStateError):  # ended already: read says why
+                await call.write(request)
+            response = await call.read()
+    except TimeoutError:
+        raise DeadlineExceeded(f"lock {name!r} was not acquired within {seconds:.3f} s") from None
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from err
+    if not isinstance(response, pb.HoldLockResponse):
+        raise CacheCoordError(
+            f"HoldLock for {name!r} ended before the lock was acquired",
+            code=grpc.StatusCode.INTERNAL,
+        )
+    return _convert.to_held_lock(name, response)
+
+
+async def _release_held(call: _HoldCall, name: str, seconds: float) -> None:
+    """Half-close the stream, which releases the lock, and wait for its end.
+
+    The stream ends OK only if the lock was held until released; a ``lost``
+    event or ABORTED means it was lost while held.
+    """
+    lost = False
+    try:
+        async with asyncio.timeout(seconds):
+            # Half-closing releases the lock, as a `release` message does. A
+            # write would race with the server ending the stream (a lost lock),
+            # and grpc.aio answers a write to an ended stream by replacing the
+            # server's status with a local INTERNAL: the ABORTED would be lost.
+            await call.done_writing()
+            while isinstance(response := await call.read(), pb.HoldLockResponse):
+                lost = lost or _convert.is_lost(response)
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"the release of lock {name!r} was not confirmed within {seconds:.3f} s"
+        ) from None
+    except grpc.RpcError as err:
+        raise _convert.hold_error(name, err, lost) from err

@@ -17,6 +17,7 @@ __all__ = [
     "CacheCoordError",
     "DeadlineExceeded",
     "InvalidArgument",
+    "LockLost",
     "LockNotAcquired",
     "NamespaceNotFound",
     "PermissionDenied",
@@ -76,6 +77,15 @@ class LockNotAcquired(CacheCoordError):
     """The lock is held by someone else, or the token no longer holds it (ABORTED)."""
 
     default_code = grpc.StatusCode.ABORTED
+
+
+class LockLost(LockNotAcquired):
+    """A lock held with ``hold_lock`` was lost while held (ABORTED).
+
+    Its renewal failed (Redis lost it, or was unreachable for a whole TTL),
+    so another client may have held it meanwhile: the work done under it was
+    not exclusive. The fencing token is what protects the resource then.
+    """
 
 
 class QueueFull(CacheCoordError):

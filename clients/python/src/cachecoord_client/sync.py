@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 import grpc
 
 from cachecoord_client import _convert
-from cachecoord_client.errors import from_rpc_error
+from cachecoord_client.errors import CacheCoordError, DeadlineExceeded, from_rpc_error
+from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc
 from cachecoord_client.types import Deleted, Entry, Lock, Value
 
@@ -17,6 +20,12 @@ __all__ = ["Client"]
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
+
+
+class _Cancellable(Protocol):
+    """A running call (grpc-stubs leaves ``grpc.Call.cancel`` untyped)."""
+
+    def cancel(self) -> bool: ...
 
 
 class Client:
@@ -334,3 +343,134 @@ class Client:
         request = _convert.extend_lock_request(name, token, ttl_ms)
         timeout = _convert.deadline(timeout, self._default_timeout)
         self._call(self._stub.ExtendLock, request, timeout)
+
+    @contextlib.contextmanager
+    def hold_lock(
+        self,
+        name: str,
+        *,
+        ttl_ms: int,
+        wait_timeout_ms: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[Lock]:
+        """Hold a distributed lock for the duration of a ``with`` block.
+
+        The lock is held by a HoldLock stream: the server renews it while the
+        block runs and releases it when the block exits, or as soon as this
+        process dies or its connection breaks, so a crashed holder does not
+        keep others waiting for a whole TTL.
+
+        A block that ends normally releases the lock and waits for the
+        server's confirmation; a block that raises cancels the stream, the
+        server releases the lock at once, and the block's exception propagates.
+
+        Example:
+            >>> with client.hold_lock("report", ttl_ms=30_000) as lock:  # doctest: +SKIP
+            ...     write_report(fencing_token=lock.fencing_token)
+
+        Args:
+            name: Lock name.
+            ttl_ms: Time to live of the lock (1 to 86400000 ms). The server
+                renews it every third of this, so it only matters when the
+                server itself stops: the lock then expires after it.
+            wait_timeout_ms: How long to wait for a held lock; 0 fails at once.
+            timeout: Deadline in seconds to take the lock, and again to release
+                it; None uses ``wait_timeout_ms / 1000 + default_timeout`` to
+                take it and ``default_timeout`` to release it. Holding it has
+                no deadline.
+
+        Yields:
+            The lock, with its token and fencing token.
+
+        Raises:
+            LockNotAcquired: The lock is still held by someone else.
+            LockLost: On leaving the block: the lock was lost while the block
+                ran (its renewal failed), so the block's work may not have
+                been exclusive.
+            DeadlineExceeded: The lock was not taken, or its release not
+                confirmed, within ``timeout``.
+            CacheCoordError: Any other failure.
+        """
+        letting_go = threading.Event()
+        request = _convert.hold_lock_acquire(name, ttl_ms, wait_timeout_ms)
+        stream = self._stub.HoldLock(_held_requests(request, letting_go), metadata=self._metadata)
+        call: _Cancellable = stream
+        responses = iter(stream)
+        try:
+            take = _convert.lock_deadline(timeout, self._default_timeout, wait_timeout_ms)
+            yield _take_held(call, responses, name, take)
+            letting_go.set()
+            _confirm_release(
+                call, responses, name, _convert.deadline(timeout, self._default_timeout)
+            )
+        finally:
+            call.cancel()  # no-op once the stream ended
+            letting_go.set()  # frees the thread that grpc runs _held_requests in
+
+
+def _held_requests(
+    acquire: pb.HoldLockRequest, letting_go: threading.Event
+) -> Iterator[pb.HoldLockRequest]:
+    """The request stream: acquire, then a half-close (the release) once *letting_go* is set."""
+    yield acquire
+    letting_go.wait()
+
+
+@contextlib.contextmanager
+def _cancel_after(call: _Cancellable, seconds: float) -> Iterator[threading.Event]:
+    """Cancel *call* if the block runs longer than *seconds*; the event says whether it did."""
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        call.cancel()
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield expired
+    finally:
+        timer.cancel()
+
+
+def _take_held(
+    call: _Cancellable, responses: Iterator[pb.HoldLockResponse], name: str, seconds: float
+) -> Lock:
+    """Wait up to *seconds* for the ``acquired`` event."""
+    with _cancel_after(call, seconds) as expired:
+        try:
+            response = next(responses, None)
+        except grpc.RpcError as err:
+            if expired.is_set():
+                raise DeadlineExceeded(
+                    f"lock {name!r} was not acquired within {seconds:.3f} s"
+                ) from err
+            raise from_rpc_error(err) from err
+    if response is None:
+        raise CacheCoordError(
+            f"HoldLock for {name!r} ended before the lock was acquired",
+            code=grpc.StatusCode.INTERNAL,
+        )
+    return _convert.to_held_lock(name, response)
+
+
+def _confirm_release(
+    call: _Cancellable, responses: Iterator[pb.HoldLockResponse], name: str, seconds: float
+) -> None:
+    """Wait up to *seconds* for the stream's end after the release was sent.
+
+    The stream ends OK only if the lock was held until released; a ``lost``
+    event or ABORTED means it was lost while held.
+    """
+    lost = False
+    with _cancel_after(call, seconds) as expired:
+        try:
+            for response in responses:
+                lost = lost or _convert.is_lost(response)
+        except grpc.RpcError as err:
+            if expired.is_set():
+                raise DeadlineExceeded(
+                    f"the release of lock {name!r} was not confirmed within {seconds:.3f} s"
+                ) from err
+            raise _convert.hold_error(name, err, lost) from err

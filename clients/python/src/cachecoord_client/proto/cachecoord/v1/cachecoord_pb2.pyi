@@ -560,3 +560,186 @@ class ExtendLockResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExtendLockResponse: _TypeAlias = ExtendLockResponse  # noqa: Y015
+
+@_typing.final
+class HoldLockRequest(_message.Message):
+    """HoldLockRequest is one message of a HoldLock request stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Acquire(_message.Message):
+        """Acquire names the lock to hold."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        NAME_FIELD_NUMBER: _builtins.int
+        TTL_MS_FIELD_NUMBER: _builtins.int
+        WAIT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+        name: _builtins.str
+        """Lock name (1 to 512 bytes of UTF-8)."""
+        ttl_ms: _builtins.int
+        """Time to live of the lock in milliseconds (1 to 86400000). The server
+        renews the lock every ttl_ms / 3 while the stream is open, so the TTL
+        only matters when the server itself stops (the lock then expires).
+        """
+        wait_timeout_ms: _builtins.int
+        """How long to wait for a held lock, in milliseconds; 0 fails at once
+        with ABORTED if the lock is held.
+        """
+        def __init__(
+            self,
+            *,
+            name: _builtins.str = ...,
+            ttl_ms: _builtins.int = ...,
+            wait_timeout_ms: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "ttl_ms", b"ttl_ms", "wait_timeout_ms", b"wait_timeout_ms"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class KeepAlive(_message.Message):
+        """KeepAlive does nothing. A client may send it to keep traffic on the
+        stream through proxies that end streams that stay silent for a while.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        def __init__(
+            self,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Release(_message.Message):
+        """Release asks the server to release the lock now and end the stream, as
+        half-closing the stream does. Half-closing is the safer of the two: a
+        write that crosses the server's end of the stream (a lost lock) fails in
+        some gRPC libraries, grpc.aio among them, and hides the stream's status.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        def __init__(
+            self,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ACQUIRE_FIELD_NUMBER: _builtins.int
+    KEEP_ALIVE_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def acquire(self) -> Global___HoldLockRequest.Acquire:
+        """The first message of the stream, and only the first."""
+
+    @_builtins.property
+    def keep_alive(self) -> Global___HoldLockRequest.KeepAlive:
+        """Any later message: nothing to do."""
+
+    @_builtins.property
+    def release(self) -> Global___HoldLockRequest.Release:
+        """Any later message: release the lock and end the stream."""
+
+    def __init__(
+        self,
+        *,
+        acquire: Global___HoldLockRequest.Acquire | None = ...,
+        keep_alive: Global___HoldLockRequest.KeepAlive | None = ...,
+        release: Global___HoldLockRequest.Release | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "keep_alive", b"keep_alive", "kind", b"kind", "release", b"release"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "keep_alive", b"keep_alive", "kind", b"kind", "release", b"release"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["acquire", "keep_alive", "release"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___HoldLockRequest: _TypeAlias = HoldLockRequest  # noqa: Y015
+
+@_typing.final
+class HoldLockResponse(_message.Message):
+    """HoldLockResponse is one event of a HoldLock response stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Acquired(_message.Message):
+        """Acquired says that the stream now holds the lock."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        TOKEN_FIELD_NUMBER: _builtins.int
+        FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+        token: _builtins.str
+        """Opaque token of this holder; ReleaseLock and ExtendLock accept it too."""
+        fencing_token: _builtins.int
+        """Strictly increasing number per lock name, also across Redis restarts;
+        pass it to the protected resource so it can reject stale holders.
+        """
+        def __init__(
+            self,
+            *,
+            token: _builtins.str = ...,
+            fencing_token: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "token", b"token"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Lost(_message.Message):
+        """Lost says that the lock is no longer held by this stream: its renewal
+        found another holder or no lock, or Redis was unreachable for a whole
+        TTL. The stream then ends with ABORTED; stop using the resource.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        def __init__(
+            self,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ACQUIRED_FIELD_NUMBER: _builtins.int
+    LOST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def acquired(self) -> Global___HoldLockResponse.Acquired:
+        """Sent once, when the lock is taken."""
+
+    @_builtins.property
+    def lost(self) -> Global___HoldLockResponse.Lost:
+        """Sent at most once, last, when the lock was lost while held."""
+
+    def __init__(
+        self,
+        *,
+        acquired: Global___HoldLockResponse.Acquired | None = ...,
+        lost: Global___HoldLockResponse.Lost | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquired", b"acquired", "kind", b"kind", "lost", b"lost"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquired", b"acquired", "kind", b"kind", "lost", b"lost"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["acquired", "lost"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___HoldLockResponse: _TypeAlias = HoldLockResponse  # noqa: Y015

@@ -75,6 +75,11 @@ class CacheCoordServiceStub:
                 request_serializer=cachecoord_dot_v1_dot_cachecoord__pb2.ExtendLockRequest.SerializeToString,
                 response_deserializer=cachecoord_dot_v1_dot_cachecoord__pb2.ExtendLockResponse.FromString,
                 _registered_method=True)
+        self.HoldLock = channel.stream_stream(
+                '/cachecoord.v1.CacheCoordService/HoldLock',
+                request_serializer=cachecoord_dot_v1_dot_cachecoord__pb2.HoldLockRequest.SerializeToString,
+                response_deserializer=cachecoord_dot_v1_dot_cachecoord__pb2.HoldLockResponse.FromString,
+                _registered_method=True)
 
 
 class CacheCoordServiceServicer:
@@ -143,6 +148,21 @@ class CacheCoordServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HoldLock(self, request_iterator, context):
+        """HoldLock takes a lock and holds it for as long as the stream is open: the
+        server renews it every third of its TTL and releases it as soon as the
+        client sends `release`, half-closes, cancels, or its connection dies, so
+        a killed client frees the lock at once instead of after the TTL.
+        The first request must be `acquire`. The server answers `acquired`, or
+        ends the stream with ABORTED when the lock stays held for
+        wait_timeout_ms. If the lock is lost while held (its renewal failed), the
+        server sends `lost` and ends the stream with ABORTED. The stream ends OK
+        only when the lock was held until it was released.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheCoordServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +205,11 @@ def add_CacheCoordServiceServicer_to_server(servicer, server):
                     servicer.ExtendLock,
                     request_deserializer=cachecoord_dot_v1_dot_cachecoord__pb2.ExtendLockRequest.FromString,
                     response_serializer=cachecoord_dot_v1_dot_cachecoord__pb2.ExtendLockResponse.SerializeToString,
+            ),
+            'HoldLock': grpc.stream_stream_rpc_method_handler(
+                    servicer.HoldLock,
+                    request_deserializer=cachecoord_dot_v1_dot_cachecoord__pb2.HoldLockRequest.FromString,
+                    response_serializer=cachecoord_dot_v1_dot_cachecoord__pb2.HoldLockResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -404,6 +429,33 @@ class CacheCoordService:
             '/cachecoord.v1.CacheCoordService/ExtendLock',
             cachecoord_dot_v1_dot_cachecoord__pb2.ExtendLockRequest.SerializeToString,
             cachecoord_dot_v1_dot_cachecoord__pb2.ExtendLockResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HoldLock(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cachecoord.v1.CacheCoordService/HoldLock',
+            cachecoord_dot_v1_dot_cachecoord__pb2.HoldLockRequest.SerializeToString,
+            cachecoord_dot_v1_dot_cachecoord__pb2.HoldLockResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,17 @@ class CacheCoordServiceStub:
     """ExtendLock resets a held lock's time to live; only the holder's token can
     extend it.
     """
+    HoldLock: _grpc.StreamStreamMultiCallable[_cachecoord_pb2.HoldLockRequest, _cachecoord_pb2.HoldLockResponse]
+    """HoldLock takes a lock and holds it for as long as the stream is open: the
+    server renews it every third of its TTL and releases it as soon as the
+    client sends `release`, half-closes, cancels, or its connection dies, so
+    a killed client frees the lock at once instead of after the TTL.
+    The first request must be `acquire`. The server answers `acquired`, or
+    ends the stream with ABORTED when the lock stays held for
+    wait_timeout_ms. If the lock is lost while held (its renewal failed), the
+    server sends `lost` and ends the stream with ABORTED. The stream ends OK
+    only when the lock was held until it was released.
+    """
 
 @_typing.type_check_only
 class CacheCoordServiceAsyncStub(CacheCoordServiceStub):
@@ -95,6 +106,17 @@ class CacheCoordServiceAsyncStub(CacheCoordServiceStub):
     ExtendLock: _aio.UnaryUnaryMultiCallable[_cachecoord_pb2.ExtendLockRequest, _cachecoord_pb2.ExtendLockResponse]  # type: ignore[assignment]
     """ExtendLock resets a held lock's time to live; only the holder's token can
     extend it.
+    """
+    HoldLock: _aio.StreamStreamMultiCallable[_cachecoord_pb2.HoldLockRequest, _cachecoord_pb2.HoldLockResponse]  # type: ignore[assignment]
+    """HoldLock takes a lock and holds it for as long as the stream is open: the
+    server renews it every third of its TTL and releases it as soon as the
+    client sends `release`, half-closes, cancels, or its connection dies, so
+    a killed client frees the lock at once instead of after the TTL.
+    The first request must be `acquire`. The server answers `acquired`, or
+    ends the stream with ABORTED when the lock stays held for
+    wait_timeout_ms. If the lock is lost while held (its renewal failed), the
+    server sends `lost` and ends the stream with ABORTED. The stream ends OK
+    only when the lock was held until it was released.
     """
 
 class CacheCoordServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -173,6 +195,23 @@ class CacheCoordServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_cachecoord_pb2.ExtendLockResponse, _abc.Awaitable[_cachecoord_pb2.ExtendLockResponse]]:
         """ExtendLock resets a held lock's time to live; only the holder's token can
         extend it.
+        """
+
+    @_abc_1.abstractmethod
+    def HoldLock(
+        self,
+        request_iterator: _MaybeAsyncIterator[_cachecoord_pb2.HoldLockRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_cachecoord_pb2.HoldLockResponse], _abc.AsyncIterator[_cachecoord_pb2.HoldLockResponse]]:
+        """HoldLock takes a lock and holds it for as long as the stream is open: the
+        server renews it every third of its TTL and releases it as soon as the
+        client sends `release`, half-closes, cancels, or its connection dies, so
+        a killed client frees the lock at once instead of after the TTL.
+        The first request must be `acquire`. The server answers `acquired`, or
+        ends the stream with ABORTED when the lock stays held for
+        wait_timeout_ms. If the lock is lost while held (its renewal failed), the
+        server sends `lost` and ends the stream with ABORTED. The stream ends OK
+        only when the lock was held until it was released.
         """
 
 def add_CacheCoordServiceServicer_to_server(servicer: CacheCoordServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

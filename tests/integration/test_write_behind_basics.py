@@ -1,7 +1,9 @@
 import asyncio
 import json
+from collections.abc import Callable
 
 import psycopg
+
 from cachecoord_client import AsyncClient, Layer
 from local_servers import PostgresServer
 
@@ -13,10 +15,11 @@ async def row_of(dsn: str, key: str) -> tuple[bytes, int] | None:
             "USING (namespace, key) WHERE namespace = 'queued' AND key = %s",
             (key,),
         )
-        return await cur.fetchone()  # type: ignore[return-value]
+        row = await cur.fetchone()
+        return None if row is None else (bytes(row[0]), int(row[1]))
 
 
-async def test_put_is_cached_then_flushed(
+async def test_write_behind_put_is_cached_at_once_then_flushed(
     client: AsyncClient, key: str, postgres_server: PostgresServer
 ) -> None:
     version = await client.put("queued", key, b"v1")
@@ -29,7 +32,9 @@ async def test_put_is_cached_then_flushed(
     assert await row_of(postgres_server.dsn, key) == (b"v1", version)
 
 
-async def test_mapped_partial_put_merges(client: AsyncClient, new_user_id) -> None:
+async def test_write_behind_partial_row_put_merges_into_the_current_row(
+    client: AsyncClient, new_user_id: Callable[[], str]
+) -> None:
     user = new_user_id()
     await client.put("profiles", user, json.dumps({"name": "A", "score": 1}).encode())
     await client.put("profiles", user, json.dumps({"score": 2}).encode())

@@ -1,0 +1,80 @@
+"""The seed article's cache-aside, the baseline of the stampede benchmark.
+
+``getUserProfile``: GET from Redis; on a miss, SELECT from PostgreSQL and SET
+the row with an expiry (``EX 3600``). No lease, no single-flight, no
+coordination of any kind: the code every service writes by hand, which
+cachecoord replaces. It runs in the benchmark's own process with the usual
+asyncio clients: redis.asyncio over a blocking pool (as cachecoord's) and a
+psycopg pool opened in full before the measurement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import cast
+
+import redis.asyncio as redis
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from bench.slow_rows import NAIVE_QUERY
+
+EXPIRY_S = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class NaiveAnswer:
+    value: str | None
+    loaded: bool
+    """True when this call read PostgreSQL (a cache miss)."""
+
+
+class NaiveCacheAside:
+    """``getUserProfile(userId)`` of the article, with these clients."""
+
+    def __init__(
+        self, redis_client: redis.Redis, pool: AsyncConnectionPool[AsyncConnection]
+    ) -> None:
+        self.redis = redis_client
+        self.pool = pool
+
+    @staticmethod
+    def cache_key(user_id: str) -> str:
+        return f"user:{user_id}:profile"
+
+    async def get_user_profile(self, user_id: str) -> NaiveAnswer:
+        key = self.cache_key(user_id)
+        cached = cast("bytes | None", await self.redis.get(key))
+        if cached is not None:
+            return NaiveAnswer(cached.decode(), loaded=False)
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(NAIVE_QUERY, (int(user_id),))
+            row = await cur.fetchone()
+        if row is None:
+            return NaiveAnswer(None, loaded=True)
+        await self.redis.set(key, row[0], ex=EXPIRY_S)
+        return NaiveAnswer(str(row[0]), loaded=True)
+
+
+@asynccontextmanager
+async def naive_cache_aside(
+    redis_url: str, database_url: str, *, redis_connections: int, db_connections: int
+) -> AsyncIterator[NaiveCacheAside]:
+    """The naive client with its connection pools open (all PostgreSQL
+    connections made up front, as in a warmed-up service)."""
+    client = redis.Redis(
+        connection_pool=redis.BlockingConnectionPool.from_url(
+            redis_url, max_connections=redis_connections, timeout=30, protocol=2
+        )
+    )
+    pool: AsyncConnectionPool[AsyncConnection] = AsyncConnectionPool(
+        database_url, min_size=db_connections, max_size=db_connections, open=False, timeout=60
+    )
+    try:
+        await pool.open(wait=True, timeout=30)
+        yield NaiveCacheAside(client, pool)
+    finally:
+        await pool.close()
+        await client.aclose()

@@ -1,0 +1,21 @@
+"""The scenarios, by the name given to ``python -m bench``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bench.harness import Options
+from bench.scenarios import get, writes
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    summary: str
+    run: Callable[[Options], None]
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "writes": Scenario("Put per strategy; write-behind coalescing (issue 3)", writes.run),
+    "get": Scenario("Get hit, Get miss, BatchGet(100) against the echo floor (issue 9)", get.run),
+}

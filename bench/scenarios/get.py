@@ -1,0 +1,145 @@
+"""Scenario ``get`` (issue 9): the read path against the echo floor.
+
+Phases, per run, after the echo floor:
+
+* Get hit (Redis): 1,000 keys filled into Redis before the runs, read round-robin;
+* Get miss (database): every Get names a key that exists in PostgreSQL and was
+  never read before, so each one takes the whole miss path (Redis miss, lease,
+  SQL load, fill); rows are inserted with SQL up front, never through cachecoord;
+* BatchGet of 100 keys, all Redis hits (sliding windows over the same 1,000 keys).
+
+There is no Get hit (near cache) phase: cachecoord had no near cache (design 5)
+when this was written, and the report says so instead of printing a made-up
+figure. Add one (a namespace with a near cache, replies checked for LAYER_NEAR)
+once it exists.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+from bench import messages
+from bench.harness import Harness, Options
+from bench.report import Phase, Report, rps
+from cachecoord_client import Client, Layer
+from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
+
+NAMESPACES = """
+[namespaces.reads]
+kind = "managed"
+strategy = "cache-aside"
+ttl = "1h"
+
+[namespaces.misses]
+kind = "managed"
+strategy = "cache-aside"
+ttl = "1h"
+"""
+
+HOT_KEYS = 1_000
+BATCH = 100
+FLOOR_CALLS = 6_000
+HIT_CALLS = 6_000
+MISS_CALLS = 3_000
+BATCH_CALLS = 2_000
+WARMUP = 500
+
+HIT = Phase("get_hit_redis", "Get hit (Redis)")
+MISS = Phase("get_miss_db", "Get miss (database)")
+BATCH_GET = Phase("batchget", f"BatchGet {BATCH} (Redis)")
+
+
+def run(options: Options) -> None:
+    report = Report("get: the read path")
+    with Harness(options, NAMESPACES) as harness:
+        hot = [f"r{i}" for i in range(HOT_KEYS)]
+        miss_calls, miss_warmup = options.size(MISS_CALLS), options.size(WARMUP)
+        misses = [f"m{i}" for i in range(options.runs * (miss_calls + miss_warmup))]
+        _insert_rows(harness, "reads", hot)
+        _insert_rows(harness, "misses", misses)
+        _fill_cache(harness, "reads", hot)
+        for number in range(options.runs):
+            report.new_run(harness.measure_floor(options.size(FLOOR_CALLS), options.size(WARMUP)))
+            _measure_hits(harness, report, hot)
+            used = misses[number * (miss_calls + miss_warmup) :][: miss_calls + miss_warmup]
+            _measure_misses(harness, report, used[:miss_warmup], used[miss_warmup:])
+            _measure_batches(harness, report, hot)
+    report.result("batchget_keys_per_s", BATCH * report.median(BATCH_GET.name, rps))
+    report.result(
+        "batchget_cpu_per_key_us", report.median(BATCH_GET.name, lambda s: s.cpu_us() / BATCH)
+    )
+    report.result(
+        "batchget_keys_per_get_ratio",
+        report.per_run(lambda one: BATCH * one[BATCH_GET.name].rps / one[HIT.name].rps),
+    )
+    report.note(
+        "get_hit_near_cpu_ratio skipped: no near-cache phase (cachecoord had no near cache "
+        "when this benchmark was written); not measured, not estimated"
+    )
+    report.finish()
+
+
+def _insert_rows(harness: Harness, namespace: str, keys: list[str]) -> None:
+    """Rows written behind cachecoord's back: in PostgreSQL, not in Redis."""
+    data = messages.value(harness.options.payload)
+    with psycopg.connect(harness.stack.postgres.dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO cachecoord.entries (namespace, key, value) "
+            "SELECT %s, k, %s FROM unnest(%s::text[]) AS k",
+            (namespace, data, keys),
+        )
+
+
+def _fill_cache(harness: Harness, namespace: str, keys: list[str]) -> None:
+    """Read every key once (BatchGet fills misses), then check they are all hits."""
+    with Client(harness.stack.target) as client:
+        for start in range(0, len(keys), BATCH):
+            client.batch_get(namespace, keys[start : start + BATCH])
+        for start in range(0, len(keys), BATCH):
+            entries = client.batch_get(namespace, keys[start : start + BATCH])
+            if not all(e.found and e.layer is Layer.REDIS for e in entries):
+                raise RuntimeError(f"{namespace}: keys are not cached after a BatchGet")
+
+
+def _measure_hits(harness: Harness, report: Report, hot: list[str]) -> None:
+    options = harness.options
+    calls = options.size(HIT_CALLS)
+    sample = harness.measure(
+        "Get",
+        [messages.get("reads", hot[i % len(hot)]) for i in range(options.size(WARMUP))],
+        [messages.get("reads", hot[i % len(hot)]) for i in range(calls)],
+        sample_every=50,
+    )
+    messages.check_get(sample.replies, pb.LAYER_REDIS)
+    report.add(HIT, sample)
+
+
+def _measure_misses(
+    harness: Harness, report: Report, warmup: list[str], measured: list[str]
+) -> None:
+    sample = harness.measure(
+        "Get",
+        [messages.get("misses", key) for key in warmup],
+        [messages.get("misses", key) for key in measured],
+        sample_every=25,
+    )
+    messages.check_get(sample.replies, pb.LAYER_DATABASE)
+    report.add(MISS, sample)
+
+
+def _measure_batches(harness: Harness, report: Report, hot: list[str]) -> None:
+    options = harness.options
+
+    def request(i: int) -> bytes:
+        start = (i * 37) % len(hot)  # windows that wrap around and do not repeat in lockstep
+        return messages.batch_get("reads", [hot[(start + j) % len(hot)] for j in range(BATCH)])
+
+    calls = options.size(BATCH_CALLS)
+    sample = harness.measure(
+        "BatchGet",
+        [request(i) for i in range(options.size(WARMUP) // 10)],
+        [request(i) for i in range(calls)],
+        sample_every=10,
+    )
+    messages.check_batch_get(sample.replies, BATCH, pb.LAYER_REDIS)
+    report.add(BATCH_GET, sample)

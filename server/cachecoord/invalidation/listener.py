@@ -1,0 +1,59 @@
+"""LISTEN for changes recorded by the triggers, on a connection of its own.
+
+LISTEN needs an autocommit connection that stays open, and is lost with it,
+so after every reconnect the listener issues LISTEN again and asks the outbox
+to drain: notifications sent while it was away are gone, their outbox rows
+are not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import psycopg
+
+from cachecoord.invalidation.triggers import CHANNEL
+
+log = logging.getLogger(__name__)
+
+
+class ChangeListener:
+    """Calls *on_change* for every notification, and after every (re)connect."""
+
+    def __init__(
+        self, url: str, on_change: Callable[[], None], *, reconnect_delay: float = 0.5
+    ) -> None:
+        self._url = url
+        self._on_change = on_change
+        self._reconnect_delay = reconnect_delay
+        self._task: asyncio.Task[None] | None = None
+        self.listening = asyncio.Event()
+
+    async def open(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="cachecoord-listener")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self._url, autocommit=True
+                ) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    self.listening.set()
+                    self._on_change()  # the backlog, and whatever came while away
+                    async for _ in conn.notifies():
+                        self._on_change()
+            except psycopg.Error as err:
+                log.warning("change listener disconnected (%s); reconnecting", err)
+            finally:
+                self.listening.clear()
+            await asyncio.sleep(self._reconnect_delay)

@@ -1,0 +1,304 @@
+"""The ``cachecoord`` console script's client commands, against the session's instance.
+
+The instance serves from this test's event loop, so the CLI always runs as an
+asyncio subprocess: a blocking ``subprocess.run`` would freeze the server it talks to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from cachecoord.app import App
+from cachecoord_client import AsyncClient, CacheCoordError
+
+CLI = str(Path(sys.executable).with_name("cachecoord"))
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+def cli_env() -> dict[str, str]:
+    """This environment without CACHECOORD_* variables (the target is passed explicitly)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("CACHECOORD_")}
+
+
+async def cachecoord(app: App, command: str, *args: str, stdin: bytes = b"") -> Result:
+    """Run ``cachecoord COMMAND --target <app> ARGS...`` to completion."""
+    proc = await asyncio.create_subprocess_exec(
+        CLI,
+        command,
+        "--target",
+        f"127.0.0.1:{app.port}",
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=cli_env(),
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return Result(proc.returncode, out.decode(), err.decode())
+
+
+@pytest.fixture
+def name() -> str:
+    """A lock name no other test uses."""
+    return f"lock-{uuid.uuid4().hex[:12]}"
+
+
+async def test_get_prints_value_version_and_layer(app: App) -> None:
+    result = await cachecoord(app, "get", "users", "1")
+
+    assert result.code == 0, result.stderr
+    assert "Ada Lovelace" in result.stdout
+    assert "version" in result.stdout
+
+
+async def test_get_json_has_found_version_and_layer(app: App) -> None:
+    result = await cachecoord(app, "get", "--json", "users", "1")
+
+    assert result.code == 0, result.stderr
+    doc = result.json()
+    assert doc["found"] is True
+    assert isinstance(doc["version"], int)
+    assert doc["layer"] in ("near", "redis", "database")
+    assert json.loads(doc["value"])["name"] == "Ada Lovelace"
+
+
+async def test_get_missing_key_says_not_found(app: App, key: str) -> None:
+    human = await cachecoord(app, "get", "blobs", key)
+    as_json = await cachecoord(app, "get", "--json", "blobs", key)
+
+    assert (human.code, human.stdout.strip()) == (0, "(not found)")
+    assert (as_json.code, as_json.json()) == (0, {"found": False})
+
+
+async def test_put_then_get_returns_the_value_and_version(app: App, key: str) -> None:
+    put = await cachecoord(app, "put", "--json", "blobs", key, "hello world")
+    assert put.code == 0, put.stderr
+    version = put.json()["version"]
+
+    got = await cachecoord(app, "get", "--json", "blobs", key)
+
+    assert got.code == 0, got.stderr
+    assert got.json()["value"] == "hello world"
+    assert got.json()["version"] == version
+
+
+async def test_put_reads_the_value_from_stdin_with_dash(app: App, key: str) -> None:
+    put = await cachecoord(app, "put", "blobs", key, "-", stdin=b"from stdin")
+    assert put.code == 0, put.stderr
+    assert put.stdout.startswith("version ")
+
+    got = await cachecoord(app, "get", "--json", "blobs", key)
+
+    assert got.json()["value"] == "from stdin"
+
+
+async def test_delete_removes_the_key(app: App, key: str) -> None:
+    await cachecoord(app, "put", "blobs", key, "doomed")
+
+    deleted = await cachecoord(app, "delete", "blobs", key)
+    again = await cachecoord(app, "delete", "--json", "blobs", key)
+    got = await cachecoord(app, "get", "blobs", key)
+
+    assert (deleted.code, deleted.stdout.strip()) == (0, "deleted")
+    assert again.code == 0, again.stderr
+    assert again.json()["deleted"] is False
+    assert got.stdout.strip() == "(not found)"
+
+
+async def test_invalidate_drops_the_cached_copy(app: App, client: AsyncClient, key: str) -> None:
+    await client.put("blobs", key, b"cached")
+    await client.get("blobs", key)  # loads it into Redis
+
+    invalidated = await cachecoord(app, "invalidate", "blobs", key)
+    again = await cachecoord(app, "invalidate", "--json", "blobs", key)
+
+    assert (invalidated.code, invalidated.stdout.strip()) == (0, "1 cached entry dropped")
+    assert again.json() == {"invalidated": 0}
+    assert (await client.get("blobs", key)).value == b"cached"
+
+
+async def test_unknown_namespace_exits_1_with_not_found_on_stderr(app: App) -> None:
+    result = await cachecoord(app, "get", "no-such-namespace", "1")
+
+    assert result.code == 1
+    assert result.stdout == ""
+    assert "NOT_FOUND" in result.stderr
+    assert "no-such-namespace" in result.stderr
+
+
+async def test_unknown_namespace_in_json_mode_prints_the_error_as_json(app: App) -> None:
+    result = await cachecoord(app, "get", "--json", "no-such-namespace", "1")
+
+    assert result.code == 1
+    assert result.json()["error"] == "NOT_FOUND"
+
+
+async def test_lock_runs_command_with_fencing_token_and_releases(
+    app: App, client: AsyncClient, name: str
+) -> None:
+    result = await cachecoord(app, "lock", name, "--", "sh", "-c", "echo $CACHECOORD_FENCING_TOKEN")
+
+    assert result.code == 0, result.stderr
+    printed = result.stdout.strip()
+    assert printed.isdigit(), result.stdout
+    after = await client.acquire_lock(name, ttl_ms=10_000, wait_timeout_ms=0)
+    assert after.fencing_token > int(printed)
+    await client.release_lock(name, after.token)
+
+
+async def test_lock_exits_with_the_commands_exit_code_and_releases(
+    app: App, client: AsyncClient, name: str
+) -> None:
+    result = await cachecoord(app, "lock", name, "--", "sh", "-c", "exit 3")
+
+    assert result.code == 3
+    after = await client.acquire_lock(name, ttl_ms=10_000, wait_timeout_ms=0)
+    await client.release_lock(name, after.token)
+
+
+async def test_lock_without_a_command_is_a_usage_error(app: App, name: str) -> None:
+    result = await cachecoord(app, "lock", name)
+
+    assert result.code == 2
+    assert "needs a command" in result.stderr
+
+
+class HeldLock:
+    """``cachecoord lock ... -- sh -c 'echo held; read _'``: holds the lock
+    until :meth:`finish` closes the command's standard input."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, app: App, name: str, *options: str) -> HeldLock:
+        proc = await asyncio.create_subprocess_exec(
+            CLI,
+            "lock",
+            "--target",
+            f"127.0.0.1:{app.port}",
+            *options,
+            name,
+            "--",
+            "sh",
+            "-c",
+            "echo held; read _",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=cli_env(),
+        )
+        held = cls(proc)
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        if line != b"held\n":
+            await held.kill()
+            raise AssertionError(f"cachecoord lock did not run its command: {line!r}")
+        return held
+
+    async def finish(self) -> Result:
+        out, err = await asyncio.wait_for(self.proc.communicate(b"\n"), 30)
+        assert self.proc.returncode is not None
+        return Result(self.proc.returncode, out.decode(), err.decode())
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def test_lock_is_held_while_the_command_runs(
+    app: App, client: AsyncClient, name: str
+) -> None:
+    held = await HeldLock.start(app, name)
+    try:
+        with pytest.raises(CacheCoordError) as refused:
+            await client.acquire_lock(name, ttl_ms=10_000, wait_timeout_ms=0)
+        assert refused.value.code is grpc.StatusCode.ABORTED
+
+        result = await held.finish()
+    finally:
+        await held.kill()
+
+    assert result.code == 0, result.stderr
+    after = await client.acquire_lock(name, ttl_ms=10_000, wait_timeout_ms=0)
+    await client.release_lock(name, after.token)
+
+
+async def test_lock_is_renewed_past_its_ttl_while_the_command_runs(
+    app: App, client: AsyncClient, name: str
+) -> None:
+    held = await HeldLock.start(app, name, "--ttl-ms", "300")
+    try:
+        # Twice the TTL: only the CLI's renewals keep the lock from expiring.
+        with pytest.raises(CacheCoordError) as refused:
+            await client.acquire_lock(name, ttl_ms=10_000, wait_timeout_ms=600)
+        assert refused.value.code is grpc.StatusCode.ABORTED
+
+        result = await held.finish()
+    finally:
+        await held.kill()
+
+    assert result.code == 0, result.stderr
+    assert "could not extend" not in result.stderr
+
+
+async def test_lock_passes_the_command_line_through_verbatim(
+    app: App, client: AsyncClient, name: str
+) -> None:
+    # The command's own arguments may hold "--" and options of the CLI's own.
+    argv = ["a", "--", "--json", "b"]
+    script = 'printf "%s\\n" "$@"'
+
+    result = await cachecoord(app, "lock", name, "--", "sh", "-c", script, "sh", *argv)
+
+    assert result.code == 0, result.stderr
+    assert result.stdout.splitlines() == argv
+
+
+async def test_lock_accepts_options_after_the_name_as_documented(
+    app: App, client: AsyncClient, name: str
+) -> None:
+    result = await cachecoord(
+        app, "lock", name, "--wait-ms", "0", "--", "sh", "-c", "echo $CACHECOORD_FENCING_TOKEN"
+    )
+
+    assert result.code == 0, result.stderr
+    assert result.stdout.strip().isdigit(), result.stdout
+
+
+async def test_lock_with_a_missing_command_reports_it_and_releases(
+    app: App, client: AsyncClient, name: str
+) -> None:
+    result = await cachecoord(app, "lock", name, "--", "/nonexistent/command")
+
+    assert result.code == 127
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "/nonexistent/command" in result.stderr
+    after = await client.acquire_lock(name, ttl_ms=10_000, wait_timeout_ms=0)
+    await client.release_lock(name, after.token)
