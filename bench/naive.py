@@ -10,6 +10,7 @@ psycopg pool opened in full before the measurement.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -62,8 +63,8 @@ class NaiveCacheAside:
 async def naive_cache_aside(
     redis_url: str, database_url: str, *, redis_connections: int, db_connections: int
 ) -> AsyncIterator[NaiveCacheAside]:
-    """The naive client with its connection pools open (all PostgreSQL
-    connections made up front, as in a warmed-up service)."""
+    """The naive client with its connection pools open: every connection is
+    made up front, as in a service that has been running for a while."""
     client = redis.Redis(
         connection_pool=redis.BlockingConnectionPool.from_url(
             redis_url, max_connections=redis_connections, timeout=30, protocol=2
@@ -74,6 +75,7 @@ async def naive_cache_aside(
     )
     try:
         await pool.open(wait=True, timeout=30)
+        await asyncio.gather(*(client.ping() for _ in range(redis_connections)))
         yield NaiveCacheAside(client, pool)
     finally:
         await pool.close()

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bench.harness import Options
-from bench.scenarios import get, writes
+from bench.scenarios import get, stampede, writes
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,4 +18,7 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {
     "writes": Scenario("Put per strategy; write-behind coalescing (issue 3)", writes.run),
     "get": Scenario("Get hit, Get miss, BatchGet(100) against the echo floor (issue 9)", get.run),
+    "stampede": Scenario(
+        "1000 Gets of one expired key over 3 instances, SWR, XFetch (issue 4)", stampede.run
+    ),
 }

@@ -29,6 +29,7 @@ from cachecoord.invalidation.bus import Bus
 from cachecoord.invalidation.listener import ChangeListener
 from cachecoord.invalidation.messages import Invalidation as Message
 from cachecoord.invalidation.outbox import Outbox
+from cachecoord.invalidation.watch import WatchHub
 from cachecoord.rpc import server as rpc_server
 from cachecoord.rpc.servicer import CacheCoordServicer
 from cachecoord.storage import keys, postgres
@@ -106,12 +107,17 @@ class App:
         bus = Bus(settings.redis.url)
         bus.on(keys.LOCK_CHANNEL, lambda name: locks.on_release_notice(name.decode()))
         bus.on_reset(locks.wake_all)
+        watch_hub = WatchHub(max_backlog=settings.server.watch_backlog)
         for strategy in strategies.values():
-            bus.on(strategy.store.keys.channel, _decoded(strategy.on_message))
+            bus.on(strategy.store.keys.channel, _decoded(strategy.on_message, watch_hub.publish))
             bus.on_reset(strategy.on_reset)
-        self.cache = Cache(strategies, settings.server)
+        bus.on_reset(watch_hub.reset)
+        self.cache = Cache(strategies, settings.server, watch_hub)
         servicer = CacheCoordServicer(
-            self.cache, locks, default_timeout=settings.server.default_deadline / 1000
+            self.cache,
+            locks,
+            default_timeout=settings.server.default_deadline / 1000,
+            watch_heartbeat=settings.server.watch_heartbeat / 1000,
         )
         self._server, self._health, self.port = rpc_server.build(servicer, settings.server)
         await outbox.open()
@@ -202,14 +208,15 @@ def _strategy(name: StrategyName, namespace: str) -> type[Strategy]:
     return strategy
 
 
-def _decoded(handler: Callable[[Message], None]) -> Callable[[bytes], None]:
+def _decoded(*handlers: Callable[[Message], None]) -> Callable[[bytes], None]:
     def handle(raw: bytes) -> None:
         try:
             message = Message.decode(raw)
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring a malformed invalidation message: %.200r", raw)
             return
-        handler(message)
+        for handler in handlers:
+            handler(message)
 
     return handle
 

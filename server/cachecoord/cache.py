@@ -5,9 +5,11 @@ only translate to and from these calls."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 
 from cachecoord.config import ServerSettings
 from cachecoord.errors import InvalidArgument, NamespaceNotFound
+from cachecoord.invalidation.watch import Watcher, WatchHub
 from cachecoord.model import Deleted, Entry
 from cachecoord.strategies import Strategy
 
@@ -17,9 +19,12 @@ MAX_TTL_MS = 365 * 86_400_000
 class Cache:
     """Get, BatchGet, Put, Delete and Invalidate over configured namespaces."""
 
-    def __init__(self, namespaces: Mapping[str, Strategy], limits: ServerSettings) -> None:
+    def __init__(
+        self, namespaces: Mapping[str, Strategy], limits: ServerSettings, watch_hub: WatchHub
+    ) -> None:
         self._namespaces = dict(namespaces)
         self._limits = limits
+        self._watch_hub = watch_hub
 
     async def get(self, namespace: str, key: str) -> Entry:
         strategy = self._namespace(namespace)
@@ -74,6 +79,21 @@ class Cache:
             raise InvalidArgument("give at least one key, or all = true")
         self._check_keys(strategy, keys)
         return await strategy.invalidate(list(dict.fromkeys(keys)))
+
+    def watch(
+        self, namespaces: Sequence[str], key_prefix: str
+    ) -> AbstractAsyncContextManager[Watcher]:
+        """Subscribe to the invalidation events of *namespaces*."""
+        if not namespaces:
+            raise InvalidArgument("give at least one namespace to watch")
+        for name in namespaces:
+            self._namespace(name)
+        if len(key_prefix.encode()) > self._limits.max_key_bytes:
+            raise InvalidArgument(
+                f"key_prefix is longer than {self._limits.max_key_bytes} bytes "
+                "(server.max_key_bytes)"
+            )
+        return self._watch_hub.watch(namespaces, key_prefix)
 
     @property
     def namespaces(self) -> list[str]:

@@ -67,6 +67,10 @@ class ServerSettings:
     """Largest accepted value."""
     max_batch_keys: int = 1000
     """Most keys in one BatchGet or Invalidate."""
+    watch_heartbeat: Duration = Duration(10_000)
+    """Quiet time after which a Watch stream gets a heartbeat."""
+    watch_backlog: int = 1000
+    """Events a Watch stream may have unread before it gets a RESET instead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +344,10 @@ def _check(settings: Settings, source: str) -> None:
         fail("server.max_value_bytes", "must be between 1 and 67108864")
     if not 1 <= server.max_batch_keys <= 100_000:
         fail("server.max_batch_keys", "must be between 1 and 100000")
+    if server.watch_heartbeat <= 0:
+        fail("server.watch_heartbeat", "must be positive")
+    if not 1 <= server.watch_backlog <= 1_000_000:
+        fail("server.watch_backlog", "must be between 1 and 1000000")
     if server.default_deadline <= 0:
         fail("server.default_deadline", "must be positive")
     if not settings.redis.url.startswith(("redis://", "rediss://", "unix://")):

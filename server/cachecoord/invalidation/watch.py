@@ -29,9 +29,12 @@ class EventKind(enum.Enum):
 class WatchEvent:
     kind: EventKind
     change: Invalidation | None = None
+    reason: str = ""
 
 
-RESET = WatchEvent(EventKind.RESET)
+SUBSCRIBED = WatchEvent(EventKind.RESET, reason="subscribed")
+RESUBSCRIBED = WatchEvent(EventKind.RESET, reason="resubscribed")
+OVERFLOW = WatchEvent(EventKind.RESET, reason="overflow")
 HEARTBEAT = WatchEvent(EventKind.HEARTBEAT)
 
 
@@ -52,7 +55,7 @@ class Watcher:
         return change.key is None or change.key.startswith(self.key_prefix)
 
     def offer(self, event: WatchEvent) -> None:
-        if event is RESET:
+        if event.kind is EventKind.RESET:
             self._backlog.clear()
             self._overflowed = True
         elif self._overflowed:
@@ -60,7 +63,7 @@ class Watcher:
         elif len(self._backlog) >= self._max_backlog:
             self._backlog.clear()
             self._overflowed = True
-            event = RESET
+            event = OVERFLOW
         self._backlog.append(event)
         self._ready.set()
 
@@ -73,7 +76,7 @@ class Watcher:
             except TimeoutError:
                 return HEARTBEAT
         event = self._backlog.popleft()
-        if event is RESET:
+        if event.kind is EventKind.RESET:
             self._overflowed = False
         return event
 
@@ -92,6 +95,7 @@ class WatchHub:
     @asynccontextmanager
     async def watch(self, namespaces: Iterable[str], key_prefix: str) -> AsyncIterator[Watcher]:
         watcher = Watcher(frozenset(namespaces), key_prefix, self._max_backlog)
+        watcher.offer(SUBSCRIBED)
         for name in watcher.namespaces:
             self._by_namespace[name].add(watcher)
         try:
@@ -113,7 +117,7 @@ class WatchHub:
     def reset(self) -> None:
         """This instance may have missed events: every watcher gets RESET."""
         for watcher in {w for watchers in self._by_namespace.values() for w in watchers}:
-            watcher.offer(RESET)
+            watcher.offer(RESUBSCRIBED)
 
     def __len__(self) -> int:
         return len({w for watchers in self._by_namespace.values() for w in watchers})

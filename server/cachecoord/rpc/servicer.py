@@ -11,8 +11,9 @@ from cachecoord.cache import Cache
 from cachecoord.coordination.hold import LockLost
 from cachecoord.coordination.locks import Locks
 from cachecoord.errors import InvalidArgument
+from cachecoord.invalidation.watch import EventKind, WatchEvent
 from cachecoord.model import Entry, Layer
-from cachecoord.rpc.status import rpc, stream_rpc
+from cachecoord.rpc.status import rpc, server_stream_rpc, stream_rpc
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
 
@@ -30,10 +31,13 @@ def _timeout(servicer: CacheCoordServicer) -> float:
 
 
 class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
-    def __init__(self, cache: Cache, locks: Locks, *, default_timeout: float) -> None:
+    def __init__(
+        self, cache: Cache, locks: Locks, *, default_timeout: float, watch_heartbeat: float
+    ) -> None:
         self.cache = cache
         self.locks = locks
         self.default_timeout = default_timeout
+        self.watch_heartbeat = watch_heartbeat
 
     @rpc(_timeout)
     async def Get(self, request: pb.GetRequest, context: Context) -> pb.GetResponse:
@@ -112,6 +116,13 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
     # streaming method, which the generated signature does not describe. It
     # keeps every await of the stream inside this coroutine, so that a lost
     # lock can interrupt whichever it is waiting on.
+    @server_stream_rpc
+    async def Watch(self, request: pb.WatchRequest, context: Context) -> None:  # type: ignore[override]
+        async with self.cache.watch(list(request.namespaces), request.key_prefix) as watcher:
+            while True:
+                event = await watcher.next(self.watch_heartbeat)
+                await context.write(_watch_response(event))
+
     @stream_rpc
     async def HoldLock(  # type: ignore[override]
         self, requests: AsyncIterator[pb.HoldLockRequest], context: Context
@@ -129,6 +140,24 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
         except LockLost:
             await context.write(pb.HoldLockResponse(lost=pb.HoldLockResponse.Lost()))
             raise
+
+
+def _watch_response(event: WatchEvent) -> pb.WatchResponse:
+    change = event.change
+    if event.kind is EventKind.INVALIDATED and change is not None:
+        return pb.WatchResponse(
+            invalidation=pb.Invalidation(
+                namespace=change.namespace,
+                key=change.key or "",
+                all_keys=change.key is None,
+                version=change.version,
+                reason=change.reason,
+                origin=change.origin,
+            )
+        )
+    if event.kind is EventKind.RESET:
+        return pb.WatchResponse(reset=pb.Reset(reason=event.reason))
+    return pb.WatchResponse(heartbeat=pb.Heartbeat())
 
 
 def _entry(entry: Entry) -> pb.Entry:

@@ -82,6 +82,20 @@ def rpc(default_timeout: Callable[[Any], float]) -> Callable[[Handler[Any, Any]]
     return decorate
 
 
+def server_stream_rpc(method: Handler[Request, None]) -> Handler[Request, None]:
+    """Decorate a servicer method with one request and a response stream
+    (written with context.write); it runs as long as the client listens."""
+
+    @functools.wraps(method)
+    async def handle(self: Any, request: Request, context: Context) -> None:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        async with _statuses(context, method.__name__):
+            await method(self, request, context)
+
+    return handle
+
+
 def stream_rpc(method: StreamHandler[Request]) -> StreamHandler[Request]:
     """Decorate a streaming servicer method written in the reader/writer style."""
 

@@ -75,6 +75,11 @@ class CacheCoordServiceStub:
                 request_serializer=cachecoord_dot_v1_dot_cachecoord__pb2.ExtendLockRequest.SerializeToString,
                 response_deserializer=cachecoord_dot_v1_dot_cachecoord__pb2.ExtendLockResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/cachecoord.v1.CacheCoordService/Watch',
+                request_serializer=cachecoord_dot_v1_dot_cachecoord__pb2.WatchRequest.SerializeToString,
+                response_deserializer=cachecoord_dot_v1_dot_cachecoord__pb2.WatchResponse.FromString,
+                _registered_method=True)
         self.HoldLock = channel.stream_stream(
                 '/cachecoord.v1.CacheCoordService/HoldLock',
                 request_serializer=cachecoord_dot_v1_dot_cachecoord__pb2.HoldLockRequest.SerializeToString,
@@ -148,6 +153,16 @@ class CacheCoordServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """Watch streams the invalidation events of some namespaces, so that a
+        client can keep its own local cache coherent. The first event is a Reset
+        (events start now); a Reset later means events may have been missed and
+        the client must drop everything it cached from those namespaces.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def HoldLock(self, request_iterator, context):
         """HoldLock takes a lock and holds it for as long as the stream is open: the
         server renews it every third of its TTL and releases it as soon as the
@@ -205,6 +220,11 @@ def add_CacheCoordServiceServicer_to_server(servicer, server):
                     servicer.ExtendLock,
                     request_deserializer=cachecoord_dot_v1_dot_cachecoord__pb2.ExtendLockRequest.FromString,
                     response_serializer=cachecoord_dot_v1_dot_cachecoord__pb2.ExtendLockResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=cachecoord_dot_v1_dot_cachecoord__pb2.WatchRequest.FromString,
+                    response_serializer=cachecoord_dot_v1_dot_cachecoord__pb2.WatchResponse.SerializeToString,
             ),
             'HoldLock': grpc.stream_stream_rpc_method_handler(
                     servicer.HoldLock,
@@ -429,6 +449,33 @@ class CacheCoordService:
             '/cachecoord.v1.CacheCoordService/ExtendLock',
             cachecoord_dot_v1_dot_cachecoord__pb2.ExtendLockRequest.SerializeToString,
             cachecoord_dot_v1_dot_cachecoord__pb2.ExtendLockResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cachecoord.v1.CacheCoordService/Watch',
+            cachecoord_dot_v1_dot_cachecoord__pb2.WatchRequest.SerializeToString,
+            cachecoord_dot_v1_dot_cachecoord__pb2.WatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,12 @@ class CacheCoordServiceStub:
     """ExtendLock resets a held lock's time to live; only the holder's token can
     extend it.
     """
+    Watch: _grpc.UnaryStreamMultiCallable[_cachecoord_pb2.WatchRequest, _cachecoord_pb2.WatchResponse]
+    """Watch streams the invalidation events of some namespaces, so that a
+    client can keep its own local cache coherent. The first event is a Reset
+    (events start now); a Reset later means events may have been missed and
+    the client must drop everything it cached from those namespaces.
+    """
     HoldLock: _grpc.StreamStreamMultiCallable[_cachecoord_pb2.HoldLockRequest, _cachecoord_pb2.HoldLockResponse]
     """HoldLock takes a lock and holds it for as long as the stream is open: the
     server renews it every third of its TTL and releases it as soon as the
@@ -106,6 +112,12 @@ class CacheCoordServiceAsyncStub(CacheCoordServiceStub):
     ExtendLock: _aio.UnaryUnaryMultiCallable[_cachecoord_pb2.ExtendLockRequest, _cachecoord_pb2.ExtendLockResponse]  # type: ignore[assignment]
     """ExtendLock resets a held lock's time to live; only the holder's token can
     extend it.
+    """
+    Watch: _aio.UnaryStreamMultiCallable[_cachecoord_pb2.WatchRequest, _cachecoord_pb2.WatchResponse]  # type: ignore[assignment]
+    """Watch streams the invalidation events of some namespaces, so that a
+    client can keep its own local cache coherent. The first event is a Reset
+    (events start now); a Reset later means events may have been missed and
+    the client must drop everything it cached from those namespaces.
     """
     HoldLock: _aio.StreamStreamMultiCallable[_cachecoord_pb2.HoldLockRequest, _cachecoord_pb2.HoldLockResponse]  # type: ignore[assignment]
     """HoldLock takes a lock and holds it for as long as the stream is open: the
@@ -195,6 +207,18 @@ class CacheCoordServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_cachecoord_pb2.ExtendLockResponse, _abc.Awaitable[_cachecoord_pb2.ExtendLockResponse]]:
         """ExtendLock resets a held lock's time to live; only the holder's token can
         extend it.
+        """
+
+    @_abc_1.abstractmethod
+    def Watch(
+        self,
+        request: _cachecoord_pb2.WatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_cachecoord_pb2.WatchResponse], _abc.AsyncIterator[_cachecoord_pb2.WatchResponse]]:
+        """Watch streams the invalidation events of some namespaces, so that a
+        client can keep its own local cache coherent. The first event is a Reset
+        (events start now); a Reset later means events may have been missed and
+        the client must drop everything it cached from those namespaces.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,371 @@
+"""Scenario ``stampede`` (issue 4): coordination under concurrency.
+
+Three ``cachecoord serve`` processes share one Redis and one PostgreSQL; every
+read of the benchmark's row takes 50 ms and is counted (bench/slow_rows.py).
+Gets are sent by this process over one channel per instance; latency is per
+call, from the moment the call starts to its answer.
+
+Per run:
+
+* **stampede**: the key of namespace ``stampede`` (ttl 2 s, no stale window)
+  is read once, left to expire in Redis, then 1,000 concurrent Gets spread
+  round-robin over the three instances ask for it at once. Target: exactly one
+  database load, p99 within 50 ms of the query time.
+* **hit burst**: the same 1,000 concurrent Gets for a key that is cached: what
+  the burst of RPCs alone costs on this machine, to read the stampede's
+  latency against.
+* **naive**: the seed article's cache-aside (bench/naive.py), 1,000 concurrent
+  coroutines in this process, for the same row, its cache key just expired
+  (absent), with 30 PostgreSQL connections (the three instances' pools together).
+* **swr** and **xfetch**: a hot key under a steady 400 Gets/s (open loop, spread
+  over the instances) for 3.5 s, across three expiries (ttl 1 s): with
+  ``stale_window = "5s"`` (XFetch off), then with ``early_refresh_beta = 1``
+  (no stale window). A *wait* is an answer from the DATABASE layer: its caller
+  waited for a load. Target: 0. Answers slower than 40 ms are counted too (a
+  caller on another instance that waited for the lease holder's fill is
+  answered from REDIS, but late).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from bench import slow_rows
+from bench.cluster import Cluster
+from bench.harness import Options
+from bench.loadgen import use_uvloop
+from bench.naive import naive_cache_aside
+from cachecoord_client import AsyncClient, Layer
+
+INSTANCES = 3
+BURST = 1_000
+RATE = 400  # Gets per second in the steady phases
+STEADY_S = 3.5
+NAIVE_DB_CONNECTIONS = 30  # three instances x postgres.max_connections (10)
+NAIVE_REDIS_CONNECTIONS = 64  # as cachecoord's redis.max_connections
+SLOW_MS = 40.0
+SETTLE_S = 0.3  # lets background refreshes finish before loads are counted
+KEY = slow_rows.KEY
+
+NAMESPACES = f"""
+[namespaces.stampede]
+kind = "mapped"
+table = "{slow_rows.TABLE}"
+key_column = "id"
+ttl = "2s"
+ttl_jitter = 0
+
+[namespaces.hits]
+kind = "mapped"
+table = "{slow_rows.TABLE}"
+key_column = "id"
+ttl = "1h"
+
+[namespaces.swr]
+kind = "mapped"
+table = "{slow_rows.TABLE}"
+key_column = "id"
+ttl = "1s"
+ttl_jitter = 0
+stale_window = "5s"
+early_refresh_beta = 0
+
+[namespaces.xfetch]
+kind = "mapped"
+table = "{slow_rows.TABLE}"
+key_column = "id"
+ttl = "1s"
+ttl_jitter = 0
+early_refresh_beta = 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    ms: float
+    layer: Layer
+    stale: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Burst:
+    """One burst of concurrent calls: their latencies and the loads they caused."""
+
+    latencies: list[float]
+    loads: int
+    from_database: int = 0
+
+    @property
+    def p50(self) -> float:
+        return percentile(self.latencies, 50)
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.latencies, 99)
+
+
+@dataclass(frozen=True, slots=True)
+class Steady:
+    """A steady phase: waits (DATABASE answers), stale and slow answers, loads."""
+
+    answers: list[Answer]
+    loads: int
+
+    @property
+    def waits(self) -> int:
+        return sum(a.layer is Layer.DATABASE for a in self.answers)
+
+    @property
+    def stale(self) -> int:
+        return sum(a.stale for a in self.answers)
+
+    @property
+    def slow(self) -> int:
+        return sum(a.ms >= SLOW_MS for a in self.answers)
+
+    @property
+    def p99(self) -> float:
+        return percentile([a.ms for a in self.answers], 99)
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    stampede: Burst
+    hits: Burst
+    naive: Burst
+    swr: Steady
+    xfetch: Steady
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
+
+
+def run(options: Options) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="cachecoord-bench-"))
+    failed = True
+    try:
+        started = time.monotonic()
+        with Cluster(
+            workdir, NAMESPACES, instances=INSTANCES, prepare=slow_rows.prepare
+        ) as cluster:
+            print(
+                f"stack up in {time.monotonic() - started:.1f} s: {INSTANCES} cachecoord "
+                f"processes on {', '.join(cluster.targets)}; work directory {workdir}",
+                flush=True,
+            )
+            use_uvloop()
+            asyncio.run(_measure(cluster, options))
+            cluster.check_alive()
+        failed = False
+    finally:
+        if failed or options.keep:
+            print(f"bench: work directory kept: {workdir} (cachecoord-N.log are there)")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _measure(cluster: Cluster, options: Options) -> None:
+    calls = max(200, BURST // 5) if options.quick else BURST
+    seconds = 1.5 if options.quick else STEADY_S
+    runs: list[Run] = []
+    clients = [AsyncClient(target, default_timeout=30) for target in cluster.targets]
+    loads = await slow_rows.Loads.connect(cluster.postgres.dsn)
+    redis = aioredis.Redis.from_url(cluster.redis.url)
+    try:
+        query = await slow_rows.query_ms(cluster.database_url)
+        for client in clients:  # connect every channel, fill the cached key
+            await client.get("hits", KEY)
+        for number in range(1, options.runs + 1):
+            one = Run(
+                stampede=await _stampede(clients, redis, loads, calls),
+                hits=await _hit_burst(clients, loads, calls),
+                naive=await _naive(cluster, loads, calls),
+                swr=await _steady(clients, loads, "swr", seconds),
+                xfetch=await _steady(clients, loads, "xfetch", seconds),
+            )
+            _show(number, one)
+            runs.append(one)
+    finally:
+        for client in clients:
+            await client.close()
+        await redis.aclose()
+        await loads.close()
+    _report(runs, query, calls)
+
+
+async def _timed_get(client: AsyncClient, namespace: str) -> Answer:
+    started = time.perf_counter()
+    got = await client.get(namespace, KEY)
+    took = 1000 * (time.perf_counter() - started)
+    if not got.found or got.version < 1:
+        raise RuntimeError(f"Get {namespace}/{KEY} answered found={got.found} v{got.version}")
+    return Answer(took, got.layer, got.stale)
+
+
+async def _burst(clients: list[AsyncClient], namespace: str, calls: int) -> list[Answer]:
+    return await asyncio.gather(
+        *(_timed_get(clients[i % len(clients)], namespace) for i in range(calls))
+    )
+
+
+async def _stampede(
+    clients: list[AsyncClient], redis: aioredis.Redis, loads: slow_rows.Loads, calls: int
+) -> Burst:
+    """Fill, let the entry expire in Redis, then the burst."""
+    await clients[0].get("stampede", KEY)
+    # The entry's Redis key (design 3: cc:{<namespace>:<key>}) has PX = ttl.
+    name = f"cc:{{stampede:{KEY}}}"
+    deadline = time.monotonic() + 10
+    while await redis.exists(name):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not expire within 10 s")
+        await asyncio.sleep(0.01)
+    before = await loads.count()
+    answers = await _burst(clients, "stampede", calls)
+    await asyncio.sleep(SETTLE_S)
+    return Burst(
+        [a.ms for a in answers],
+        await loads.count() - before,
+        sum(a.layer is Layer.DATABASE for a in answers),
+    )
+
+
+async def _hit_burst(clients: list[AsyncClient], loads: slow_rows.Loads, calls: int) -> Burst:
+    before = await loads.count()
+    answers = await _burst(clients, "hits", calls)
+    if any(a.layer is not Layer.REDIS for a in answers):
+        raise RuntimeError("the hit burst was not all Redis hits")
+    return Burst([a.ms for a in answers], await loads.count() - before)
+
+
+async def _naive(cluster: Cluster, loads: slow_rows.Loads, calls: int) -> Burst:
+    async with naive_cache_aside(
+        cluster.redis.url,
+        cluster.database_url,
+        redis_connections=NAIVE_REDIS_CONNECTIONS,
+        db_connections=NAIVE_DB_CONNECTIONS,
+    ) as naive:
+        # Just expired: the key is gone from Redis, as EXPIRE leaves it.
+        await naive.redis.delete(naive.cache_key(KEY))
+        before = await loads.count()
+
+        async def timed() -> float:
+            started = time.perf_counter()
+            answer = await naive.get_user_profile(KEY)
+            if answer.value is None:
+                raise RuntimeError("the naive cache-aside did not find the row")
+            return 1000 * (time.perf_counter() - started)
+
+        latencies = await asyncio.gather(*(timed() for _ in range(calls)))
+    return Burst(list(latencies), await loads.count() - before)
+
+
+async def _steady(
+    clients: list[AsyncClient], loads: slow_rows.Loads, namespace: str, seconds: float
+) -> Steady:
+    """An open loop of RATE Gets per second for *seconds*, after a first fill."""
+    await clients[0].get(namespace, KEY)
+    before = await loads.count()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    tasks = []
+    for i in range(round(RATE * seconds)):
+        delay = started + i / RATE - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(_timed_get(clients[i % len(clients)], namespace)))
+    answers = await asyncio.gather(*tasks)
+    await asyncio.sleep(SETTLE_S)
+    return Steady(answers, await loads.count() - before)
+
+
+def _show(number: int, one: Run) -> None:
+    for name in ("stampede", "hits", "naive", "swr", "xfetch"):
+        phase = getattr(one, name)
+        if isinstance(phase, Burst):
+            extra = f", {phase.from_database} answered from DATABASE" if name == "stampede" else ""
+            print(
+                f"  run {number}: {name:<9} {len(phase.latencies)} concurrent Gets: "
+                f"{phase.loads} database load(s), p50 {phase.p50:.0f} ms, "
+                f"p99 {phase.p99:.0f} ms{extra}",
+                flush=True,
+            )
+        else:
+            print(
+                f"  run {number}: {name:<9} {len(phase.answers)} Gets at {RATE}/s: "
+                f"{phase.waits} waits (DATABASE answers), {phase.stale} stale, "
+                f"{phase.slow} over {SLOW_MS:.0f} ms, {phase.loads} load(s), "
+                f"p99 {phase.p99:.0f} ms",
+                flush=True,
+            )
+
+
+def _report(runs: list[Run], query: float, calls: int) -> None:
+    stampede, hits, naive = (
+        [r.stampede for r in runs],
+        [r.hits for r in runs],
+        [r.naive for r in runs],
+    )
+    swr, xfetch = [r.swr for r in runs], [r.xfetch for r in runs]
+    results: dict[str, float] = {
+        "query_ms": query,
+        "db_loads": max(b.loads for b in stampede),
+        "p50_ms": statistics.median(b.p50 for b in stampede),
+        "p99_ms": statistics.median(b.p99 for b in stampede),
+        "hit_p50_ms": statistics.median(b.p50 for b in hits),
+        "hit_p99_ms": statistics.median(b.p99 for b in hits),
+        "p99_over_hit_p99_ms": statistics.median(r.stampede.p99 - r.hits.p99 for r in runs),
+        "naive_db_loads": max(b.loads for b in naive),
+        "naive_p50_ms": statistics.median(b.p50 for b in naive),
+        "naive_p99_ms": statistics.median(b.p99 for b in naive),
+        "swr_waits": sum(s.waits for s in swr),
+        "swr_slow": sum(s.slow for s in swr),
+        "swr_stale": sum(s.stale for s in swr),
+        "swr_loads": sum(s.loads for s in swr),
+        "swr_p99_ms": statistics.median(s.p99 for s in swr),
+        "xfetch_waits": sum(s.waits for s in xfetch),
+        "xfetch_slow": sum(s.slow for s in xfetch),
+        "xfetch_loads": sum(s.loads for s in xfetch),
+        "xfetch_p99_ms": statistics.median(s.p99 for s in xfetch),
+    }
+    print(f"\n== stampede: {len(runs)} run(s), {calls} concurrent Gets per burst ==")
+    print(f"query: {query:.1f} ms (median of 5 direct executions as the reader role)")
+    bound = query + 50
+    targets = [
+        (
+            "exactly 1 database load per stampede",
+            all(b.loads == 1 for b in stampede),
+            f"loads per run: {', '.join(str(b.loads) for b in stampede)}",
+        ),
+        (
+            f"stampede p99 <= query + 50 ms = {bound:.0f} ms",
+            results["p99_ms"] <= bound,
+            f"p99 {results['p99_ms']:.0f} ms; the same burst of cached hits: "
+            f"p99 {results['hit_p99_ms']:.0f} ms",
+        ),
+        ("swr_waits = 0", results["swr_waits"] == 0, f"{results['swr_waits']:.0f}"),
+        ("xfetch_waits = 0", results["xfetch_waits"] == 0, f"{results['xfetch_waits']:.0f}"),
+    ]
+    for label, met, detail in targets:
+        print(f"target {label}: {'met' if met else 'NOT met'} ({detail})")
+    print(
+        "db_loads and naive_db_loads: the largest of any run; *_waits, *_slow, *_stale, "
+        "*_loads: totals over runs; latencies: medians over runs"
+    )
+    print()
+    for name, value in results.items():
+        shown = f"{value:.1f}" if name.endswith("_ms") else f"{value:.0f}"
+        print(f"RESULT {name}={shown}")
