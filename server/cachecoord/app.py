@@ -21,6 +21,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from redis.exceptions import RedisError
 
+from cachecoord import instruments, telemetry
 from cachecoord.cache import Cache
 from cachecoord.config import ConfigError, Invalidation, Kind, Settings, StrategyName
 from cachecoord.coordination.locks import Locks
@@ -215,6 +216,10 @@ def _decoded(*handlers: Callable[[Message], None]) -> Callable[[bytes], None]:
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring a malformed invalidation message: %.200r", raw)
             return
+        if telemetry.METRICS:
+            instruments.invalidations_received.add(
+                1, {"cache.namespace": message.namespace, "cache.reason": message.reason}
+            )
         for handler in handlers:
             handler(message)
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 
+from opentelemetry import trace
+
+from cachecoord import instruments, telemetry
 from cachecoord.config import ServerSettings
 from cachecoord.errors import InvalidArgument, NamespaceNotFound
 from cachecoord.invalidation.watch import Watcher, WatchHub
-from cachecoord.model import Deleted, Entry
+from cachecoord.model import Deleted, Entry, Layer
 from cachecoord.strategies import Strategy
 
 MAX_TTL_MS = 365 * 86_400_000
@@ -29,12 +32,18 @@ class Cache:
     async def get(self, namespace: str, key: str) -> Entry:
         strategy = self._namespace(namespace)
         self._check_key(strategy, key)
-        return await strategy.get(key)
+        entry = await strategy.get(key)
+        if telemetry.TRACING or telemetry.METRICS:
+            _observe(strategy, [entry])
+        return entry
 
     async def batch_get(self, namespace: str, keys: Sequence[str]) -> list[Entry]:
         strategy = self._namespace(namespace)
         self._check_keys(strategy, keys)
-        return await strategy.batch_get(keys)
+        entries = await strategy.batch_get(keys)
+        if telemetry.TRACING or telemetry.METRICS:
+            _observe(strategy, entries)
+        return entries
 
     async def put(
         self,
@@ -134,6 +143,31 @@ class Cache:
             )
         for key in keys:
             self._check_key(strategy, key)
+
+
+def _observe(strategy: Strategy, entries: Sequence[Entry]) -> None:
+    """Record where reads were served from: on the RPC's span (for one key)
+    and in the hit/miss counters."""
+    namespace = strategy.name
+    if telemetry.TRACING and len(entries) == 1:
+        entry = entries[0]
+        trace.get_current_span().set_attributes(
+            {
+                "cache.namespace": namespace,
+                "cache.strategy": strategy.settings.strategy.value,
+                "cache.hit": entry.layer is not Layer.DATABASE,
+                "cache.layer": entry.layer.value,
+                "cache.stale": entry.stale,
+            }
+        )
+    if telemetry.METRICS:
+        for entry in entries:
+            if entry.layer is Layer.DATABASE:
+                instruments.misses.add(1, {"cache.namespace": namespace})
+            else:
+                instruments.hits.add(
+                    1, {"cache.namespace": namespace, "cache.layer": entry.layer.value}
+                )
 
 
 def _check_version(expected_version: int | None) -> None:

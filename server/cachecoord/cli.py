@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import base64
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -50,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the server")
     serve.add_argument("--config", type=Path, default=os.environ.get("CACHECOORD_CONFIG"))
     serve.add_argument("--log-level", default=os.environ.get("CACHECOORD_LOG_LEVEL", "INFO"))
+    serve.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("CACHECOORD_LOG_FORMAT", "text"),
+        help="json: one JSON object per line, with trace and span ids",
+    )
     serve.set_defaults(run=_serve)
 
     client = argparse.ArgumentParser(add_help=False)
@@ -99,12 +104,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from cachecoord import telemetry
     from cachecoord.app import StartupError, serve
 
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    telemetry.configure_logging(args.log_level, json_lines=args.log_format == "json")
     try:
         settings = load(args.config, os.environ)
     except ConfigError as err:
@@ -116,11 +119,14 @@ def _serve(args: argparse.Namespace) -> int:
         runner: Any = uvloop.run
     except ImportError:
         runner = asyncio.run
+    configured = telemetry.configure()
     try:
         runner(serve(settings))
     except (ConfigError, StartupError) as err:
         print(f"cachecoord: cannot start: {err}", file=sys.stderr)
         return 2
+    finally:
+        configured.shutdown()
     return 0
 
 

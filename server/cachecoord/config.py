@@ -170,7 +170,12 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 _ENV_ALIASES = {"CACHECOORD_DATABASE_URL": "CACHECOORD_POSTGRES_URL"}
 # Read by the command line, not settings.
-_ENV_IGNORED = {"CACHECOORD_CONFIG", "CACHECOORD_LOG_LEVEL", "CACHECOORD_TARGET"}
+_ENV_IGNORED = {
+    "CACHECOORD_CONFIG",
+    "CACHECOORD_LOG_LEVEL",
+    "CACHECOORD_LOG_FORMAT",
+    "CACHECOORD_TARGET",
+}
 
 
 def load(path: Path | None, environ: Mapping[str, str]) -> Settings:

@@ -20,6 +20,7 @@ from collections import defaultdict
 
 import redis.asyncio as redis
 
+from cachecoord import instruments, telemetry
 from cachecoord.coordination.hold import Hold
 from cachecoord.errors import InvalidArgument, LockNotAcquired, LockNotHeld
 from cachecoord.model import LockGrant
@@ -95,12 +96,15 @@ class Locks:
         deadline: float,
         released: asyncio.Event,
     ) -> LockGrant:
+        started = time.monotonic()
         while True:
             released.clear()
             got, value = await self._acquire(
                 keys=[keys.lock_key(name), keys.fencing_key(name)], args=[token, ttl_ms]
             )
             if got:
+                if telemetry.METRICS:
+                    instruments.lock_wait.record((time.monotonic() - started) * 1000)
                 return LockGrant(token=token, fencing_token=int(value))
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -33,6 +33,9 @@ class SingleFlight(Generic[K, V]):
             task.add_done_callback(lambda _: self._loads.pop(key, None))
         return task
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._loads
+
     def __len__(self) -> int:
         return len(self._loads)
 

@@ -12,19 +12,21 @@ traceback. Cancellation (the client went away) passes through untouched.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from opentelemetry import propagate, trace
 
-from cachecoord import errors
+from cachecoord import errors, instruments, telemetry
 from cachecoord.coordination.hold import LockLost
 from cachecoord.rpc.registration import Undecodable
 
 log = logging.getLogger(__name__)
+
+SERVICE = "cachecoord.v1.CacheCoordService"
 
 CODES: dict[type[errors.CacheCoordError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -60,22 +62,28 @@ def rpc(default_timeout: Callable[[Any], float]) -> Callable[[Handler[Any, Any]]
     """Decorate a unary servicer method; *default_timeout(servicer)* gives seconds."""
 
     def decorate(method: Handler[Request, Response]) -> Handler[Request, Response]:
+        name = method.__name__
+
+        async def bounded(self: Any, request: Request, context: Context) -> Response:
+            remaining = context.time_remaining()
+            # No deadline from the client: grpc reports None (or a far-off time).
+            timeout = default_timeout(self) if remaining is None or remaining > 86400 else remaining
+            try:
+                async with asyncio.timeout(timeout):
+                    return await method(self, request, context)
+            except TimeoutError:
+                raise errors.DeadlineExceeded(
+                    f"the request did not finish within its deadline ({timeout:.3f} s)"
+                ) from None
+
         @functools.wraps(method)
         async def handle(self: Any, request: Request, context: Context) -> Response:
             if isinstance(request, Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-            remaining = context.time_remaining()
-            # No deadline from the client: grpc reports None (or a far-off time).
-            timeout = default_timeout(self) if remaining is None or remaining > 86400 else remaining
-            async with _statuses(context, method.__name__):
-                try:
-                    async with asyncio.timeout(timeout):
-                        return await method(self, request, context)
-                except TimeoutError:
-                    raise errors.DeadlineExceeded(
-                        f"the request did not finish within its deadline ({timeout:.3f} s)"
-                    ) from None
-            raise AssertionError("unreachable: abort raises")
+            if telemetry.TRACING:
+                with _server_span(name, context):
+                    return await _answer(context, name, bounded(self, request, context))
+            return await _answer(context, name, bounded(self, request, context))
 
         return handle
 
@@ -85,24 +93,32 @@ def rpc(default_timeout: Callable[[Any], float]) -> Callable[[Handler[Any, Any]]
 def server_stream_rpc(method: Handler[Request, None]) -> Handler[Request, None]:
     """Decorate a servicer method with one request and a response stream
     (written with context.write); it runs as long as the client listens."""
+    name = method.__name__
 
     @functools.wraps(method)
     async def handle(self: Any, request: Request, context: Context) -> None:
         if isinstance(request, Undecodable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        async with _statuses(context, method.__name__):
-            await method(self, request, context)
+        if telemetry.TRACING:
+            with _server_span(name, context):
+                await _answer(context, name, method(self, request, context))
+        else:
+            await _answer(context, name, method(self, request, context))
 
     return handle
 
 
 def stream_rpc(method: StreamHandler[Request]) -> StreamHandler[Request]:
     """Decorate a streaming servicer method written in the reader/writer style."""
+    name = method.__name__
 
     @functools.wraps(method)
     async def handle(self: Any, requests: AsyncIterator[Any], context: Context) -> None:
-        async with _statuses(context, method.__name__):
-            await method(self, _Decoded(requests), context)
+        if telemetry.TRACING:
+            with _server_span(name, context):
+                await _answer(context, name, method(self, _Decoded(requests), context))
+        else:
+            await _answer(context, name, method(self, _Decoded(requests), context))
 
     return handle
 
@@ -125,17 +141,65 @@ class _Decoded(AsyncIterator[Request]):
         return decoded
 
 
-@contextlib.asynccontextmanager
-async def _statuses(context: Context, method: str) -> AsyncIterator[None]:
-    """End the RPC with the status of whatever the handler raised."""
+async def _answer(context: Context, method: str, call: Awaitable[Response]) -> Response:
+    """Await the handler; end the RPC with the status of whatever it raised.
+    Cancellation (the client went away) passes through untouched."""
     try:
-        yield
+        result = await call
     except errors.CacheCoordError as err:
-        await context.abort(status_of(err), str(err))
+        code = status_of(err)
+        _finished(method, code)
+        await context.abort(code, str(err))
     except grpc.aio.AbortError:
+        _finished(method, context.code() or grpc.StatusCode.UNKNOWN)
         raise  # the handler chose its status itself
     except Exception:
         log.exception("unexpected error in %s", method)
+        _finished(method, grpc.StatusCode.INTERNAL)
         await context.abort(
             grpc.StatusCode.INTERNAL, "internal error; the server log has the details"
         )
+    else:
+        _finished(method, grpc.StatusCode.OK)
+        return result
+    raise AssertionError("unreachable: abort raises")
+
+
+# Status codes that mean the server failed (OpenTelemetry RPC conventions);
+# the others are the client's doing and leave the server span unset.
+_SERVER_FAULTS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def _finished(method: str, code: grpc.StatusCode) -> None:
+    if telemetry.METRICS:
+        instruments.requests.add(1, {"rpc.method": method, "rpc.grpc.status_code": code.value[0]})
+    if telemetry.TRACING:
+        span = trace.get_current_span()
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code in _SERVER_FAULTS:
+            span.set_status(trace.StatusCode.ERROR, code.name)
+
+
+def _server_span(method: str, context: Context) -> Any:
+    """The server span of an RPC, child of the caller's span (W3C traceparent
+    in the gRPC metadata), whatever language the caller is written in."""
+    carrier = {
+        key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)
+    }
+    return instruments.tracer.start_as_current_span(
+        f"{SERVICE}/{method}",
+        context=propagate.extract(carrier),
+        kind=trace.SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method},
+        record_exception=False,
+        set_status_on_exception=False,
+    )

@@ -13,6 +13,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from redis.exceptions import RedisError
 
+from cachecoord import instruments, telemetry
 from cachecoord.config import NamespaceSettings
 from cachecoord.errors import Unavailable, VersionConflict
 from cachecoord.invalidation.messages import Invalidation
@@ -86,6 +87,8 @@ class Strategy(abc.ABC):
         message comes back, so a Get right after a Put here sees the Put."""
         if self.reader.near is not None:
             self.reader.near.invalidate(key, version)
+        if telemetry.METRICS:
+            instruments.invalidations_published.add(1, {"cache.namespace": self.name})
 
     def on_reset(self) -> None:
         """Messages may have been missed: nothing held locally can be trusted."""

@@ -28,9 +28,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from opentelemetry import propagate, trace
 from psycopg import AsyncConnection
 from redis.exceptions import RedisError, ResponseError
 
+from cachecoord import instruments, telemetry
 from cachecoord.errors import CacheCoordError
 from cachecoord.storage import envelope
 from cachecoord.strategies.write_behind import WriteBehind
@@ -79,6 +81,7 @@ SELECT key FROM advanced, writer
 # Errors that say "this entry is wrong", as opposed to "PostgreSQL is down".
 _REJECTED = (psycopg.IntegrityError, psycopg.DataError, psycopg.ProgrammingError, CacheCoordError)
 _MAX_BACKOFF = 30.0
+_MAX_LINKS = 128  # a flush span links to the Puts it writes, up to this many
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,7 @@ class Queued:
     version: int
     kind: str  # "v" value, "n" deletion
     payload: bytes
+    traceparent: str = ""
 
     @classmethod
     def parse(cls, queue: str, entry_id: Any, fields: dict[bytes, bytes]) -> Queued:
@@ -101,6 +105,7 @@ class Queued:
             version=int(fields[b"v"]),
             kind=fields[b"t"].decode(),
             payload=fields[b"p"],
+            traceparent=fields.get(b"c", b"").decode(),
         )
 
 
@@ -119,16 +124,20 @@ class Flusher:
         self._task: asyncio.Task[None] | None = None
         self._draining = False
         self._next_reclaim = 0.0
+        self.queue_stats: tuple[int, float] = (0, 0.0)
+        """Queued writes and the age of the oldest, in ms (sampled with metrics on)."""
         self.flushed_rows = 0
         """Rows written to PostgreSQL so far (coalesced writes count once)."""
 
     async def open(self) -> None:
         self._draining = False
+        instruments.watch_queues(self._probe)
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"flusher-{self._ns.name}")
 
     async def close(self, grace: float) -> None:
         """Drain what can be flushed within *grace* seconds, then stop."""
+        instruments.unwatch_queues(self._probe)
         task, self._task = self._task, None
         if task is None:
             return
@@ -171,6 +180,8 @@ class Flusher:
     async def _next_batch(self) -> list[Queued]:
         if time.monotonic() >= self._next_reclaim:
             self._next_reclaim = time.monotonic() + self._settings.retry_after / 2000
+            if telemetry.METRICS:
+                await self._sample_queues()
             reclaimed = await self._reclaim()
             if reclaimed:
                 return reclaimed
@@ -194,6 +205,21 @@ class Flusher:
             for entry_id, fields in entries
             if fields
         ]
+
+    async def _sample_queues(self) -> None:
+        """Queue length and the age of the oldest queued write, for the gauges."""
+        pipe = self._client.pipeline(transaction=False)
+        for queue in self._keys.queues:
+            pipe.xlen(queue)
+            pipe.xrange(queue, count=1)
+        replies = await pipe.execute()
+        length = sum(int(n) for n in replies[0::2])
+        oldest = [int(entries[0][0].split(b"-")[0]) for entries in replies[1::2] if entries]
+        lag = time.time() * 1000 - min(oldest) if oldest else 0.0
+        self.queue_stats = (length, max(0.0, lag))
+
+    def _probe(self) -> list[tuple[str, int, float]]:
+        return [(self._ns.name, *self.queue_stats)]
 
     async def _create_groups(self) -> None:
         for queue in self._keys.queues:
@@ -273,6 +299,33 @@ class Flusher:
     # -- flushing ------------------------------------------------------------
 
     async def _flush(self, batch: list[Queued]) -> None:
+        if not telemetry.TRACING:
+            await self._flush_batch(batch)
+            return
+        links = [
+            trace.Link(
+                trace.get_current_span(
+                    propagate.extract({"traceparent": e.traceparent})
+                ).get_span_context()
+            )
+            for e in batch[:_MAX_LINKS]
+            if e.traceparent
+        ]
+        with instruments.tracer.start_as_current_span(
+            "cache.flush",
+            kind=trace.SpanKind.CONSUMER,
+            links=links,
+            attributes={
+                "cache.namespace": self._ns.name,
+                "messaging.system": "redis",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": batch[0].queue,
+                "messaging.batch.message_count": len(batch),
+            },
+        ):
+            await self._flush_batch(batch)
+
+    async def _flush_batch(self, batch: list[Queued]) -> None:
         newest: dict[str, Queued] = {}
         for entry in batch:
             if entry.key not in newest or entry.version > newest[entry.key].version:

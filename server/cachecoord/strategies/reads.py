@@ -30,8 +30,10 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from redis.exceptions import RedisError
 
+from cachecoord import instruments, telemetry
 from cachecoord.config import NamespaceSettings
 from cachecoord.coordination.single_flight import SingleFlight
+from cachecoord.instruments import span
 from cachecoord.invalidation.messages import Invalidation
 from cachecoord.invalidation.near_cache import NearCache
 from cachecoord.model import Entry, Layer, Row
@@ -76,7 +78,8 @@ class Reader:
         near = self.near
         if near is None:
             return await self._get(key)
-        entry = near.get(key)
+        with span("cache.near", **{"cache.namespace": self.settings.name}):
+            entry = near.get(key)
         if entry is not None:
             return entry
         epoch = near.epoch
@@ -86,12 +89,15 @@ class Reader:
 
     async def _get(self, key: str) -> Entry:
         try:
-            raw = await self.store.get(key)
+            with span("cache.redis", **{"cache.namespace": self.settings.name}):
+                raw = await self.store.get(key)
         except RedisError as err:
             log.debug("redis get failed, reading PostgreSQL: %s", err)
             return await self._load_uncached(key)
         if raw is not None:
             return self._hit(key, raw)
+        if key in self._loads and telemetry.METRICS:
+            instruments.coalesced.add(1, {"cache.namespace": self.settings.name})
         return await self._loads.run(key, partial(self._miss, key))
 
     async def batch_get(self, keys: Sequence[str]) -> list[Entry]:
@@ -206,17 +212,24 @@ class Reader:
             if leased.get(key):
                 fills[key] = (tokens[key], stored, px, self._notice(key, rows[key]))
         try:
-            await self.store.fill_many(fills)
+            with span("cache.fill", **{"cache.namespace": self.settings.name}):
+                await self.store.fill_many(fills)
         except RedisError as err:
             log.debug("fill failed: %s", err)
         return entries
 
     async def _await_fill(self, key: str) -> Entry | None:
+        with span("cache.lease_wait", **{"cache.namespace": self.settings.name}):
+            return await self._wait_for_fill(key)
+
+    async def _wait_for_fill(self, key: str) -> Entry | None:
         """Wait up to lease_wait for the lease holder's fill, woken by its
         notice; the poll only covers a lost notice."""
         filled = asyncio.Event()
         waiters = self._fill_waiters[key]
         waiters.add(filled)
+        if telemetry.METRICS:
+            instruments.coalesced.add(1, {"cache.namespace": self.settings.name})
         try:
             deadline = time.monotonic() + self.settings.lease_wait / 1000
             poll = 0.01
@@ -244,9 +257,13 @@ class Reader:
 
     async def _load(self, keys: Sequence[str]) -> tuple[dict[str, Row], int]:
         started = time.monotonic()
-        async with database_errors(), self.pool.connection() as conn:
-            rows = await self.table.load(conn, keys)
-        return rows, round((time.monotonic() - started) * 1000)
+        with span("cache.load", **{"cache.namespace": self.settings.name, "cache.keys": len(keys)}):
+            async with database_errors(), self.pool.connection() as conn:
+                rows = await self.table.load(conn, keys)
+        load_ms = (time.monotonic() - started) * 1000
+        if telemetry.METRICS:
+            instruments.load_duration.record(load_ms, {"cache.namespace": self.settings.name})
+        return rows, round(load_ms)
 
 
 def _now_ms() -> int:

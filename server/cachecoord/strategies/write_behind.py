@@ -16,15 +16,18 @@ import json
 import time
 from typing import Any
 
+from opentelemetry import propagate
 from redis.exceptions import RedisError
 
+from cachecoord import telemetry
 from cachecoord.config import NamespaceSettings, QueueFull
 from cachecoord.errors import QueueFullError, Unavailable, VersionConflict
 from cachecoord.model import Deleted
 from cachecoord.strategies.write_through import WriteThrough
 
 # KEYS: value, lease, queue. ARGV: payload, kind (v|n), expected version (-1:
-# none), queue bound, channel, fresh ms, namespace, key, reason, origin.
+# none), queue bound, channel, fresh ms, namespace, key, reason, origin,
+# traceparent of the Put (so the flush span can link to it).
 # Returns {1, version} written, {0, current} version conflict, {-1, 0} queue
 # full, {-2, 0} not cached (the caller loads the key, then retries).
 WRITE = """
@@ -47,7 +50,8 @@ local version = string.format('%.0f', math.max(previous + 1, clock))
 local fresh_until = string.format('%.0f', math.floor(clock / 1000) + tonumber(ARGV[6]))
 redis.call('SET', KEYS[1], version .. ':' .. fresh_until .. ':0:' .. ARGV[2] .. ARGV[1])
 redis.call('DEL', KEYS[2])
-redis.call('XADD', KEYS[3], '*', 'k', ARGV[8], 'v', version, 't', ARGV[2], 'p', ARGV[1])
+redis.call('XADD', KEYS[3], '*', 'k', ARGV[8], 'v', version, 't', ARGV[2], 'p', ARGV[1],
+  'c', ARGV[11])
 redis.call('PUBLISH', ARGV[5], '{"namespace":' .. cjson.encode(ARGV[7]) .. ',"key":' ..
   cjson.encode(ARGV[8]) .. ',"version":' .. version .. ',"reason":' .. cjson.encode(ARGV[9]) ..
   ',"origin":' .. cjson.encode(ARGV[10]) .. '}')
@@ -140,6 +144,7 @@ class WriteBehind(WriteThrough):
                     key,
                     reason,
                     self.origin,
+                    _traceparent(),
                 ],
             )
         except RedisError as err:
@@ -194,3 +199,11 @@ class WriteBehind(WriteThrough):
                 f"the write reached {acked} of {self.settings.wait_replicas} replicas in 1 s; "
                 "it may be lost if the primary fails (it is still queued)"
             )
+
+
+def _traceparent() -> str:
+    if not telemetry.TRACING:
+        return ""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent", "")

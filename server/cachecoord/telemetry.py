@@ -1,0 +1,213 @@
+"""The only module that configures OpenTelemetry (SDK, exporters, log format).
+
+Everything is set by the standard ``OTEL_*`` environment variables, read by
+the SDK itself: ``OTEL_SERVICE_NAME`` (default ``cachecoord``),
+``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_EXPORTER_OTLP_ENDPOINT`` (and the
+``_TRACES_``/``_METRICS_`` variants), ``OTEL_EXPORTER_OTLP_PROTOCOL`` (``grpc``
+or ``http/protobuf``), ``OTEL_TRACES_SAMPLER`` and ``OTEL_TRACES_SAMPLER_ARG``,
+``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER`` (``otlp``, ``console``,
+``prometheus`` for metrics, ``none``), ``OTEL_SDK_DISABLED``. With none of
+them set, nothing is exported and the hot paths skip span work entirely.
+
+The rest of the code uses only the API (``trace.get_tracer``,
+``metrics.get_meter``) and asks :data:`TRACING` whether spans are wanted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import metrics, trace
+
+TRACING = False
+"""True once tracing is configured: hot paths create spans only then."""
+METRICS = False
+"""True once metrics are configured: hot paths record them only then."""
+
+_DEFAULT_SERVICE = "cachecoord"
+
+
+@dataclass
+class Telemetry:
+    """What :func:`configure` set up, to flush and stop at shutdown."""
+
+    providers: list[Any] = field(default_factory=list)
+
+    def shutdown(self) -> None:
+        global TRACING, METRICS
+        for provider in self.providers:
+            provider.shutdown()
+        TRACING = METRICS = False
+
+
+def configure(environ: Mapping[str, str] | None = None) -> Telemetry:
+    """Set up tracing and metrics as the ``OTEL_*`` variables ask; call once,
+    at start-up, in the process that serves (the OTLP exporter is not
+    fork-safe)."""
+    global TRACING, METRICS
+    env = os.environ if environ is None else environ
+    telemetry = Telemetry()
+    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return telemetry
+    traces = _exporters(env, "TRACES")
+    metric_exporters = _exporters(env, "METRICS")
+    if not traces and not metric_exporters:
+        return telemetry
+
+    from opentelemetry.sdk.resources import Resource
+
+    resource = Resource.create(
+        {} if env.get("OTEL_SERVICE_NAME") else {"service.name": _DEFAULT_SERVICE}
+    )
+    if traces:
+        telemetry.providers.append(_tracer_provider(resource, traces, env))
+        _instrument_clients()
+        TRACING = True
+    if metric_exporters:
+        telemetry.providers.append(_meter_provider(resource, metric_exporters, env))
+        METRICS = True
+    return telemetry
+
+
+def _exporters(env: Mapping[str, str], signal: str) -> list[str]:
+    """Exporters asked for *signal*: OTEL_<SIGNAL>_EXPORTER, or otlp when an
+    OTLP endpoint is configured."""
+    chosen = env.get(f"OTEL_{signal}_EXPORTER")
+    if chosen is None:
+        endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(
+            f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"
+        )
+        return ["otlp"] if endpoint else []
+    return [name.strip() for name in chosen.split(",") if name.strip() not in ("", "none")]
+
+
+def _http(env: Mapping[str, str], signal: str) -> bool:
+    protocol = env.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or env.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"
+    )
+    return protocol.startswith("http")
+
+
+def _tracer_provider(resource: Any, exporters: list[str], env: Mapping[str, str]) -> Any:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        ConsoleSpanExporter,
+        SpanExporter,
+    )
+
+    provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
+    for name in exporters:
+        exporter: SpanExporter
+        if name == "console":
+            exporter = ConsoleSpanExporter()
+        elif _http(env, "TRACES"):
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                OTLPSpanExporter as HTTPSpanExporter,
+            )
+
+            exporter = HTTPSpanExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter()
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def _meter_provider(resource: Any, exporters: list[str], env: Mapping[str, str]) -> Any:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import (
+        ConsoleMetricExporter,
+        MetricExporter,
+        MetricReader,
+        PeriodicExportingMetricReader,
+    )
+
+    readers: list[MetricReader] = []
+    for name in exporters:
+        if name == "prometheus":
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+            from prometheus_client import start_http_server
+
+            start_http_server(
+                int(env.get("OTEL_EXPORTER_PROMETHEUS_PORT", "9464")),
+                env.get("OTEL_EXPORTER_PROMETHEUS_HOST", "localhost"),
+            )
+            readers.append(PrometheusMetricReader())
+            continue
+        exporter: MetricExporter
+        if name == "console":
+            exporter = ConsoleMetricExporter()
+        elif _http(env, "METRICS"):
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+                OTLPMetricExporter as HTTPMetricExporter,
+            )
+
+            exporter = HTTPMetricExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+            exporter = OTLPMetricExporter()
+        readers.append(PeriodicExportingMetricReader(exporter))
+    provider = MeterProvider(resource=resource, metric_readers=readers)
+    metrics.set_meter_provider(provider)
+    return provider
+
+
+def _instrument_clients() -> None:
+    """Spans for every Redis command and SQL statement (contrib instrumentations)."""
+    from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    RedisInstrumentor().instrument()
+    PsycopgInstrumentor().instrument(enable_commenter=False)
+
+
+# -- logs ----------------------------------------------------------------------
+
+
+class _TraceContext(logging.Filter):
+    """Adds the current trace and span ids to every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        record.trace_id = format(context.trace_id, "032x") if context.is_valid else ""
+        record.span_id = format(context.span_id, "016x") if context.is_valid else ""
+        return True
+
+
+class _JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "trace_id": getattr(record, "trace_id", ""),
+            "span_id": getattr(record, "span_id", ""),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def configure_logging(level: str, json_lines: bool) -> None:
+    """Log lines carry the trace and span ids of the request they belong to.
+    (Values and secrets are never logged: messages name keys, not values.)"""
+    handler = logging.StreamHandler()
+    handler.addFilter(_TraceContext())
+    handler.setFormatter(
+        _JSONFormatter()
+        if json_lines
+        else logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s [trace=%(trace_id)s span=%(span_id)s]"
+        )
+    )
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

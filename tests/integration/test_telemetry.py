@@ -1,0 +1,244 @@
+"""Traces and metrics reach a real OTLP/gRPC receiver, over the network, from a
+`cachecoord serve` process; the caller's trace continues in the server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+from opentelemetry import propagate, trace
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as metrics_pb
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as metrics_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as trace_pb
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as trace_grpc
+from opentelemetry.sdk.trace import TracerProvider
+
+from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
+from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
+from local_servers import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Receiver(trace_grpc.TraceServiceServicer, metrics_grpc.MetricsServiceServicer):
+    """A minimal OTLP/gRPC collector: keeps what it is sent."""
+
+    spans: list[Any] = field(default_factory=list)
+    metric_names: set[str] = field(default_factory=set)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def Export(self, request: Any, context: Any) -> Any:  # noqa: N802
+        if isinstance(request, trace_pb.ExportTraceServiceRequest):
+            for resource_spans in request.resource_spans:
+                for scope_spans in resource_spans.scope_spans:
+                    self.spans.extend(scope_spans.spans)
+            self.arrived.set()
+            return trace_pb.ExportTraceServiceResponse()
+        for resource_metrics in request.resource_metrics:
+            for scope_metrics in resource_metrics.scope_metrics:
+                self.metric_names.update(m.name for m in scope_metrics.metrics)
+        self.arrived.set()
+        return metrics_pb.ExportMetricsServiceResponse()
+
+    def named(self, name: str) -> list[Any]:
+        return [span for span in self.spans if span.name == name]
+
+
+def attributes(span: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for item in span.attributes:
+        kind = item.value.WhichOneof("value")
+        values[item.key] = getattr(item.value, kind) if kind else None
+    return values
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def receiver() -> AsyncIterator[tuple[Receiver, int]]:
+    collector = Receiver()
+    server = grpc.aio.server()
+    trace_grpc.add_TraceServiceServicer_to_server(collector, server)
+    metrics_grpc.add_MetricsServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield collector, port
+    await server.stop(0)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def traced_server(
+    receiver: tuple[Receiver, int],
+    redis_server: RedisServer,
+    own_database: str,
+    tmp_path: Path,
+) -> AsyncIterator[int]:
+    """`cachecoord serve` with tracing at 100% and metrics, exporting to the receiver."""
+    port = free_port()
+    config = tmp_path / "traced.toml"
+    config.write_text(
+        f"""
+[server]
+listen = "127.0.0.1:{port}"
+shutdown_grace = "1s"
+instance_id = "traced"
+[redis]
+url = "{redis_server.url.rsplit("/", 1)[0]}/3"
+[postgres]
+url = "{own_database}"
+[namespaces.users]
+kind = "mapped"
+table = "users"
+key_column = "id"
+[namespaces.queued]
+kind = "managed"
+strategy = "write-behind"
+flush_interval = "50ms"
+"""
+    )
+    env = {
+        **os.environ,
+        "OTEL_SERVICE_NAME": "cachecoord-under-test",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver[1]}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "1.0",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_METRIC_EXPORT_INTERVAL": "300",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cachecoord", "serve", "--config", str(config), env=env
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await asyncio.wait_for(channel.channel_ready(), 20)
+        yield port
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 15)
+
+
+async def test_server_span_continues_the_callers_trace_with_cache_attributes(
+    receiver: tuple[Receiver, int], traced_server: int
+) -> None:
+    collector, _ = receiver
+    tracer = TracerProvider().get_tracer("test-client")  # the caller's own SDK
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{traced_server}") as channel:
+        stub = pb_grpc.CacheCoordServiceStub(channel)
+        with tracer.start_as_current_span("client-get") as client_span:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            await stub.Get(
+                pb.GetRequest(namespace="users", key="1"), metadata=tuple(carrier.items())
+            )
+            await stub.Get(
+                pb.GetRequest(namespace="users", key="1"), metadata=tuple(carrier.items())
+            )
+    client_context = client_span.get_span_context()
+    for _ in range(100):
+        gets = collector.named("cachecoord.v1.CacheCoordService/Get")
+        if len(gets) >= 2 and collector.named("cache.load"):
+            break
+        await asyncio.sleep(0.05)
+    assert len(gets) >= 2
+    first, second = gets[0], gets[1]
+    assert first.trace_id == client_context.trace_id.to_bytes(16, "big")
+    assert first.parent_span_id == client_context.span_id.to_bytes(8, "big")
+    assert first.kind == trace.SpanKind.SERVER.value + 1  # OTLP enums are offset by one
+    miss, hit = attributes(first), attributes(second)
+    assert miss["rpc.system"] == "grpc"
+    assert miss["rpc.method"] == "Get"
+    assert miss["rpc.grpc.status_code"] == 0
+    assert (miss["cache.namespace"], miss["cache.hit"], miss["cache.layer"]) == (
+        "users",
+        False,
+        "database",
+    )
+    assert (hit["cache.hit"], hit["cache.layer"], hit["cache.stale"]) == (True, "redis", False)
+    assert miss["cache.strategy"] == "cache-aside"
+    # Children of the miss: the cache layers, and the Redis and SQL calls themselves.
+    children = {span.name for span in collector.spans if span.parent_span_id == first.span_id}
+    assert {"cache.redis", "cache.load", "cache.fill"} <= children
+    load = collector.named("cache.load")[0]
+    sql = [s for s in collector.spans if s.parent_span_id == load.span_id]
+    assert sql
+    assert attributes(sql[0]).get("db.system") == "postgresql"
+    redis_calls = [s for s in collector.spans if attributes(s).get("db.system") == "redis"]
+    assert redis_calls
+
+
+async def test_error_status_is_on_the_span_and_metrics_arrive(
+    receiver: tuple[Receiver, int], traced_server: int
+) -> None:
+    collector, _ = receiver
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{traced_server}") as channel:
+        stub = pb_grpc.CacheCoordServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Get(pb.GetRequest(namespace="nope", key="1"))
+        await stub.Put(pb.PutRequest(namespace="queued", key="k", value=b"v"))
+        await stub.Get(pb.GetRequest(namespace="users", key="424242"))  # a miss
+    wanted = {
+        "cachecoord.requests",
+        "cachecoord.cache.misses",
+        "cachecoord.invalidations.published",
+        "cachecoord.write_behind.queue_length",
+    }
+    for _ in range(100):
+        failed = [
+            s
+            for s in collector.named("cachecoord.v1.CacheCoordService/Get")
+            if attributes(s).get("rpc.grpc.status_code") == grpc.StatusCode.NOT_FOUND.value[0]
+        ]
+        if failed and collector.named("cache.flush") and wanted <= collector.metric_names:
+            break
+        await asyncio.sleep(0.05)
+    assert failed
+    assert wanted <= collector.metric_names
+    flush = collector.named("cache.flush")[0]
+    put = collector.named("cachecoord.v1.CacheCoordService/Put")[0]
+    assert any(link.span_id == put.span_id for link in flush.links)  # flush links to the Put
+    assert attributes(flush)["messaging.system"] == "redis"
+
+
+async def test_streams_work_and_are_traced(
+    receiver: tuple[Receiver, int], traced_server: int
+) -> None:
+    collector, _ = receiver
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{traced_server}") as channel:
+        stub: Any = pb_grpc.CacheCoordServiceStub(channel)
+        watch = stub.Watch(pb.WatchRequest(namespaces=["users"]))
+        first = await watch.read()
+        assert first.WhichOneof("event") == "reset"
+        await stub.Invalidate(pb.InvalidateRequest(namespace="users", keys=["2"]))
+        event = await watch.read()
+        assert event.invalidation.key == "2"
+        watch.cancel()
+        hold = stub.HoldLock()
+        await hold.write(
+            pb.HoldLockRequest(acquire=pb.HoldLockRequest.Acquire(name="traced", ttl_ms=5000))
+        )
+        acquired = await hold.read()
+        assert acquired.acquired.token
+        await hold.done_writing()
+        assert await hold.read() is grpc.aio.EOF  # type: ignore[attr-defined]
+        assert await hold.code() == grpc.StatusCode.OK
+    for _ in range(100):
+        if collector.named("cachecoord.v1.CacheCoordService/HoldLock") and collector.named(
+            "cachecoord.v1.CacheCoordService/Watch"
+        ):
+            break
+        await asyncio.sleep(0.05)
+    assert (
+        attributes(collector.named("cachecoord.v1.CacheCoordService/HoldLock")[0])[
+            "rpc.grpc.status_code"
+        ]
+        == 0
+    )
+    assert collector.named("cachecoord.v1.CacheCoordService/Watch")
