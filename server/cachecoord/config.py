@@ -83,6 +83,10 @@ class RedisSettings:
     """How long a request waits for a free connection before failing."""
     socket_timeout: Duration = Duration(1_000)
     """Timeout of one Redis command (and of connecting)."""
+    breaker_failures: int = 5
+    """Consecutive failed Redis calls after which Redis is skipped for a while."""
+    breaker_cooldown: Duration = Duration(1_000)
+    """How long Redis is skipped before one call probes whether it is back."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,8 @@ class PostgresSettings:
     """Connections kept open."""
     max_connections: int = 10
     """Most connections the pool opens."""
+    pool_timeout: Duration = Duration(2_000)
+    """How long a request waits for a PostgreSQL connection before UNAVAILABLE."""
     prepare_threshold: int = 5
     """Executions before a statement is prepared; -1 disables prepared statements
     (needed behind pgbouncer in transaction mode)."""
@@ -127,6 +133,9 @@ class NamespaceSettings:
     stale_window: Duration = Duration(0)
     """How long past its TTL a value may still be served (marked stale) while
     one reader refreshes it in the background; 0 disables."""
+    stale_if_error: Duration = Duration(0)
+    """How long past its TTL a value is still served (marked stale) when
+    PostgreSQL cannot be reached to reload it; 0 disables."""
     early_refresh_beta: float = 1.0
     """XFetch: how eagerly a hot key is refreshed before it expires (0 disables)."""
     near_cache_entries: int = 0
@@ -359,6 +368,8 @@ def _check(settings: Settings, source: str) -> None:
         fail("redis.url", "must start with redis://, rediss:// or unix://")
     if settings.redis.max_connections < 1:
         fail("redis.max_connections", "must be at least 1")
+    if settings.redis.breaker_failures < 1:
+        fail("redis.breaker_failures", "must be at least 1")
     pg = settings.postgres
     if not 0 <= pg.min_connections <= pg.max_connections or pg.max_connections < 1:
         fail("postgres.max_connections", "need 0 <= min_connections <= max_connections, max >= 1")
