@@ -7,6 +7,8 @@ kill or restart a backend get servers of their own.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -109,8 +111,19 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    with PostgresServer(tmp_path_factory.mktemp("postgres")) as server:
+def server_dirs() -> Iterator[Callable[[str], Path]]:
+    """Directories for PostgreSQL data, outside pytest's temporary root: pytest
+    makes that root private (0700) whenever any pytest process starts, which
+    would lock out the `postgres` user of a server already running."""
+    root = Path(tempfile.mkdtemp(prefix="cachecoord-test-"))
+    root.chmod(0o755)
+    yield lambda name: Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(server_dirs: Callable[[str], Path]) -> Iterator[PostgresServer]:
+    with PostgresServer(server_dirs("postgres")) as server:
         with psycopg.connect(server.dsn, autocommit=True) as conn:
             conn.execute(SCHEMA)
         yield server

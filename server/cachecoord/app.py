@@ -34,6 +34,7 @@ from cachecoord.invalidation.watch import WatchHub
 from cachecoord.rpc import server as rpc_server
 from cachecoord.rpc.servicer import CacheCoordServicer
 from cachecoord.storage import keys, postgres
+from cachecoord.storage.breaker import CircuitBreaker
 from cachecoord.storage.keys import KeySpace
 from cachecoord.storage.redis_store import EntryStore, connect
 from cachecoord.storage.tables import ManagedTable, MappedTable, Table
@@ -88,11 +89,13 @@ class App:
         client = connect(settings.redis)
         self._closers.append(client.aclose)
         await self._check_eviction_policy(client)
+        breaker = CircuitBreaker(settings.redis.breaker_failures, settings.redis.breaker_cooldown)
         stores = {
             name: EntryStore(
                 client,
                 KeySpace(name, classes[name].partitions(ns)),
                 generations=ns.invalidation is Invalidation.VERSION,
+                breaker=breaker,
             )
             for name, ns in settings.namespaces.items()
         }

@@ -77,6 +77,7 @@ def create_pool(settings: PostgresSettings) -> AsyncConnectionPool[AsyncConnecti
         min_size=settings.min_connections,
         max_size=settings.max_connections,
         open=False,
+        timeout=settings.pool_timeout / 1000,
         configure=configure,
         name="cachecoord",
     )

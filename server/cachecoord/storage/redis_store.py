@@ -11,13 +11,20 @@ entries become unreachable at once and are left to expire.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, cast
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, ParamSpec, TypeVar, cast
 
 import redis.asyncio as redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cachecoord.config import RedisSettings
+from cachecoord.storage.breaker import CircuitBreaker
 from cachecoord.storage.keys import KeySpace
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 # In generation mode KEYS[1] is the generation counter and ARGV[1] the value
 # key's prefix; the value key is <prefix>:g<generation>. Every other script
@@ -142,11 +149,37 @@ def connect(settings: RedisSettings) -> redis.Redis:
     return redis.Redis(connection_pool=pool)
 
 
+def _guarded(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Route the call through the store's circuit breaker."""
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        breaker: CircuitBreaker = args[0].breaker  # type: ignore[attr-defined]
+        breaker.check()
+        try:
+            result = await method(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError):
+            breaker.failed()
+            raise
+        breaker.succeeded()
+        return result
+
+    return call
+
+
 class EntryStore:
     """One namespace's entries in Redis."""
 
-    def __init__(self, client: redis.Redis, keyspace: KeySpace, *, generations: bool) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keyspace: KeySpace,
+        *,
+        generations: bool,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
         self.client = client
+        self.breaker = breaker or CircuitBreaker(failures=5, cooldown_ms=1000)
         self.keys = keyspace
         self.generations = generations
         register = client.register_script
@@ -167,12 +200,14 @@ class EntryStore:
             return [self.keys.generation(key), self.keys.lease(key)], [self.keys.value(key)]
         return [self.keys.value(key), self.keys.lease(key)], []
 
+    @_guarded
     async def get(self, key: str) -> bytes | None:
         if self.generations:
             keys, args = self._entry_keys(key)
             return cast("bytes | None", await self._get(keys=keys, args=args))
         return cast("bytes | None", await self.client.get(self.keys.value(key)))
 
+    @_guarded
     async def get_many(self, key_list: Sequence[str]) -> list[bytes | None]:
         if not self.generations:
             raws = await self.client.mget([self.keys.value(k) for k in key_list])
@@ -183,6 +218,7 @@ class EntryStore:
             await self._get(keys=keys, args=args, client=pipe)
         return cast("list[bytes | None]", await pipe.execute())
 
+    @_guarded
     async def take_leases(self, tokens: dict[str, str], lease_ms: int) -> dict[str, bool]:
         """Try to take the lease of each key; True where this caller got it."""
         pipe = self.client.pipeline(transaction=False)
@@ -191,6 +227,7 @@ class EntryStore:
         results = await pipe.execute()
         return {key: bool(ok) for key, ok in zip(tokens, results, strict=True)}
 
+    @_guarded
     async def fill_many(self, fills: dict[str, tuple[str, bytes, int, bytes]]) -> dict[str, bool]:
         """Store each ``key -> (lease token, envelope, px, notice)`` if its lease
         still holds, and publish the notice."""
@@ -207,6 +244,7 @@ class EntryStore:
         results = await pipe.execute()
         return {key: bool(ok) for key, ok in zip(fills, results, strict=True)}
 
+    @_guarded
     async def invalidate(self, messages: dict[str, bytes]) -> int:
         """Drop (or, in generation mode, retire) the entries and leases of
         ``key -> message`` and publish each message; returns how many cached
@@ -219,6 +257,7 @@ class EntryStore:
             await self._invalidate(keys=keys, args=[*args, self.keys.channel, message], client=pipe)
         return sum(int(n) for n in await pipe.execute())
 
+    @_guarded
     async def store(self, key: str, envelope: bytes, px: int, version: int, message: bytes) -> bool:
         """Cache a freshly written value unless a newer version is already cached."""
         keys, args = self._entry_keys(key)
@@ -227,6 +266,12 @@ class EntryStore:
         )
         return bool(stored)
 
+    @_guarded
+    async def run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run another Lua script of this namespace (e.g. write-behind's)."""
+        return await script(keys=keys, args=args)
+
+    @_guarded
     async def drop_namespace(self, message: bytes) -> int:
         """Delete every cached entry of the namespace (SCAN, never KEYS) but
         unflushed write-behind values and generation counters (no TTL), and publish."""

@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from cachecoord import instruments, telemetry
 from cachecoord.config import NamespaceSettings
 from cachecoord.coordination.single_flight import SingleFlight
+from cachecoord.errors import Unavailable
 from cachecoord.instruments import span
 from cachecoord.invalidation.messages import Invalidation
 from cachecoord.invalidation.near_cache import NearCache
@@ -94,11 +95,20 @@ class Reader:
         except RedisError as err:
             log.debug("redis get failed, reading PostgreSQL: %s", err)
             return await self._load_uncached(key)
+        stale: Entry | None = None
         if raw is not None:
-            return self._hit(key, raw)
+            entry, reload = self._hit(key, raw)
+            if not reload:
+                return entry
+            stale = entry
         if key in self._loads and telemetry.METRICS:
             instruments.coalesced.add(1, {"cache.namespace": self.settings.name})
-        return await self._loads.run(key, partial(self._miss, key))
+        try:
+            return await self._loads.run(key, partial(self._miss, key))
+        except Unavailable:
+            if stale is None:
+                raise
+            return stale  # stale-if-error: PostgreSQL is down, this is all there is
 
     async def batch_get(self, keys: Sequence[str]) -> list[Entry]:
         entries: dict[str, Entry] = {}
@@ -125,13 +135,24 @@ class Reader:
         except RedisError:
             raws, redis_up = [None] * len(unique), False
         misses = []
+        stale: dict[str, Entry] = {}
         for key, raw in zip(unique, raws, strict=True):
             if raw is None:
                 misses.append(key)
+                continue
+            entry, reload = self._hit(key, raw)
+            if reload:
+                misses.append(key)
+                stale[key] = entry
             else:
-                entries[key] = self._hit(key, raw)
+                entries[key] = entry
         if misses:
-            entries.update(await self._load_misses(misses, redis_up))
+            try:
+                entries.update(await self._load_misses(misses, redis_up))
+            except Unavailable:
+                if len(stale) < len(misses):
+                    raise
+                entries.update(stale)  # stale-if-error for every key that needed it
         return entries
 
     def on_fill(self, key: str) -> None:
@@ -149,21 +170,27 @@ class Reader:
         ttl = max(1, round(ttl * (1 + settings.ttl_jitter * (2 * random.random() - 1))))
         stored = envelope.encode(row.version, _now_ms() + ttl, load_ms, row.value)
         entry = Entry(key, row.value, row.version, Layer.DATABASE, ttl_ms=ttl)
-        return entry, stored, ttl + settings.stale_window
+        return entry, stored, ttl + max(settings.stale_window, settings.stale_if_error)
 
     def _notice(self, key: str, row: Row) -> bytes:
         return Invalidation(self.settings.name, key, row.version, "fill", self.origin).encode()
 
     # -- hits ----------------------------------------------------------------
 
-    def _hit(self, key: str, raw: bytes) -> Entry:
+    def _hit(self, key: str, raw: bytes) -> tuple[Entry, bool]:
+        """The cached entry, and whether it must be reloaded before serving:
+        past its TTL and the stale window, it is only kept for stale-if-error."""
         cached = envelope.decode(raw)
         now = _now_ms()
         remaining = cached.fresh_until_ms - now
         stale = remaining <= 0
-        if stale or self._refresh_early(now, cached.load_ms, cached.fresh_until_ms):
+        reload = stale and -remaining > self.settings.stale_window
+        if not reload and (
+            stale or self._refresh_early(now, cached.load_ms, cached.fresh_until_ms)
+        ):
             self._refreshes.spawn(key, partial(self._refresh, key))
-        return Entry(key, cached.value, cached.version, Layer.REDIS, stale, max(0, remaining))
+        entry = Entry(key, cached.value, cached.version, Layer.REDIS, stale, max(0, remaining))
+        return entry, reload
 
     def _refresh_early(self, now_ms: int, load_ms: int, fresh_until_ms: int) -> bool:
         beta = self.settings.early_refresh_beta
@@ -243,7 +270,7 @@ class Reader:
                 except RedisError:
                     return None
                 if raw is not None:
-                    return self._hit(key, raw)
+                    return self._hit(key, raw)[0]
             return None
         finally:
             waiters.discard(filled)

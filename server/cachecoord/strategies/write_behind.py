@@ -131,9 +131,10 @@ class WriteBehind(WriteThrough):
     ) -> tuple[int, int]:
         keys = self.store.keys
         try:
-            status, version = await self._write_script(
-                keys=[keys.value(key), keys.lease(key), keys.queue(key)],
-                args=[
+            status, version = await self.store.run(
+                self._write_script,
+                [keys.value(key), keys.lease(key), keys.queue(key)],
+                [
                     payload,
                     kind,
                     -1 if expected is None else expected,
