@@ -4,9 +4,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STATE := .run
 BUF := tools/node_modules/.bin/buf
-GENERATED := clients/python/src/cachecoord_client/proto
+# Every folder scripts/gen_protos.py writes (make stubs-check covers them all).
+GENERATED := clients/python/src/cachecoord_client/proto clients/node/src/gen clients/go/cachecoordv1
+# The released contract that buf breaking compares against (make proto-snapshot).
+RELEASED_PROTOS := protos/released/cachecoord-v1.txtpb
+# Debian packages of the Go stub plugins (package name = command name).
+DEBIAN_PLUGINS := protoc-gen-go protoc-gen-go-grpc
+NODE := clients/node
+NODE_SOURCES := $(shell find $(NODE)/src $(NODE)/examples $(NODE)/e2e -name '*.ts' 2>/dev/null)
+DIST_SOURCES := $(shell find server clients/python/src -name '*.py' -o -name '*.pyi' -o -name py.typed 2>/dev/null)
+WHEELHOUSE := build/wheelhouse
 
-.PHONY: run test check lint typecheck proto-lint stubs stubs-check dockerfile-lint install down clean
+.PHONY: run test check lint typecheck proto-lint proto-breaking proto-snapshot stubs stubs-check \
+	dockerfile-lint install tools debian-tools node-client dist down clean
 
 ## run: serve the example configuration on 127.0.0.1:50051 (reuses a reachable
 ## Redis and PostgreSQL, or starts private ones from the installed binaries)
@@ -19,12 +29,14 @@ run: install
 	$(BIN)/cachecoord triggers install users --config examples/cachecoord.toml && \
 	exec $(BIN)/cachecoord serve --config examples/cachecoord.toml
 
-## test: the whole suite (it starts its own private Redis and PostgreSQL)
-test: install $(BUF)
+## test: the whole suite (it starts its own private Redis and PostgreSQL; the
+## Node.js client and the wheels are built first, for their end-to-end tests)
+test: install tools node-client dist
 	$(BIN)/pytest tests clients/python/tests
 
-## check: lint, types, proto lint, generated-stub freshness, Dockerfile lint
-check: lint typecheck proto-lint stubs-check dockerfile-lint
+## check: lint, types, proto lint and breaking changes, generated-stub
+## freshness (Python, TypeScript, Go), the Node.js client's types, Dockerfile lint
+check: lint typecheck proto-lint proto-breaking stubs-check node-client dockerfile-lint
 
 lint: install
 	$(BIN)/ruff check .
@@ -32,11 +44,21 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy
+	$(BIN)/mypy deploy/healthcheck.py
 
 proto-lint: $(BUF)
 	$(BUF) lint
 
-stubs: install
+## proto-breaking: the contract must stay compatible with the released one
+proto-breaking: $(BUF)
+	$(BUF) breaking --against $(RELEASED_PROTOS)
+
+## proto-snapshot: record the current contract as released (run when tagging a release)
+proto-snapshot: $(BUF)
+	$(BUF) build --exclude-source-info -o $(RELEASED_PROTOS)
+
+## stubs: regenerate the Python, TypeScript and Go stubs from protos/
+stubs: install tools
 	$(BIN)/python scripts/gen_protos.py
 
 stubs-check: stubs
@@ -55,8 +77,51 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install --quiet -e clients/python -e '.[dev]'
 	touch $@
 
+## tools: buf and ts-proto (npm, pinned in tools/), Debian's Go stub plugins
+tools: $(BUF) debian-tools
+
 $(BUF): tools/package.json tools/package-lock.json
 	cd tools && npm ci --silent --no-audit --no-fund
+	touch $@
+
+# Installs the plugins only when a command is missing (CI runs as root; a
+# developer without root gets the apt-get line to run).
+debian-tools:
+	@missing=""; for p in $(DEBIAN_PLUGINS); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing:$$missing; run: sudo apt-get install$$missing"; exit 1; fi; \
+	  echo "apt-get install$$missing"; log=$$(mktemp); \
+	  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	         apt-get install -y -qq --no-install-recommends $$missing; } >$$log 2>&1; then \
+	    cat $$log; rm -f $$log; exit 1; \
+	  fi; rm -f $$log; \
+	fi
+
+## node-client: install clients/node's dependencies and compile it (tsc -> dist/)
+node-client: $(NODE)/dist/.built
+
+$(NODE)/node_modules/.installed: $(NODE)/package.json $(NODE)/package-lock.json
+	cd $(NODE) && npm ci --silent --no-audit --no-fund
+	touch $@
+
+$(NODE)/dist/.built: $(NODE)/node_modules/.installed $(NODE)/tsconfig.json $(NODE_SOURCES)
+	cd $(NODE) && npm run --silent build
+	touch $@
+
+## dist: wheels and sdists of both distributions in dist/ (built with the
+## venv's setuptools, offline), and the client wheel's dependencies, as
+## installed in the venv, in build/wheelhouse/ (for the offline install test)
+dist: dist/.built
+
+dist/.built: pyproject.toml clients/python/pyproject.toml README.md clients/python/README.md \
+		$(DIST_SOURCES) | install
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist clients/python >/dev/null
+	$(BIN)/python -m build --no-isolation --outdir dist . >/dev/null
+	deps="$$($(BIN)/pip list --format=freeze 2>/dev/null | grep -iE '^(grpcio|protobuf)==')" && \
+	{ $(BIN)/pip download --quiet --no-index --find-links $(WHEELHOUSE) --dest $(WHEELHOUSE) $$deps 2>/dev/null || \
+	  $(BIN)/pip download --quiet --only-binary=:all: --dest $(WHEELHOUSE) $$deps; }
+	ls dist
 	touch $@
 
 ## down: stop the private servers `make run` started
@@ -64,4 +129,4 @@ down:
 	$(BIN)/python scripts/local_servers.py down --state-dir $(STATE)
 
 clean: down
-	rm -rf $(VENV) tools/node_modules
+	rm -rf $(VENV) tools/node_modules $(NODE)/node_modules $(NODE)/dist dist build

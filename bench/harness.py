@@ -47,6 +47,8 @@ class Options:
     clients: int = 1
     payload: int = 200
     keep: bool = False
+    seconds: float | None = None
+    """How long a timed scenario (soak) runs; None: its own default."""
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -63,13 +65,18 @@ class Options:
         )
         parser.add_argument("--payload", type=int, default=defaults.payload, help="value bytes")
         parser.add_argument("--keep", action="store_true", help="keep the work directory")
+        parser.add_argument(
+            "--seconds", type=float, help="soak: how long to run (60; 15 with --quick)"
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
         runs = args.runs if args.runs is not None else (1 if args.quick else cls().runs)
         if runs < 1 or args.conc < 1 or args.clients < 1 or args.payload < 1:
             raise SystemExit("bench: --runs, --conc, --clients and --payload must be positive")
-        return cls(runs, args.quick, args.conc, args.clients, args.payload, args.keep)
+        if args.seconds is not None and args.seconds <= 0:
+            raise SystemExit("bench: --seconds must be positive")
+        return cls(runs, args.quick, args.conc, args.clients, args.payload, args.keep, args.seconds)
 
     def size(self, calls: int) -> int:
         """A phase's number of calls: *calls*, or a twentieth of it with --quick."""

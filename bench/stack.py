@@ -33,11 +33,12 @@ _STOP_TIMEOUT = 15.0
 
 class Stack:
     """Redis, PostgreSQL (with examples/schema.sql) and one cachecoord instance
-    serving *namespaces* (TOML ``[namespaces.*]`` tables)."""
+    serving *namespaces* (TOML ``[namespaces.*]`` tables). With *appendonly*,
+    Redis keeps an AOF with ``appendfsync always`` (its data survives a kill)."""
 
-    def __init__(self, workdir: Path, namespaces: str) -> None:
+    def __init__(self, workdir: Path, namespaces: str, *, appendonly: bool = False) -> None:
         self.workdir = workdir
-        self.redis = RedisServer(workdir / "redis")
+        self.redis = RedisServer(workdir / "redis", appendonly=appendonly)
         self.postgres = PostgresServer(workdir / "postgres")
         self.config = workdir / "cachecoord.toml"
         self.log = workdir / "cachecoord.log"

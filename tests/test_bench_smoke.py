@@ -37,6 +37,24 @@ EXPECTED = {
         "get_miss_db_cpu_ratio",
         "batchget_keys_per_get_ratio",
     ],
+    "stampede": [
+        "query_ms",
+        "db_loads",
+        "p50_ms",
+        "p99_ms",
+        "naive_db_loads",
+        "naive_p50_ms",
+        "naive_p99_ms",
+        "swr_waits",
+        "xfetch_waits",
+    ],
+    # 15 s of load with a Redis and a PostgreSQL outage: about 25 s in all.
+    "soak": [
+        "errors_outside_outages",
+        "lost_acknowledged_writes",
+        "rss_growth_mb",
+        "stale_reads_after",
+    ],
 }
 
 
@@ -80,3 +98,5 @@ def test_without_a_scenario_it_lists_them() -> None:
     )
     assert "writes" in run.stdout
     assert "get" in run.stdout
+    assert "stampede" in run.stdout
+    assert "soak" in run.stdout

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bench.harness import Options
-from bench.scenarios import get, stampede, writes
+from bench.scenarios import get, soak, stampede, writes
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,4 +21,5 @@ SCENARIOS: dict[str, Scenario] = {
     "stampede": Scenario(
         "1000 Gets of one expired key over 3 instances, SWR, XFetch (issue 4)", stampede.run
     ),
+    "soak": Scenario("mixed load through a Redis and a PostgreSQL outage (issue 8)", soak.run),
 }

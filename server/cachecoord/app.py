@@ -32,6 +32,7 @@ from cachecoord.invalidation.messages import Invalidation as Message
 from cachecoord.invalidation.outbox import Outbox
 from cachecoord.invalidation.watch import WatchHub
 from cachecoord.rpc import server as rpc_server
+from cachecoord.rpc.auth import Authorizer
 from cachecoord.rpc.servicer import CacheCoordServicer
 from cachecoord.storage import keys, postgres
 from cachecoord.storage.breaker import CircuitBreaker
@@ -61,6 +62,8 @@ class App:
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._server: grpc.aio.Server | None = None
         self._health: HealthServicer | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port = 0
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -122,8 +125,15 @@ class App:
             locks,
             default_timeout=settings.server.default_deadline / 1000,
             watch_heartbeat=settings.server.watch_heartbeat / 1000,
+            authorizer=Authorizer(settings.auth.tokens) if settings.auth.enabled else None,
         )
-        self._server, self._health, self.port = rpc_server.build(servicer, settings.server)
+        self._server, self._health, self.port = rpc_server.build(
+            servicer, settings.server, settings.tls
+        )
+        if settings.server.health_listen:
+            self._health_server, self.health_port = rpc_server.build_health(
+                self._health, settings.server.health_listen
+            )
         await outbox.open()
         self._closers.append(outbox.close)
         self.listener = ChangeListener(settings.postgres.url, outbox.wake)
@@ -143,7 +153,10 @@ class App:
                 self.flushers.append(flusher)
                 self._closers.append(partial(flusher.close, grace))
         await self._server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         await rpc_server.set_serving(self._health, True)
+        self._log_security()
         log.info(
             "cachecoord %s serving on port %d, namespaces: %s",
             self.origin,
@@ -151,12 +164,31 @@ class App:
             ", ".join(self.cache.namespaces) or "(none)",
         )
 
+    def _log_security(self) -> None:
+        """Say how the port is protected (token names only, never tokens)."""
+        tls, auth = self.settings.tls, self.settings.auth
+        if tls.client_ca_file:
+            log.info("TLS on port %d, client certificates required (mTLS)", self.port)
+        elif tls.enabled:
+            log.info("TLS on port %d", self.port)
+        if self._health_server is not None:
+            log.info("plaintext grpc.health.v1 on port %d", self.health_port)
+        if auth.enabled:
+            log.info("bearer tokens required: %s", ", ".join(t.name for t in auth.tokens))
+            if not tls.enabled:
+                log.warning(
+                    "auth is on without TLS: bearer tokens cross the network in clear text; "
+                    "set [tls] cert_file and key_file"
+                )
+
     async def stop(self) -> None:
         """Drain: report NOT_SERVING, let in-flight RPCs finish, close backends."""
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self.settings.server.shutdown_grace / 1000)
+        if self._health_server is not None:  # after the drain, which it reports
+            await self._health_server.stop(0)
         await self._close()
         self._stopped.set()
 

@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("CACHECOORD_LOG_FORMAT", "text"),
         help="json: one JSON object per line, with trace and span ids",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port (SO_REUSEPORT); about one per core",
+    )
     serve.set_defaults(run=_serve)
 
     client = argparse.ArgumentParser(add_help=False)
@@ -113,6 +119,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"cachecoord: configuration error: {err}", file=sys.stderr)
         return 2
+    if args.workers != 1:
+        return _serve_workers(args, settings.server.listen)
     try:
         import uvloop
 
@@ -128,6 +136,21 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         configured.shutdown()
     return 0
+
+
+def _serve_workers(args: argparse.Namespace, listen: str) -> int:
+    from cachecoord.workers import supervise
+
+    if not 1 < args.workers <= 256:
+        print("cachecoord: --workers must be between 1 and 256", file=sys.stderr)
+        return 2
+    if listen.endswith(":0"):
+        print("cachecoord: --workers needs a fixed port in server.listen (not :0)", file=sys.stderr)
+        return 2
+    serve_args = ["--log-level", args.log_level, "--log-format", args.log_format]
+    if args.config is not None:
+        serve_args += ["--config", str(args.config)]
+    return supervise(serve_args, args.workers)
 
 
 def _triggers(args: argparse.Namespace) -> int:

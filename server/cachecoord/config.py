@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 _MAX_DURATION_S = 365 * 86_400  # a year; also keeps every TTL within Redis' limits
+_HOST_PORT_RE = re.compile(r"(\[[0-9a-fA-F:]+\]|[^:\s\[\]]+):(\d{1,5})")
 
 
 class ConfigError(ValueError):
@@ -46,6 +49,25 @@ class QueueFull(enum.StrEnum):
     WRITE_THROUGH = "write-through"
 
 
+class Action(enum.StrEnum):
+    """What a bearer token may do: to a namespace (read, write, invalidate,
+    watch) or, granted by ``lock_prefixes``, to a lock (lock)."""
+
+    READ = "read"
+    WRITE = "write"
+    INVALIDATE = "invalidate"
+    WATCH = "watch"
+    LOCK = "lock"
+
+
+NAMESPACE_ACTIONS = frozenset(Action) - {Action.LOCK}
+ANY = "*"
+"""In permissions: every namespace (as a key) or every action; in lock_prefixes: every lock."""
+_TOKEN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MIN_TOKEN_CHARS = 16
+
+
 class Duration(int):
     """Milliseconds, written in the file as ``"250ms"``, ``"5s"``, ``"5m"``, ``"1h"`` or a
     number of seconds."""
@@ -67,10 +89,19 @@ class ServerSettings:
     """Largest accepted value."""
     max_batch_keys: int = 1000
     """Most keys in one BatchGet or Invalidate."""
+    max_connection_age: Duration = Duration(300_000)
+    """Clients reconnect after this long (grpc.max_connection_age_ms), so load
+    spreads over instances added behind a load balancer."""
+    reuse_port: bool = False
+    """Share the port with other processes (SO_REUSEPORT); set by --workers."""
     watch_heartbeat: Duration = Duration(10_000)
     """Quiet time after which a Watch stream gets a heartbeat."""
-    watch_backlog: int = 1000
+    watch_backlog: int = 10_000
     """Events a Watch stream may have unread before it gets a RESET instead."""
+    health_listen: str = ""
+    """host:port of a second, plaintext listener that serves only grpc.health.v1,
+    so that probes work while the main port requires TLS (or client
+    certificates); empty: health is served on the main port only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,18 +196,66 @@ class NamespaceSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsSettings:
+    cert_file: str = ""
+    """PEM certificate (chain) the gRPC port presents; set it with key_file to
+    serve TLS only. Empty: plaintext."""
+    key_file: str = ""
+    """PEM private key of cert_file (unencrypted: grpc cannot ask for a passphrase)."""
+    client_ca_file: str = ""
+    """PEM CA certificate(s); set, every client must present a certificate
+    signed by one of them (mutual TLS)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSettings:
+    name: str
+    """Who holds the token; logs name it, never the token itself."""
+    token_file: str = ""
+    """File holding the token, read at start; surrounding whitespace is trimmed."""
+    token_env: str = ""
+    """Environment variable holding the token (instead of token_file)."""
+    permissions: Mapping[str, frozenset[Action]] = field(default_factory=dict)
+    """Namespace (or "*": every namespace) -> the actions allowed on it."""
+    lock_prefixes: tuple[str, ...] = ()
+    """Lock names this token may acquire, hold, extend and release: prefixes
+    of the name, or "*" for every lock."""
+    digest: bytes = field(default=b"", repr=False)
+    """SHA-256 of the token (empty while auth is disabled). The token itself
+    is not kept, so no repr, log line or core dump of the settings holds it."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    enabled: bool = False
+    """Require a bearer token (``authorization: Bearer <token>``) on every
+    CacheCoordService call; health and reflection stay open."""
+    tokens: tuple[TokenSettings, ...] = ()
+    """The accepted tokens, each with its permissions ([[auth.tokens]])."""
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     postgres: PostgresSettings = field(default_factory=PostgresSettings)
     namespaces: Mapping[str, NamespaceSettings] = field(default_factory=dict)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
 
 _SECTIONS: dict[str, type[Any]] = {
     "server": ServerSettings,
     "redis": RedisSettings,
     "postgres": PostgresSettings,
+    "tls": TlsSettings,
 }
+# Sections read by their own parser (lists of tables), not by _build.
+_OTHER_SECTIONS = ("auth", "namespaces")
 _ENV_ALIASES = {"CACHECOORD_DATABASE_URL": "CACHECOORD_POSTGRES_URL"}
 # Read by the command line, not settings.
 _ENV_IGNORED = {
@@ -202,20 +281,25 @@ def load(path: Path | None, environ: Mapping[str, str]) -> Settings:
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from None
     for name, value in raw.items():
-        if name not in (*_SECTIONS, "namespaces"):
+        if name not in (*_SECTIONS, *_OTHER_SECTIONS):
             raise ConfigError(
                 f"{source}: unknown section [{name}]; expected one of "
-                f"{', '.join([*_SECTIONS, 'namespaces'])}"
+                f"{', '.join([*_SECTIONS, *_OTHER_SECTIONS])}"
             )
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {name} must be a table: write it as [{name}]")
     sections = {name: dict(raw.get(name, {})) for name in _SECTIONS}
-    from_env = _apply_env(sections, environ)
+    # A token's own variable (token_env) may be called CACHECOORD_*: not a setting.
+    secrets = _token_variables(raw.get("auth"))
+    from_env = _apply_env(sections, {k: v for k, v in environ.items() if k not in secrets})
+    namespaces = _namespaces(raw.get("namespaces", {}), source)
     settings = Settings(
         server=_build(ServerSettings, sections["server"], "server", source, from_env),
         redis=_build(RedisSettings, sections["redis"], "redis", source, from_env),
         postgres=_build(PostgresSettings, sections["postgres"], "postgres", source, from_env),
-        namespaces=_namespaces(raw.get("namespaces", {}), source),
+        namespaces=namespaces,
+        tls=_build(TlsSettings, sections["tls"], "tls", source, from_env),
+        auth=_auth(raw.get("auth", {}), source, environ, namespaces),
     )
     _check(settings, source)
     return settings
@@ -349,7 +433,7 @@ def _check(settings: Settings, source: str) -> None:
         raise ConfigError(f"{source}: {key}: {fix}")
 
     server = settings.server
-    listen = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s\[\]]+):(\d{1,5})", server.listen)
+    listen = _HOST_PORT_RE.fullmatch(server.listen)
     if not listen or int(listen[2]) > 65_535:
         fail("server.listen", f"{server.listen!r} is not host:port, e.g. 127.0.0.1:50051")
     if not 1 <= server.max_key_bytes <= 65_536:
@@ -366,6 +450,9 @@ def _check(settings: Settings, source: str) -> None:
         fail("server.default_deadline", "must be positive")
     if not settings.redis.url.startswith(("redis://", "rediss://", "unix://")):
         fail("redis.url", "must start with redis://, rediss:// or unix://")
+    if server.health_listen:
+        _check_health_listen(server, source)
+    _check_tls(settings.tls, source)
     if settings.redis.max_connections < 1:
         fail("redis.max_connections", "must be at least 1")
     if settings.redis.breaker_failures < 1:
@@ -410,3 +497,275 @@ def _check(settings: Settings, source: str) -> None:
                     fail(f"{where}.{key}", f"must be between {low} and {high} (got {value})")
             if ns.flush_interval <= 0 or ns.claim_idle <= 0:
                 fail(f"{where}.flush_interval", "flush_interval and claim_idle must be positive")
+
+
+def _check_health_listen(server: ServerSettings, source: str) -> None:
+    health = _HOST_PORT_RE.fullmatch(server.health_listen)
+    if not health or int(health[2]) > 65_535:
+        raise ConfigError(
+            f"{source}: server.health_listen: {server.health_listen!r} is not host:port, "
+            'e.g. 127.0.0.1:50052 (or "" for no separate health port)'
+        )
+    if server.health_listen == server.listen and int(health[2]) != 0:
+        raise ConfigError(
+            f"{source}: server.health_listen: {server.health_listen!r} is server.listen itself; "
+            "give the health port a port of its own"
+        )
+
+
+# -- [tls] ---------------------------------------------------------------------
+
+
+def _check_tls(tls: TlsSettings, source: str) -> None:
+    """Fail at start, naming the key, rather than at every client's handshake."""
+    if bool(tls.cert_file) != bool(tls.key_file):
+        missing = "key_file" if tls.cert_file else "cert_file"
+        raise ConfigError(
+            f"{source}: tls.{missing}: TLS needs both tls.cert_file and tls.key_file; "
+            f"set {missing} too"
+        )
+    if tls.client_ca_file and not tls.cert_file:
+        raise ConfigError(
+            f"{source}: tls.client_ca_file: client certificates need TLS; "
+            "set tls.cert_file and tls.key_file too"
+        )
+    if not tls.enabled:
+        return
+    _certificates(tls.cert_file, f"{source}: tls.cert_file")
+    _private_key(tls, source)
+    if tls.client_ca_file:
+        _certificates(tls.client_ca_file, f"{source}: tls.client_ca_file")
+
+
+def _certificates(path: str, label: str) -> None:
+    """*path* must hold PEM certificates that OpenSSL can parse."""
+    text = _pem(path, "CERTIFICATE", label)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=text)
+    except ssl.SSLError as err:
+        raise ConfigError(
+            f"{label}: {path!r} holds a certificate that cannot be parsed ({err.reason or err})"
+        ) from None
+
+
+def _private_key(tls: TlsSettings, source: str) -> None:
+    """The key must be unencrypted (grpc cannot ask for a passphrase) and match the certificate."""
+    label = f"{source}: tls.key_file"
+    if "ENCRYPTED" in _pem(tls.key_file, "PRIVATE KEY", label):
+        raise ConfigError(
+            f"{label}: {tls.key_file!r} is encrypted and the server cannot ask for its "
+            "passphrase; decrypt it (openssl pkey -in KEY -out KEY.plain)"
+        )
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(tls.cert_file, tls.key_file)
+    except ssl.SSLError as err:
+        problem = (
+            "is not the private key of the certificate in tls.cert_file"
+            if err.reason == "KEY_VALUES_MISMATCH"
+            else "cannot be used with the certificate in tls.cert_file"
+        )
+        raise ConfigError(
+            f"{label}: {tls.key_file!r} {problem} {tls.cert_file!r} ({err.reason or err})"
+        ) from None
+
+
+def _pem(path: str, kind: str, label: str) -> str:
+    """The text of PEM file *path*, which must hold a ``-----BEGIN ...<kind>-----`` block."""
+    text = _read_text(path, label)
+    if not re.search(rf"-----BEGIN [A-Z ]*{kind}-----", text):
+        raise ConfigError(
+            f"{label}: {path!r} holds no PEM {kind.lower()} (-----BEGIN ...{kind}-----)"
+        )
+    return text
+
+
+def _read_text(path: str, label: str) -> str:
+    """The file's text; the messages name the file, never what it holds."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{label}: {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{label}: {path!r} is a directory, not a file") from None
+    except OSError as err:
+        raise ConfigError(f"{label}: cannot read {path!r}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{label}: {path!r} is not UTF-8 text") from None
+
+
+# -- [auth] --------------------------------------------------------------------
+
+_TOKEN_KEYS = ("name", "token_file", "token_env", "permissions", "lock_prefixes")
+
+
+def _token_variables(raw: Any) -> set[str]:
+    """The environment variables that [[auth.tokens]] read their tokens from."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("tokens"), list):
+        return set()
+    return {
+        entry["token_env"]
+        for entry in raw["tokens"]
+        if isinstance(entry, dict) and isinstance(entry.get("token_env"), str)
+    }
+
+
+def _auth(
+    raw: Any, source: str, environ: Mapping[str, str], namespaces: Mapping[str, Any]
+) -> AuthSettings:
+    """[auth] and its [[auth.tokens]]. The tokens themselves are read only when
+    auth is enabled, so a disabled section does not need its secrets around."""
+    for key in raw:
+        if key not in ("enabled", "tokens"):
+            raise ConfigError(f"{source}: unknown key auth.{key}; known keys: enabled, tokens")
+    enabled: bool = _coerce("bool", raw.get("enabled", False), f"{source}: auth.enabled")
+    entries = raw.get("tokens", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(
+            f"{source}: auth.tokens must be a list of tables: write each as [[auth.tokens]]"
+        )
+    tokens = tuple(
+        _token(entry, f"auth.tokens[{i}]", source, environ if enabled else None, namespaces)
+        for i, entry in enumerate(entries)
+    )
+    if enabled and not tokens:
+        raise ConfigError(
+            f"{source}: auth.enabled: no [[auth.tokens]] are configured, so no call could "
+            "succeed; add tokens or set enabled = false"
+        )
+    _check_distinct(tokens, source)
+    return AuthSettings(enabled=enabled, tokens=tokens)
+
+
+def _token(
+    raw: dict[str, Any],
+    where: str,
+    source: str,
+    environ: Mapping[str, str] | None,
+    namespaces: Mapping[str, Any],
+) -> TokenSettings:
+    for key in raw:
+        if key not in _TOKEN_KEYS:
+            raise ConfigError(
+                f"{source}: unknown key {where}.{key}; known keys: {', '.join(_TOKEN_KEYS)}"
+            )
+    name = raw.get("name")
+    if not isinstance(name, str) or not _TOKEN_NAME_RE.fullmatch(name):
+        raise ConfigError(
+            f"{source}: {where}.name: every token needs a name (for the logs): 1-63 letters, "
+            "digits, _, . or -, starting with a letter or digit"
+        )
+    token_file = _coerce("str", raw.get("token_file", ""), f"{source}: {where}.token_file")
+    token_env = _coerce("str", raw.get("token_env", ""), f"{source}: {where}.token_env")
+    if bool(token_file) == bool(token_env):
+        raise ConfigError(
+            f"{source}: {where}.token_file: token {name!r} needs exactly one of token_file "
+            "(a file holding the token) and token_env (a variable holding it)"
+        )
+    if token_env and not _ENV_NAME_RE.fullmatch(token_env):
+        raise ConfigError(
+            f"{source}: {where}.token_env: {token_env!r} is not an environment variable name"
+        )
+    permissions = _permissions(
+        raw.get("permissions", {}), f"{where}.permissions", source, namespaces
+    )
+    lock_prefixes = _lock_prefixes(raw.get("lock_prefixes", []), f"{where}.lock_prefixes", source)
+    if not permissions and not lock_prefixes:
+        raise ConfigError(
+            f"{source}: {where}.permissions: token {name!r} grants nothing; give it "
+            'permissions (e.g. permissions = { users = ["read"] }) or lock_prefixes'
+        )
+    digest = b""
+    if environ is not None:
+        secret = _secret(token_file, token_env, where, source, environ)
+        digest = hashlib.sha256(secret.encode()).digest()
+    return TokenSettings(name, token_file, token_env, permissions, lock_prefixes, digest)
+
+
+def _permissions(
+    raw: Any, where: str, source: str, namespaces: Mapping[str, Any]
+) -> dict[str, frozenset[Action]]:
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: {where} must be a table of namespace = [actions], "
+            'e.g. { users = ["read"] }'
+        )
+    allowed = ", ".join(sorted(NAMESPACE_ACTIONS)) + f' or "{ANY}"'
+    result: dict[str, frozenset[Action]] = {}
+    for namespace, actions in raw.items():
+        label = f"{source}: {where}.{namespace}"
+        if namespace != ANY and namespace not in namespaces:
+            raise ConfigError(
+                f"{label}: no namespace {namespace!r} is configured; use one of "
+                f'{", ".join(sorted(namespaces)) or "(none)"}, or "{ANY}" for every namespace'
+            )
+        if not isinstance(actions, list) or not actions:
+            raise ConfigError(f"{label} must be a non-empty list of actions among {allowed}")
+        granted: set[Action] = set()
+        for action in actions:
+            if action == ANY:
+                granted |= NAMESPACE_ACTIONS
+            elif action in NAMESPACE_ACTIONS:
+                granted.add(Action(action))
+            else:
+                hint = "; locks are granted by lock_prefixes" if action == Action.LOCK else ""
+                raise ConfigError(f"{label}: unknown action {action!r}; expected {allowed}{hint}")
+        result[namespace] = frozenset(granted)
+    return result
+
+
+def _lock_prefixes(raw: Any, where: str, source: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(p, str) and p for p in raw):
+        raise ConfigError(
+            f'{source}: {where} must be a list of lock name prefixes (e.g. ["report-"]), '
+            f'or ["{ANY}"] for every lock; an empty prefix is not allowed'
+        )
+    return tuple(raw)
+
+
+def _secret(
+    token_file: str, token_env: str, where: str, source: str, environ: Mapping[str, str]
+) -> str:
+    """The token, trimmed and checked. Messages never quote it."""
+    if token_file:
+        label = f"{source}: {where}.token_file"
+        secret = _read_text(token_file, label).strip()
+        origin = f"file {token_file!r}"
+    else:
+        label = f"{source}: {where}.token_env"
+        if token_env not in environ:
+            raise ConfigError(f"{label}: the environment variable {token_env} is not set")
+        secret = environ[token_env].strip()
+        origin = f"variable {token_env}"
+    if not secret:
+        raise ConfigError(f"{label}: the {origin} is empty")
+    if not (secret.isascii() and secret.isprintable()) or any(c.isspace() for c in secret):
+        raise ConfigError(
+            f"{label}: the token in the {origin} must be printable ASCII without spaces "
+            "(it travels in a gRPC header)"
+        )
+    if len(secret) < MIN_TOKEN_CHARS:
+        raise ConfigError(
+            f"{label}: the token in the {origin} is too short; use at least "
+            f"{MIN_TOKEN_CHARS} random characters (e.g. `openssl rand -hex 32`)"
+        )
+    return secret
+
+
+def _check_distinct(tokens: tuple[TokenSettings, ...], source: str) -> None:
+    """Two entries with one name would blur the logs; with one token, the
+    permissions that apply would depend on the order of the file."""
+    seen: dict[str, int] = {}
+    digests: dict[bytes, str] = {}
+    for i, token in enumerate(tokens):
+        if token.name in seen:
+            raise ConfigError(
+                f"{source}: auth.tokens[{i}].name: {token.name!r} is also the name of "
+                f"auth.tokens[{seen[token.name]}]; names must be unique"
+            )
+        seen[token.name] = i
+        if token.digest and token.digest in digests:
+            raise ConfigError(
+                f"{source}: auth.tokens[{i}]: token {token.name!r} is the same token as "
+                f"{digests[token.digest]!r}; give each entry its own token"
+            )
+        digests[token.digest] = token.name

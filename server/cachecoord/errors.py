@@ -16,8 +16,9 @@ class NamespaceNotFound(CacheCoordError):
     """No namespace of that name is configured."""
 
     def __init__(self, name: str, known: list[str]) -> None:
+        shown = name if len(name) <= 200 else name[:200] + "..."
         super().__init__(
-            f"namespace {name!r} is not configured; configured namespaces: "
+            f"namespace {shown!r} is not configured; configured namespaces: "
             + (", ".join(sorted(known)) or "(none)")
         )
 
@@ -55,3 +56,11 @@ class Unavailable(CacheCoordError):
 
 class DeadlineExceeded(CacheCoordError):
     """The request's deadline passed while waiting on a backend."""
+
+
+class Unauthenticated(CacheCoordError):
+    """The call carried no bearer token, or one the server does not know."""
+
+
+class PermissionDenied(CacheCoordError):
+    """The caller's token does not grant that action on that namespace or lock."""

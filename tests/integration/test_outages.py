@@ -119,8 +119,17 @@ async def test_postgres_outage_serves_cached_values_and_fails_misses_fast(stack:
         version = await client.put("queued", "q", b"later")
     finally:
         await asyncio.to_thread(stack.postgres.restart)
-    # Nothing half-written by the failed write-through Put...
-    assert not (await client.get("sessions", "s")).found
+    # The pool reconnects by itself; then: nothing half-written by the failed
+    # write-through Put...
+    for _ in range(100):
+        try:
+            found = (await client.get("sessions", "s")).found
+            break
+        except CacheCoordError as err:
+            if err.code is not grpc.StatusCode.UNAVAILABLE:
+                raise
+            await asyncio.sleep(0.1)
+    assert not found
     # ...and the write-behind Put reaches PostgreSQL once it is back.
     for _ in range(100):
         async with await psycopg.AsyncConnection.connect(stack.postgres.dsn) as conn:
@@ -147,3 +156,22 @@ async def test_a_slow_database_is_bounded_by_the_callers_deadline(stack: Stack) 
     assert elapsed < 1.5
     # The server is not stuck: the next call works.
     assert not (await stack.client.get("blobs", "blocked-key")).found
+
+
+async def test_lock_calls_while_redis_is_down_answer_unavailable(stack: Stack) -> None:
+    client = stack.client
+    held = await client.acquire_lock("outage-lock", ttl_ms=60_000)
+    await asyncio.to_thread(stack.redis.kill)
+    codes = []
+    try:
+        for call in (
+            client.acquire_lock("another-lock", ttl_ms=1_000),
+            client.extend_lock("outage-lock", held.token, ttl_ms=60_000),
+            client.release_lock("outage-lock", held.token),
+        ):
+            with pytest.raises(CacheCoordError) as failed:
+                await call
+            codes.append(failed.value.code)
+    finally:
+        await asyncio.to_thread(stack.redis.restart)
+    assert codes == [grpc.StatusCode.UNAVAILABLE] * 3

@@ -27,6 +27,8 @@ from cachecoord_client import (
     Unavailable,
     Value,
     VersionConflict,
+    WatchEvent,
+    WatchEventKind,
     _convert,
     from_rpc_error,
 )
@@ -171,6 +173,8 @@ def test_a_single_string_is_not_a_key_list(keys: str) -> None:
         _convert.batch_get_request("users", keys)
     with pytest.raises(TypeError, match="iterable of str"):
         _convert.invalidate_request("users", keys, False)
+    with pytest.raises(TypeError, match="namespaces must be an iterable of str"):
+        _convert.watch_request(keys, "")
 
 
 def test_put_request_optional_fields() -> None:
@@ -211,6 +215,13 @@ def test_lock_requests() -> None:
     assert _convert.extend_lock_request("job", "t", 10) == pb.ExtendLockRequest(
         name="job", token="t", ttl_ms=10
     )
+
+
+def test_watch_request() -> None:
+    assert _convert.watch_request(iter(["users", "blobs"]), "user:") == pb.WatchRequest(
+        namespaces=["users", "blobs"], key_prefix="user:"
+    )
+    assert _convert.watch_request(["users"], "") == pb.WatchRequest(namespaces=["users"])
 
 
 # Responses.
@@ -269,10 +280,59 @@ def test_scalar_responses() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("response", "event"),
+    [
+        pytest.param(
+            pb.WatchResponse(
+                invalidation=pb.Invalidation(
+                    namespace="users", key="1", version=7, reason="put", origin="host-1"
+                )
+            ),
+            WatchEvent(WatchEventKind.INVALIDATION, "users", "1", False, 7, "put", "host-1"),
+            id="invalidation",
+        ),
+        pytest.param(
+            pb.WatchResponse(
+                invalidation=pb.Invalidation(
+                    namespace="users", all_keys=True, reason="invalidate", origin="host-2"
+                )
+            ),
+            WatchEvent(WatchEventKind.INVALIDATION, "users", "", True, 0, "invalidate", "host-2"),
+            id="all-keys",
+        ),
+        pytest.param(
+            pb.WatchResponse(reset=pb.Reset(reason="overflow")),
+            WatchEvent(WatchEventKind.RESET, reason="overflow"),
+            id="reset",
+        ),
+        pytest.param(
+            pb.WatchResponse(heartbeat=pb.Heartbeat()),
+            WatchEvent(WatchEventKind.HEARTBEAT),
+            id="heartbeat",
+        ),
+        # An event kind added to the contract after this client: skipped.
+        pytest.param(pb.WatchResponse(), None, id="unknown-kind"),
+    ],
+)
+def test_to_watch_event(response: pb.WatchResponse, event: WatchEvent | None) -> None:
+    assert _convert.to_watch_event(response) == event
+
+
+def test_watch_event_kinds() -> None:
+    assert [str(kind) for kind in WatchEventKind] == ["invalidation", "reset", "heartbeat"]
+    assert WatchEvent(WatchEventKind.RESET, reason="subscribed") == WatchEvent(
+        WatchEventKind.RESET, "", "", False, 0, "subscribed", ""
+    )
+
+
 def test_types_are_frozen_and_slotted() -> None:
     value = Value(True, b"", 1, Layer.REDIS, False, 0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         value.version = 2  # type: ignore[misc]
     entry = Entry("k", *dataclasses.astuple(value))
-    for obj in (value, entry, Deleted(True, 1), Lock("n", "t", 1)):
+    event = WatchEvent(WatchEventKind.HEARTBEAT)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.key = "k"  # type: ignore[misc]
+    for obj in (value, entry, Deleted(True, 1), Lock("n", "t", 1), event):
         assert not hasattr(obj, "__dict__")

@@ -12,9 +12,11 @@ can call it as well as the async one.
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -38,6 +40,8 @@ from cachecoord_client import (
     Unavailable,
     Value,
     VersionConflict,
+    WatchEvent,
+    WatchEventKind,
 )
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
@@ -62,6 +66,7 @@ class Recorder(pb_grpc.CacheCoordServiceServicer):
     key ``slow`` sleeps one second, key ``absent`` is not found."""
 
     calls: list[Received] = field(default_factory=list)
+    watches_cancelled: int = 0
 
     async def _receive(self, method: str, request: Message, context: Context) -> None:
         self.calls.append(
@@ -134,6 +139,31 @@ class Recorder(pb_grpc.CacheCoordServiceServicer):
         await self._receive("ExtendLock", request, context)
         return pb.ExtendLockResponse()
 
+    async def Watch(
+        self, request: pb.WatchRequest, context: Context
+    ) -> AsyncIterator[pb.WatchResponse]:
+        """Four events (one of a kind unknown to the client), then the end of
+        the stream; key_prefix ``forever`` keeps the stream open instead."""
+        await self._receive("Watch", request, context)
+        if request.namespaces and request.namespaces[0].startswith("fail:"):
+            code = grpc.StatusCode[request.namespaces[0].removeprefix("fail:")]
+            await context.abort(code, "canned failure")
+        invalidation = pb.Invalidation(
+            namespace="users", key="1", version=3, reason="put", origin="host-1"
+        )
+        finished = False
+        try:
+            yield pb.WatchResponse(reset=pb.Reset(reason="subscribed"))
+            yield pb.WatchResponse(invalidation=invalidation)
+            yield pb.WatchResponse()  # an event kind added to the contract later
+            yield pb.WatchResponse(heartbeat=pb.Heartbeat())
+            if request.key_prefix == "forever":
+                await asyncio.Event().wait()
+            finished = True
+        finally:
+            # Cancelled while waiting, or closed at a yield: the client went away.
+            self.watches_cancelled += not finished
+
 
 @dataclass
 class Server:
@@ -173,6 +203,7 @@ def running_server() -> Iterator[Server]:
 @pytest.fixture
 def server(running_server: Server) -> Server:
     running_server.recorder.calls.clear()
+    running_server.recorder.watches_cancelled = 0
     return running_server
 
 
@@ -410,3 +441,129 @@ async def test_constructor_validates(cls: type[AsyncClient | Client]) -> None:
 def test_async_client_outside_a_running_loop_is_refused() -> None:
     with pytest.raises(RuntimeError, match="inside the running event loop"):
         AsyncClient("127.0.0.1:1")
+
+
+# Watch.
+
+WATCHED = [
+    WatchEvent(WatchEventKind.RESET, reason="subscribed"),
+    WatchEvent(WatchEventKind.INVALIDATION, "users", "1", False, 3, "put", "host-1"),
+    WatchEvent(WatchEventKind.HEARTBEAT),
+]
+
+
+async def until(condition: Callable[[], bool], within: float = 5.0) -> bool:
+    """Whether *condition* becomes true within *within* seconds (polled)."""
+    deadline = time.monotonic() + within
+    while True:
+        if condition() or time.monotonic() > deadline:
+            return condition()
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.asyncio
+async def test_async_watch_streams_events_without_a_deadline(server: Server) -> None:
+    async with AsyncClient(server.target, token="t") as client:
+        async with client.watch(["users", "blobs"], key_prefix="user:") as events:
+            received = [event async for event in events]
+        async with client.watch(["users"], timeout=2.5) as events:
+            assert [event async for event in events] == WATCHED
+    assert received == WATCHED  # the unknown event kind was skipped; EOF ends the iteration
+    unbounded, bounded = server.recorder.calls
+    assert unbounded.request == pb.WatchRequest(namespaces=["users", "blobs"], key_prefix="user:")
+    assert unbounded.metadata.get("authorization") == "Bearer t"
+    # A Watch is long-lived: no deadline unless asked, whatever default_timeout says.
+    assert unbounded.time_remaining is None
+    assert_deadline(bounded, 2.5)
+
+
+def test_sync_watch_streams_events_without_a_deadline(server: Server) -> None:
+    with Client(server.target, token="t") as client:
+        with client.watch(["users", "blobs"], key_prefix="user:") as events:
+            received = list(events)
+        with client.watch(["users"], timeout=2.5) as events:
+            assert list(events) == WATCHED
+    assert received == WATCHED
+    unbounded, bounded = server.recorder.calls
+    assert unbounded.request == pb.WatchRequest(namespaces=["users", "blobs"], key_prefix="user:")
+    assert unbounded.metadata.get("authorization") == "Bearer t"
+    assert unbounded.time_remaining is None
+    assert_deadline(bounded, 2.5)
+
+
+@KINDS
+@pytest.mark.asyncio
+async def test_watch_failures_are_mapped(kind: Kind, server: Server) -> None:
+    async with connect(kind, server.target) as call:
+        with pytest.raises(TypeError):
+            call.client.watch("users")
+        stream = call.client.watch(["fail:NOT_FOUND"])
+        with pytest.raises(NamespaceNotFound) as raised:
+            await anext(stream) if isinstance(stream, AsyncIterator) else next(stream)
+    assert raised.value.details == "canned failure"
+    assert isinstance(raised.value.__cause__, grpc.RpcError)
+
+
+@pytest.mark.asyncio
+async def test_async_watch_is_cancelled_however_its_consumer_stops(server: Server) -> None:
+    recorder = server.recorder
+    async with AsyncClient(server.target) as client:
+        # Leaving the block.
+        async with client.watch(["users"], key_prefix="forever") as events:
+            assert await anext(events) == WATCHED[0]
+        assert await until(lambda: recorder.watches_cancelled == 1)
+
+        # Cancelling the task that waits for an event.
+        async def consume() -> None:
+            async for _ in client.watch(["users"], key_prefix="forever"):
+                pass
+
+        consumer = asyncio.create_task(consume())
+        assert await until(lambda: len(recorder.calls) == 2)
+        await asyncio.sleep(0.05)  # the consumer waits for a fifth event
+        consumer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await consumer
+        assert await until(lambda: recorder.watches_cancelled == 2)
+
+        # Breaking out of a bare `async for`: the dropped stream cancels its call.
+        async for _ in client.watch(["users"], key_prefix="forever"):
+            break
+        gc.collect()  # not needed by CPython's reference counting; for other runtimes
+        assert await until(lambda: recorder.watches_cancelled == 3)
+
+
+@pytest.mark.asyncio
+async def test_async_aclose_from_another_task_ends_the_iteration_quietly(server: Server) -> None:
+    async with AsyncClient(server.target) as client:
+        events = client.watch(["users"], key_prefix="forever")
+        received: list[WatchEvent] = []
+
+        async def consume() -> None:
+            async for event in events:
+                received.append(event)
+
+        consumer = asyncio.create_task(consume())
+        assert await until(lambda: len(received) == 3)
+        await events.aclose()
+        await asyncio.wait_for(consumer, 5)  # ended, not cancelled
+        await events.aclose()  # twice is fine
+    assert received == WATCHED
+    assert await until(lambda: server.recorder.watches_cancelled == 1)
+
+
+@pytest.mark.asyncio
+async def test_sync_watch_is_cancelled_on_close_even_from_another_thread(server: Server) -> None:
+    recorder = server.recorder
+    with Client(server.target) as client:
+        with client.watch(["users"], key_prefix="forever") as events:
+            assert next(events) == WATCHED[0]
+        assert await until(lambda: recorder.watches_cancelled == 1)
+
+        events = client.watch(["users"], key_prefix="forever")
+        consumer = asyncio.create_task(asyncio.to_thread(list, events))
+        assert await until(lambda: len(recorder.calls) == 2)
+        await asyncio.sleep(0.05)  # the consumer thread blocks in next()
+        events.close()
+        assert await asyncio.wait_for(consumer, 5) == WATCHED
+        assert await until(lambda: recorder.watches_cancelled == 2)

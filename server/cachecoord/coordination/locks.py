@@ -17,12 +17,14 @@ import contextlib
 import secrets
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 
 import redis.asyncio as redis
+from redis.exceptions import RedisError
 
 from cachecoord import instruments, telemetry
 from cachecoord.coordination.hold import Hold
-from cachecoord.errors import InvalidArgument, LockNotAcquired, LockNotHeld
+from cachecoord.errors import InvalidArgument, LockNotAcquired, LockNotHeld, Unavailable
 from cachecoord.model import LockGrant
 from cachecoord.storage import keys
 
@@ -99,9 +101,10 @@ class Locks:
         started = time.monotonic()
         while True:
             released.clear()
-            got, value = await self._acquire(
-                keys=[keys.lock_key(name), keys.fencing_key(name)], args=[token, ttl_ms]
-            )
+            with _redis_errors():
+                got, value = await self._acquire(
+                    keys=[keys.lock_key(name), keys.fencing_key(name)], args=[token, ttl_ms]
+                )
             if got:
                 if telemetry.METRICS:
                     instruments.lock_wait.record((time.monotonic() - started) * 1000)
@@ -118,16 +121,18 @@ class Locks:
     async def release(self, name: str, token: str) -> None:
         """Release the lock if *token* holds it."""
         _check(name, 1)
-        released = await self._release(
-            keys=[keys.lock_key(name)], args=[token, keys.LOCK_CHANNEL, name]
-        )
+        with _redis_errors():
+            released = await self._release(
+                keys=[keys.lock_key(name)], args=[token, keys.LOCK_CHANNEL, name]
+            )
         if not released:
             raise LockNotHeld(f"lock {name!r} is not held by this token (expired or released)")
 
     async def extend(self, name: str, token: str, ttl_ms: int) -> None:
         """Reset the lock's TTL to *ttl_ms* from now if *token* holds it."""
         _check(name, ttl_ms)
-        extended = await self._extend(keys=[keys.lock_key(name)], args=[token, ttl_ms])
+        with _redis_errors():
+            extended = await self._extend(keys=[keys.lock_key(name)], args=[token, ttl_ms])
         if not extended:
             raise LockNotHeld(f"lock {name!r} is not held by this token (expired or released)")
 
@@ -150,6 +155,16 @@ class Locks:
         for waiters in self._waiters.values():
             for event in waiters:
                 event.set()
+
+
+@contextlib.contextmanager
+def _redis_errors() -> Iterator[None]:
+    try:
+        yield
+    except RedisError as err:
+        raise Unavailable(
+            f"Redis is unavailable; locks cannot be taken or released: {err}"
+        ) from err
 
 
 def _check(name: str, ttl_ms: int) -> None:

@@ -1,7 +1,18 @@
-"""Assemble the gRPC server: our service, grpc.health.v1 and reflection."""
+"""Assemble the gRPC server: our service, grpc.health.v1 and reflection, on
+a plaintext or TLS port; and, if configured, a plaintext health-only server.
+
+Health and reflection are never behind a bearer token (the auth check lives
+in the CacheCoordService handlers only): probes need no secret, and
+reflection reveals only the public contract. With TLS on they are served
+over TLS like everything on the main port, so probes that cannot speak TLS
+(or have no client certificate) use ``server.health_listen``: a second grpc
+server, not a second port of the first, because every port of a server
+serves all of its services.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -11,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from cachecoord.config import ServerSettings
+from cachecoord.config import ServerSettings, TlsSettings
 from cachecoord.rpc import registration
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
 
@@ -38,14 +49,19 @@ class StartupError(RuntimeError):
 
 
 def build(
-    servicer: pb_grpc.CacheCoordServiceServicer, settings: ServerSettings
+    servicer: pb_grpc.CacheCoordServiceServicer,
+    settings: ServerSettings,
+    tls: TlsSettings | None = None,
 ) -> tuple[grpc.aio.Server, HealthServicer, int]:
-    """A started-to-be server bound to settings.listen; returns it, its health
-    servicer and the bound port. Call inside the running event loop."""
+    """A started-to-be server bound to settings.listen (TLS if *tls* is
+    enabled); returns it, its health servicer and the bound port. Call inside
+    the running event loop."""
     options: list[tuple[str, Any]] = [
         # grpc turns SO_REUSEPORT on by default: a second server on the same
-        # port would silently share it. Multi-worker mode asks for it itself.
-        ("grpc.so_reuseport", 0),
+        # port would silently share it. Only `serve --workers N` asks for it.
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
+        ("grpc.max_connection_age_ms", settings.max_connection_age),
+        ("grpc.max_connection_age_grace_ms", 30_000),
         ("grpc.max_receive_message_length", settings.max_value_bytes + 1_048_576),
         *KEEPALIVE,
     ]
@@ -62,10 +78,39 @@ def build(
         server,
     )
     try:
-        port = server.add_insecure_port(settings.listen)
+        if tls is not None and tls.enabled:
+            port = server.add_secure_port(settings.listen, _credentials(tls))
+        else:
+            port = server.add_insecure_port(settings.listen)
     except RuntimeError as err:
         raise StartupError(f"cannot listen on {settings.listen} (server.listen): {err}") from None
     return server, health_servicer, port
+
+
+def build_health(health_servicer: HealthServicer, listen: str) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server answering only grpc.health.v1 from *health_servicer*
+    (the main server's, so draining shows on both); returns it and its port."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as err:
+        raise StartupError(f"cannot listen on {listen} (server.health_listen): {err}") from None
+    return server, port
+
+
+def _credentials(tls: TlsSettings) -> grpc.ServerCredentials:
+    """Server credentials from the PEM files (checked when the settings were
+    loaded); with a client CA, clients must present a certificate it signed."""
+    try:
+        cert = Path(tls.cert_file).read_bytes()
+        key = Path(tls.key_file).read_bytes()
+        ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+    except OSError as err:
+        raise StartupError(f"cannot read a [tls] file: {err}") from None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
 
 
 async def set_serving(health_servicer: HealthServicer, serving: bool) -> None:

@@ -13,6 +13,7 @@ from cachecoord.coordination.locks import Locks
 from cachecoord.errors import InvalidArgument
 from cachecoord.invalidation.watch import EventKind, WatchEvent
 from cachecoord.model import Entry, Layer
+from cachecoord.rpc.auth import Authorizer
 from cachecoord.rpc.status import rpc, server_stream_rpc, stream_rpc
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
@@ -32,12 +33,20 @@ def _timeout(servicer: CacheCoordServicer) -> float:
 
 class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
     def __init__(
-        self, cache: Cache, locks: Locks, *, default_timeout: float, watch_heartbeat: float
+        self,
+        cache: Cache,
+        locks: Locks,
+        *,
+        default_timeout: float,
+        watch_heartbeat: float,
+        authorizer: Authorizer | None = None,
     ) -> None:
         self.cache = cache
         self.locks = locks
         self.default_timeout = default_timeout
         self.watch_heartbeat = watch_heartbeat
+        # Read by the decorators of rpc/status.py before each handler; None: auth off.
+        self.authorizer = authorizer
 
     @rpc(_timeout)
     async def Get(self, request: pb.GetRequest, context: Context) -> pb.GetResponse:

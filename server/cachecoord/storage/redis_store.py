@@ -54,6 +54,33 @@ local function newer_cached(key, envelope)
 end
 """
 
+# Take the lease of a missing key, in one step with looking at the key: a
+# plain GET then SET NX would let a reader whose GET missed just before
+# another reader's fill (which deletes the lease) take a new lease and load
+# again. Returns the value if it is there, 1 if leased, 0 if someone else
+# holds the lease. ARGV[3] = '1' takes the lease even if a value is there
+# (reloading a value kept only for stale-if-error, or refreshing one).
+LEASE = """
+if ARGV[3] ~= '1' then
+  local value = redis.call('GET', KEYS[1])
+  if value then return value end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+
+LEASE_GENERATION = (
+    _VALUE_KEY
+    + """
+if ARGV[4] ~= '1' then
+  local value = redis.call('GET', value_key(KEYS[1], ARGV[1]))
+  if value then return value end
+end
+if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return 1 end
+return 0
+"""
+)
+
 # Fill only while the reader's lease is still there: any write or invalidation
 # since the lease was granted deleted it (memcache leases, NSDI'13 3.2.1).
 # The fill notice wakes readers on other instances waiting for this fill.
@@ -186,10 +213,12 @@ class EntryStore:
         self._drop_if_clean = register(DROP_IF_CLEAN)
         if generations:
             self._get = register(GET_GENERATION)
+            self._lease = register(LEASE_GENERATION)
             self._fill = register(FILL_GENERATION)
             self._invalidate = register(INVALIDATE_GENERATION)
             self._store = register(STORE_GENERATION)
         else:
+            self._lease = register(LEASE)
             self._fill = register(FILL)
             self._invalidate = register(INVALIDATE)
             self._store = register(STORE)
@@ -200,12 +229,19 @@ class EntryStore:
             return [self.keys.generation(key), self.keys.lease(key)], [self.keys.value(key)]
         return [self.keys.value(key), self.keys.lease(key)], []
 
-    @_guarded
     async def get(self, key: str) -> bytes | None:
         if self.generations:
-            keys, args = self._entry_keys(key)
-            return cast("bytes | None", await self._get(keys=keys, args=args))
-        return cast("bytes | None", await self.client.get(self.keys.value(key)))
+            return await self._get_generation(key)
+        return await self._get_value(self.keys.value(key))
+
+    @_guarded
+    async def _get_value(self, name: str) -> bytes | None:
+        return cast("bytes | None", await self.client.get(name))
+
+    @_guarded
+    async def _get_generation(self, key: str) -> bytes | None:
+        keys, args = self._entry_keys(key)
+        return cast("bytes | None", await self._get(keys=keys, args=args))
 
     @_guarded
     async def get_many(self, key_list: Sequence[str]) -> list[bytes | None]:
@@ -219,13 +255,23 @@ class EntryStore:
         return cast("list[bytes | None]", await pipe.execute())
 
     @_guarded
-    async def take_leases(self, tokens: dict[str, str], lease_ms: int) -> dict[str, bool]:
-        """Try to take the lease of each key; True where this caller got it."""
+    async def take_leases(
+        self, tokens: dict[str, str], lease_ms: int, *, even_if_cached: bool = False
+    ) -> dict[str, bytes | bool]:
+        """Try to take the lease of each missing key: True where this caller got
+        it, False where another holds it, the value where the key is cached
+        after all (unless *even_if_cached*)."""
         pipe = self.client.pipeline(transaction=False)
         for key, token in tokens.items():
-            pipe.set(self.keys.lease(key), token, nx=True, px=lease_ms)
+            keys, args = self._entry_keys(key)
+            await self._lease(
+                keys=keys, args=[*args, token, lease_ms, int(even_if_cached)], client=pipe
+            )
         results = await pipe.execute()
-        return {key: bool(ok) for key, ok in zip(tokens, results, strict=True)}
+        return {
+            key: result if isinstance(result, bytes) else bool(result)
+            for key, result in zip(tokens, results, strict=True)
+        }
 
     @_guarded
     async def fill_many(self, fills: dict[str, tuple[str, bytes, int, bytes]]) -> dict[str, bool]:

@@ -200,8 +200,11 @@ class MappedTable:
             )
         unknown = sorted(set(row) - self.writable_columns)
         if unknown:
+            # Quote a few, shortened: the message travels in gRPC metadata (8 KB).
+            named = ", ".join(repr(name[:64]) for name in unknown[:5])
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             raise InvalidArgument(
-                f"unknown or read-only column(s) {', '.join(map(repr, unknown))} for namespace "
+                f"unknown or read-only column(s) {named}{more} for namespace "
                 f"{self.namespace!r}; writable columns: {', '.join(sorted(self.writable_columns))}"
             )
         given = row.get(self.key_column, key)

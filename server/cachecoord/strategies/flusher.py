@@ -48,7 +48,8 @@ SETTLE = """
 local current = redis.call('GET', KEYS[1])
 if current and string.match(current, '^(%d+):') == ARGV[1] then
   if ARGV[3] ~= '' then return redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2]) end
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  local head, tag, payload = string.match(current, '^(%d+:%d+:%d+:)(.)(.*)$')
+  return redis.call('SET', KEYS[1], head .. string.lower(tag) .. payload, 'PX', ARGV[2])
 end
 return 0
 """

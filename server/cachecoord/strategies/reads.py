@@ -104,7 +104,7 @@ class Reader:
         if key in self._loads and telemetry.METRICS:
             instruments.coalesced.add(1, {"cache.namespace": self.settings.name})
         try:
-            return await self._loads.run(key, partial(self._miss, key))
+            return await self._loads.run(key, partial(self._miss, key, stale is not None))
         except Unavailable:
             if stale is None:
                 raise
@@ -148,7 +148,7 @@ class Reader:
                 entries[key] = entry
         if misses:
             try:
-                entries.update(await self._load_misses(misses, redis_up))
+                entries.update(await self._load_misses(misses, redis_up, reload=bool(stale)))
             except Unavailable:
                 if len(stale) < len(misses):
                     raise
@@ -183,12 +183,18 @@ class Reader:
         cached = envelope.decode(raw)
         now = _now_ms()
         remaining = cached.fresh_until_ms - now
+        if cached.dirty:  # the newest value there is: PostgreSQL is behind it
+            return Entry(
+                key, cached.value, cached.version, Layer.REDIS, False, max(0, remaining)
+            ), False
         stale = remaining <= 0
         reload = stale and -remaining > self.settings.stale_window
         if not reload and (
             stale or self._refresh_early(now, cached.load_ms, cached.fresh_until_ms)
         ):
-            self._refreshes.spawn(key, partial(self._refresh, key))
+            self._refreshes.spawn(
+                key, partial(self._refresh, key, cached.version, cached.fresh_until_ms)
+            )
         entry = Entry(key, cached.value, cached.version, Layer.REDIS, stale, max(0, remaining))
         return entry, reload
 
@@ -200,13 +206,21 @@ class Reader:
         # and faster for keys that take long to load.
         return now_ms - max(load_ms, 1) * beta * math.log(1.0 - random.random()) >= fresh_until_ms
 
-    async def _refresh(self, key: str) -> None:
-        """Reload *key* in the background if no other reader is doing it."""
+    async def _refresh(self, key: str, seen_version: int, seen_fresh_until: int) -> None:
+        """Reload *key* in the background if no other reader is doing it, nor
+        has done it since this reader saw the entry."""
         token = secrets.token_hex(8)
         try:
-            leased = await self.store.take_leases({key: token}, self.settings.lease)
-            if not leased[key]:
+            taken = await self.store.take_leases(
+                {key: token}, self.settings.lease, even_if_cached=True
+            )
+            if taken[key] is not True:
                 return
+            raw = await self.store.get(key)
+            if raw is not None:
+                now = envelope.decode(raw)
+                if (now.version, now.fresh_until_ms) != (seen_version, seen_fresh_until):
+                    return  # refreshed (or rewritten) by someone else meanwhile
             rows, load_ms = await self._load([key])
             _, stored, px = self.fresh(key, rows[key], load_ms)
             await self.store.fill_many({key: (token, stored, px, self._notice(key, rows[key]))})
@@ -215,18 +229,33 @@ class Reader:
 
     # -- misses --------------------------------------------------------------
 
-    async def _miss(self, key: str) -> Entry:
-        entries = await self._load_misses([key], redis_up=True)
+    async def _miss(self, key: str, reload: bool = False) -> Entry:
+        entries = await self._load_misses([key], redis_up=True, reload=reload)
         return entries[key]
 
-    async def _load_misses(self, keys: list[str], redis_up: bool) -> dict[str, Entry]:
+    async def _load_misses(
+        self, keys: list[str], redis_up: bool, reload: bool = False
+    ) -> dict[str, Entry]:
         """One SQL query for all *keys*; fill those whose lease this reader got.
-        Keys leased by another reader are waited for first (single key only)."""
+        Keys leased by another reader are waited for first (single key only);
+        keys filled meanwhile are served as they are now (unless *reload*)."""
         tokens = {key: secrets.token_hex(8) for key in keys}
         leased: dict[str, bool] = {}
+        found: dict[str, Entry] = {}
         if redis_up:
             with suppress(RedisError):
-                leased = await self.store.take_leases(tokens, self.settings.lease)
+                taken = await self.store.take_leases(
+                    tokens, self.settings.lease, even_if_cached=reload
+                )
+                for key, outcome in taken.items():
+                    if isinstance(outcome, bytes):
+                        found[key] = self._hit(key, outcome)[0]
+                    else:
+                        leased[key] = outcome
+        if found:
+            keys = [key for key in keys if key not in found]
+            if not keys:
+                return found
         if len(keys) == 1 and leased and not leased[keys[0]]:
             filled = await self._await_fill(keys[0])
             if filled is not None:
@@ -243,7 +272,7 @@ class Reader:
                 await self.store.fill_many(fills)
         except RedisError as err:
             log.debug("fill failed: %s", err)
-        return entries
+        return {**entries, **found}
 
     async def _await_fill(self, key: str) -> Entry | None:
         with span("cache.lease_wait", **{"cache.namespace": self.settings.name}):
@@ -283,11 +312,13 @@ class Reader:
         return Entry(key, row.value, row.version, Layer.DATABASE)
 
     async def _load(self, keys: Sequence[str]) -> tuple[dict[str, Row], int]:
-        started = time.monotonic()
         with span("cache.load", **{"cache.namespace": self.settings.name, "cache.keys": len(keys)}):
             async with database_errors(), self.pool.connection() as conn:
+                # Only the query is timed: XFetch needs what a reload costs,
+                # not how long this request waited for a connection.
+                started = time.monotonic()
                 rows = await self.table.load(conn, keys)
-        load_ms = (time.monotonic() - started) * 1000
+                load_ms = (time.monotonic() - started) * 1000
         if telemetry.METRICS:
             instruments.load_duration.record(load_ms, {"cache.namespace": self.settings.name})
         return rows, round(load_ms)

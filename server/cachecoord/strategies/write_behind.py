@@ -36,7 +36,7 @@ local previous, visible = 0, 0
 if current then
   local v, kind = string.match(current, '^(%d+):%d+:%d+:(.)')
   previous = tonumber(v)
-  if kind == 'v' then visible = previous end
+  if kind == 'v' or kind == 'V' then visible = previous end
 end
 local expected = tonumber(ARGV[3])
 if expected >= 0 then
@@ -48,7 +48,9 @@ local now = redis.call('TIME')
 local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local version = string.format('%.0f', math.max(previous + 1, clock))
 local fresh_until = string.format('%.0f', math.floor(clock / 1000) + tonumber(ARGV[6]))
-redis.call('SET', KEYS[1], version .. ':' .. fresh_until .. ':0:' .. ARGV[2] .. ARGV[1])
+-- Upper-case tag: dirty until flushed (see storage/envelope.py); no TTL.
+redis.call('SET', KEYS[1], version .. ':' .. fresh_until .. ':0:' .. string.upper(ARGV[2]) ..
+  ARGV[1])
 redis.call('DEL', KEYS[2])
 redis.call('XADD', KEYS[3], '*', 'k', ARGV[8], 'v', version, 't', ARGV[2], 'p', ARGV[1],
   'c', ARGV[11])

@@ -14,7 +14,15 @@ import grpc
 
 from cachecoord_client.errors import CacheCoordError, LockLost, from_rpc_error
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
-from cachecoord_client.types import Deleted, Entry, Layer, Lock, Value
+from cachecoord_client.types import (
+    Deleted,
+    Entry,
+    Layer,
+    Lock,
+    Value,
+    WatchEvent,
+    WatchEventKind,
+)
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -67,10 +75,10 @@ def lock_deadline(timeout: float | None, default_timeout: float, wait_timeout_ms
 # Requests.
 
 
-def _keys(keys: Iterable[str]) -> list[str]:
+def _keys(keys: Iterable[str], what: str = "keys") -> list[str]:
     # A str is an Iterable[str] too: "abc" would silently become ["a", "b", "c"].
     if isinstance(keys, str | bytes):
-        raise TypeError(f"keys must be an iterable of str, not a single {type(keys).__name__}")
+        raise TypeError(f"{what} must be an iterable of str, not a single {type(keys).__name__}")
     return list(keys)
 
 
@@ -128,6 +136,11 @@ def hold_lock_acquire(name: str, ttl_ms: int, wait_timeout_ms: int) -> pb.HoldLo
     """Build the first message of a HoldLock stream."""
     acquire = pb.HoldLockRequest.Acquire(name=name, ttl_ms=ttl_ms, wait_timeout_ms=wait_timeout_ms)
     return pb.HoldLockRequest(acquire=acquire)
+
+
+def watch_request(namespaces: Iterable[str], key_prefix: str) -> pb.WatchRequest:
+    """Build a WatchRequest."""
+    return pb.WatchRequest(namespaces=_keys(namespaces, "namespaces"), key_prefix=key_prefix)
 
 
 # Responses.
@@ -215,3 +228,28 @@ def hold_error(name: str, err: grpc.RpcError, lost: bool) -> CacheCoordError:
     if lost or error.code is grpc.StatusCode.ABORTED:
         return LockLost(error.details or f"lock {name!r} was lost while held")
     return error
+
+
+def to_watch_event(response: pb.WatchResponse) -> WatchEvent | None:
+    """Convert one Watch event; None for an event kind newer than this client.
+
+    Skipping unknown kinds is safe: the contract makes RESET the only event
+    that asks a client to drop more than the keys an invalidation names.
+    """
+    kind = response.WhichOneof("event")
+    if kind == "invalidation":
+        inv = response.invalidation
+        return WatchEvent(
+            kind=WatchEventKind.INVALIDATION,
+            namespace=inv.namespace,
+            key=inv.key,
+            all_keys=inv.all_keys,
+            version=inv.version,
+            reason=inv.reason,
+            origin=inv.origin,
+        )
+    if kind == "reset":
+        return WatchEvent(kind=WatchEventKind.RESET, reason=response.reset.reason)
+    if kind == "heartbeat":
+        return WatchEvent(kind=WatchEventKind.HEARTBEAT)
+    return None

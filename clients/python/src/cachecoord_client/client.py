@@ -20,6 +20,7 @@ from cachecoord_client.errors import CacheCoordError, DeadlineExceeded, from_rpc
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc
 from cachecoord_client.types import Deleted, Entry, Lock, Value
+from cachecoord_client.watch import AsyncWatchStream
 
 if TYPE_CHECKING:
     from cachecoord_client.proto.cachecoord.v1.cachecoord_pb2_grpc import (
@@ -359,6 +360,53 @@ class AsyncClient:
         request = _convert.extend_lock_request(name, token, ttl_ms)
         timeout = _convert.deadline(timeout, self._default_timeout)
         await self._call(self._stub.ExtendLock, request, timeout)
+
+    def watch(
+        self, namespaces: Iterable[str], *, key_prefix: str = "", timeout: float | None = None
+    ) -> AsyncWatchStream:
+        """Stream the invalidation events of some namespaces, to keep a local cache coherent.
+
+        The first event is always a RESET (reason ``subscribed``): events start
+        now. Then come INVALIDATION events; a later RESET means events may have
+        been missed (the server lost its subscription, or this client read too
+        slowly), so everything cached from these namespaces must be dropped.
+        A HEARTBEAT comes whenever nothing else happened for a while (10 s by
+        default), so a silent stream can be told from a dead one.
+        `cachecoord_client.LocalCache` does all this for you.
+
+        The call starts at once. Use the stream in ``async with`` so that the
+        call is cancelled however the block ends:
+
+        Example:
+            >>> async with client.watch(["users"]) as events:  # doctest: +SKIP
+            ...     async for event in events:
+            ...         if event.kind is WatchEventKind.RESET or event.all_keys:
+            ...             local.clear()  # one namespace watched: all_keys is all of it
+            ...         elif event.kind is WatchEventKind.INVALIDATION:
+            ...             local.pop(event.key, None)
+
+        Args:
+            namespaces: Namespaces to watch (at least one); not a single str.
+            key_prefix: Only events of keys starting with this; invalidations
+                of a whole namespace (``all_keys``) always come.
+            timeout: Deadline in seconds of the whole stream. None (the
+                default, unlike other methods): no deadline, since a Watch is
+                meant to stay open; ``default_timeout`` does not apply.
+
+        Returns:
+            An async iterator of `WatchEvent`, and an async context manager
+            that cancels the call on exit.
+
+        Raises:
+            TypeError: ``namespaces`` is a str or bytes.
+
+        While iterating, the stream raises NamespaceNotFound (a namespace is
+        not configured), InvalidArgument (no namespace, or a too long prefix),
+        or another CacheCoordError when the call fails (Unavailable when the
+        server goes away).
+        """
+        request = _convert.watch_request(namespaces, key_prefix)
+        return AsyncWatchStream(self._stub.Watch(request, timeout=timeout, metadata=self._metadata))
 
     @contextlib.asynccontextmanager
     async def hold_lock(

@@ -15,6 +15,7 @@ from cachecoord_client.errors import CacheCoordError, DeadlineExceeded, from_rpc
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc
 from cachecoord_client.types import Deleted, Entry, Lock, Value
+from cachecoord_client.watch import WatchStream
 
 __all__ = ["Client"]
 
@@ -343,6 +344,38 @@ class Client:
         request = _convert.extend_lock_request(name, token, ttl_ms)
         timeout = _convert.deadline(timeout, self._default_timeout)
         self._call(self._stub.ExtendLock, request, timeout)
+
+    def watch(
+        self, namespaces: Iterable[str], *, key_prefix: str = "", timeout: float | None = None
+    ) -> WatchStream:
+        """Stream the invalidation events of some namespaces; see `AsyncClient.watch`.
+
+        The call starts at once. Use the stream in a ``with`` block so that the
+        call is cancelled however the block ends; `WatchStream.close` may also
+        be called from another thread to stop a consumer blocked on it.
+
+        Example:
+            >>> with client.watch(["users"]) as events:  # doctest: +SKIP
+            ...     for event in events:
+            ...         if event.kind is WatchEventKind.RESET:
+            ...             local.clear()
+
+        Args:
+            namespaces: Namespaces to watch (at least one); not a single str.
+            key_prefix: Only events of keys starting with this; invalidations
+                of a whole namespace (``all_keys``) always come.
+            timeout: Deadline in seconds of the whole stream. None (the
+                default): no deadline; ``default_timeout`` does not apply.
+
+        Returns:
+            An iterator of `WatchEvent`, and a context manager that cancels
+            the call on exit.
+
+        Raises:
+            TypeError: ``namespaces`` is a str or bytes.
+        """
+        request = _convert.watch_request(namespaces, key_prefix)
+        return WatchStream(self._stub.Watch(request, timeout=timeout, metadata=self._metadata))
 
     @contextlib.contextmanager
     def hold_lock(

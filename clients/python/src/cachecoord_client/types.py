@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["Deleted", "Entry", "Layer", "Lock", "Value"]
+__all__ = ["Deleted", "Entry", "Layer", "Lock", "Value", "WatchEvent", "WatchEventKind"]
 
 
 class Layer(StrEnum):
@@ -103,3 +103,45 @@ class Lock:
     name: str
     token: str
     fencing_token: int
+
+
+class WatchEventKind(StrEnum):
+    """What a `WatchEvent` says."""
+
+    INVALIDATION = "invalidation"
+    """A key (or, with ``all_keys``, a whole namespace) changed or was invalidated."""
+    RESET = "reset"
+    """Events may have been missed: drop everything cached from the watched namespaces."""
+    HEARTBEAT = "heartbeat"
+    """Nothing happened for a while; the stream is alive."""
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """One event of a ``watch`` stream.
+
+    Only an INVALIDATION fills ``namespace`` to ``origin``; a RESET carries
+    only ``reason``; a HEARTBEAT carries nothing. Unused fields hold their
+    zero values.
+
+    Attributes:
+        kind: What the event says.
+        namespace: Namespace of the changed key.
+        key: The changed key; empty when ``all_keys`` is True.
+        all_keys: True when every key of the namespace was invalidated.
+        version: The version the change created; 0 when unknown (a plain
+            invalidate), so a cached copy of any version is invalid.
+        reason: INVALIDATION: ``put``, ``delete``, ``invalidate`` or
+            ``db_change``. RESET: ``subscribed`` (the first event of every
+            stream), ``resubscribed`` (the server lost its own subscription)
+            or ``overflow`` (this client read too slowly).
+        origin: The cachecoord instance that made the change.
+    """
+
+    kind: WatchEventKind
+    namespace: str = ""
+    key: str = ""
+    all_keys: bool = False
+    version: int = 0
+    reason: str = ""
+    origin: str = ""

@@ -1,0 +1,278 @@
+"""A client-side cache kept coherent by Watch: hot keys read from this process's memory.
+
+Entries are dropped by the Watch stream's invalidations, all of them on a
+RESET (events may have been missed), and each also after ``max_age`` whatever
+happens. While the stream is down the cache holds nothing and stores nothing:
+every read goes to the server until a new stream has started (its first event
+is a RESET), so a read is never older than the stream allows.
+
+A Get that was in flight while its key was invalidated (or a RESET came)
+returns its answer to its caller but is not stored: it may have read the
+value from before the change, whose event already went by. This is the near
+cache's rule on the server (cachecoord.invalidation.near_cache), per key.
+
+Keep one client per server instance (a channel connects to one instance by
+default): an event says that *its* instance has applied the change, and a
+read sent to another instance could still see the old value there.
+"""
+
+# ``timeout`` of get/put/delete is the gRPC deadline passed to the client (the
+# client's API), and open()'s bounds a wait that must not fail: ASYNC109 does not apply.
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Self
+
+from cachecoord_client.client import AsyncClient
+from cachecoord_client.errors import CacheCoordError, InvalidArgument, NamespaceNotFound
+from cachecoord_client.types import Deleted, Value, WatchEvent, WatchEventKind
+
+__all__ = ["LocalCache"]
+
+log = logging.getLogger(__name__)
+
+_Key = tuple[str, str]
+# A watch that fails like this will fail again: stop, and let open() raise it.
+_PERMANENT = (NamespaceNotFound, InvalidArgument)
+
+
+class LocalCache:
+    """An in-process LRU of values of some namespaces, in front of an `AsyncClient`.
+
+    Example:
+        >>> async with LocalCache(client, namespaces=["users"]) as users:  # doctest: +SKIP
+        ...     profile = await users.get("users", "1")  # from memory when it can be
+
+    Args:
+        client: The client to read, write and watch through (not closed by the cache).
+        namespaces: Namespaces to cache; reads of others pass through.
+        max_entries: Most entries held; the least recently used goes first.
+        max_age: Seconds an entry is served at most, events or not.
+        silence: Seconds without any event (heartbeats included) after which
+            the stream counts as dead; keep it above the server's
+            ``watch_heartbeat`` (10 s by default).
+        max_backoff: Longest wait, in seconds, between attempts to restart the stream.
+    """
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        namespaces: Iterable[str],
+        *,
+        max_entries: int = 10_000,
+        max_age: float = 60.0,
+        silence: float = 30.0,
+        max_backoff: float = 5.0,
+    ) -> None:
+        if max_entries < 1 or max_age <= 0 or silence <= 0 or max_backoff <= 0:
+            raise ValueError("max_entries, max_age, silence and max_backoff must be positive")
+        self._client = client
+        self._namespaces = frozenset(namespaces)
+        if not self._namespaces or isinstance(namespaces, str | bytes):
+            raise ValueError("namespaces must be a non-empty iterable of namespace names")
+        self._max_entries, self._max_age = max_entries, max_age
+        self._silence, self._max_backoff = silence, max_backoff
+        self._entries: OrderedDict[_Key, tuple[float, Value]] = OrderedDict()
+        # Sequence numbers: every invalidation takes the next one. A Get may
+        # store its answer only if nothing it could have missed is newer than
+        # the number it started at.
+        self._seq = 0
+        self._flushed = 0  # the last RESET or stream failure
+        self._dropped: dict[str, int] = {}  # namespace -> its last all_keys invalidation
+        self._changed: dict[_Key, int] = {}  # keys with a Get in flight only
+        self._in_flight: Counter[_Key] = Counter()
+        self._live = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def watching(self) -> bool:
+        """Whether the Watch stream is up, so that reads can be served from memory."""
+        return self._live.is_set()
+
+    def __len__(self) -> int:
+        """The number of entries held."""
+        return len(self._entries)
+
+    async def open(self, timeout: float | None = None) -> None:
+        """Start watching, and wait up to *timeout* seconds (None: the client's
+        ``default_timeout``) for the stream to start. If it has not started
+        by then, reads pass through to the server until it does.
+
+        Raises:
+            NamespaceNotFound: A namespace is not configured on the server.
+            InvalidArgument: The server refused the Watch request.
+        """
+        if self._task is None:
+            self._task = asyncio.create_task(self._watch(), name="cachecoord-local-cache-watch")
+        live = asyncio.ensure_future(self._live.wait())
+        wait = self._client.default_timeout if timeout is None else timeout
+        await asyncio.wait({live, self._task}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        live.cancel()
+        if self._task.done():
+            task, self._task = self._task, None
+            task.result()  # raises the permanent error that ended it
+
+    async def close(self) -> None:
+        """Stop watching and forget everything; safe to call twice."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *_PERMANENT):
+                await task
+        self._blind()
+
+    async def __aenter__(self) -> Self:
+        """Open the cache (see `open`)."""
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the cache."""
+        await self.close()
+
+    async def get(self, namespace: str, key: str, *, timeout: float | None = None) -> Value:
+        """Read a key: from memory if held and fresh, else from the server (then held)."""
+        k = (namespace, key)
+        held = self._entries.get(k)
+        if held is not None and time.monotonic() < held[0]:
+            self._entries.move_to_end(k)
+            return held[1]
+        if held is not None:
+            del self._entries[k]  # too old
+        start = self._seq
+        self._in_flight[k] += 1
+        try:
+            value = await self._client.get(namespace, key, timeout=timeout)
+        finally:
+            self._in_flight[k] -= 1
+            missed = max(self._flushed, self._dropped.get(namespace, 0), self._changed.get(k, 0))
+            if not self._in_flight[k]:
+                del self._in_flight[k]
+                self._changed.pop(k, None)
+        if missed <= start and self._live.is_set() and namespace in self._namespaces:
+            self._store(k, value)
+        return value
+
+    async def put(
+        self,
+        namespace: str,
+        key: str,
+        value: bytes,
+        *,
+        expected_version: int | None = None,
+        ttl_ms: int | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Write through the client (see `AsyncClient.put`); the key is dropped here at once."""
+        try:
+            return await self._client.put(
+                namespace,
+                key,
+                value,
+                expected_version=expected_version,
+                ttl_ms=ttl_ms,
+                timeout=timeout,
+            )
+        finally:
+            self._invalidate((namespace, key), 0)  # failed writes may have happened too
+
+    async def delete(
+        self,
+        namespace: str,
+        key: str,
+        *,
+        expected_version: int | None = None,
+        timeout: float | None = None,
+    ) -> Deleted:
+        """Delete through the client (see `AsyncClient.delete`); the key is dropped here at once."""
+        try:
+            return await self._client.delete(
+                namespace, key, expected_version=expected_version, timeout=timeout
+            )
+        finally:
+            self._invalidate((namespace, key), 0)
+
+    def _store(self, k: _Key, value: Value) -> None:
+        if value.stale:
+            return  # served while the server could not refresh it: not worth keeping
+        held = self._entries.get(k)
+        if held is not None and not _same_or_newer(value, held[1]):
+            # A slower Get overtaken by a faster one: keep neither, rather
+            # than let a reader see the older value after the newer one.
+            del self._entries[k]
+            return
+        age = self._max_age if value.ttl_ms <= 0 else min(self._max_age, value.ttl_ms / 1000)
+        self._entries[k] = (time.monotonic() + age, value)
+        self._entries.move_to_end(k)
+        if len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    def _invalidate(self, k: _Key, version: int) -> None:
+        self._seq += 1
+        if k in self._in_flight:
+            self._changed[k] = self._seq
+        held = self._entries.get(k)
+        if held is not None and (version == 0 or not held[1].found or held[1].version < version):
+            del self._entries[k]
+
+    def _apply(self, event: WatchEvent) -> None:
+        if event.kind is WatchEventKind.RESET:
+            self._blind()  # the stream restarts: events may have been missed
+            self._live.set()
+        elif event.kind is WatchEventKind.INVALIDATION and event.all_keys:
+            self._seq += 1
+            self._dropped[event.namespace] = self._seq
+            for k in [k for k in self._entries if k[0] == event.namespace]:
+                del self._entries[k]
+        elif event.kind is WatchEventKind.INVALIDATION:
+            self._invalidate((event.namespace, event.key), event.version)
+
+    def _blind(self) -> None:
+        """Forget everything and serve nothing from memory: events may be missed."""
+        self._live.clear()
+        self._seq += 1
+        self._flushed = self._seq
+        self._entries.clear()
+
+    async def _watch(self) -> None:
+        """Keep a Watch stream open, restarting it with backoff; stopped by cancellation."""
+        backoff = 0.05
+        while True:
+            try:
+                async with self._client.watch(sorted(self._namespaces)) as events:
+                    while True:
+                        async with asyncio.timeout(self._silence):
+                            event = await anext(events)
+                        self._apply(event)
+                        backoff = 0.05
+            except _PERMANENT:
+                self._blind()
+                raise
+            except (CacheCoordError, StopAsyncIteration, TimeoutError) as err:
+                log.warning("cachecoord watch stream lost (%r); reads bypass the local cache", err)
+            except Exception:  # e.g. the client was closed first: keep trying, never die
+                log.exception("cachecoord watch stream failed; reads bypass the local cache")
+            self._blind()
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, self._max_backoff)
+
+
+def _same_or_newer(new: Value, old: Value) -> bool:
+    """Whether *new* may replace *old*: a not-found answer has no version to compare."""
+    if new.found and old.found:
+        return new.version >= old.version
+    return not new.found and not old.found

@@ -1,0 +1,280 @@
+"""LocalCache: a client's own in-process cache, kept coherent by Watch.
+
+Hot keys are read from the client's memory without an RPC; a change made on
+any instance evicts them once its event arrives, a RESET flushes everything,
+and while the Watch stream is down nothing is served from memory. A Get that
+was in flight while its key changed is not kept. Real servers throughout;
+the only spies count, or hold back, the Gets that reach an instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from strategy_support import FAST_RECONNECT, poll
+from watch_support import CuttableLink, instance, kill_pubsub_connections
+
+from cachecoord.app import App
+from cachecoord.model import Entry
+from cachecoord_client import AsyncClient, LocalCache, NamespaceNotFound, Unavailable, Value
+from local_servers import PostgresServer, RedisServer
+
+Get = Callable[[str, str], Awaitable[Entry]]
+
+
+def count_gets(app: App, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Count, per key, the Gets that reach *app* (the spy wraps its Cache.get)."""
+    assert app.cache is not None
+    counts: Counter[str] = Counter()
+    get: Get = app.cache.get
+
+    async def counted(namespace: str, key: str) -> Entry:
+        counts[key] += 1
+        return await get(namespace, key)
+
+    monkeypatch.setattr(app.cache, "get", counted)
+    return counts
+
+
+@pytest.fixture
+def gets(app: App, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Gets reaching the session instance, per key."""
+    return count_gets(app, monkeypatch)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def writer(
+    redis_server: RedisServer, postgres_server: PostgresServer, tmp_path: Path
+) -> AsyncIterator[AsyncClient]:
+    """A client of a second instance sharing the session's backends."""
+    async with instance(tmp_path, redis_server.url, postgres_server.dsn, "writer") as (_, client):
+        yield client
+
+
+async def until(condition: Callable[[], bool], within: float = 5.0) -> bool:
+    """Whether *condition* holds within *within* seconds (polled)."""
+
+    async def check() -> bool:
+        return condition()
+
+    return await poll(check, bool, within=within)
+
+
+async def served(local: LocalCache, key: str, *, at_least: int, within: float = 2.0) -> Value:
+    """The first value of blobs *key* that *local* serves at *at_least* or later
+    (or the last one read, after *within* seconds)."""
+    return await poll(
+        lambda: local.get("blobs", key), lambda v: v.version >= at_least, within=within
+    )
+
+
+async def test_repeated_reads_are_served_from_memory(
+    client: AsyncClient, gets: Counter[str], key: str
+) -> None:
+    await client.put("blobs", key, b"hot")
+    await client.put("sessions", key, b"not cached here")
+    async with LocalCache(client, namespaces=["blobs"]) as local:
+        values = [await local.get("blobs", key) for _ in range(5)]
+        for _ in range(3):
+            await local.get("sessions", key)
+
+    assert {v.value for v in values} == {b"hot"}
+    assert gets[key] == 1 + 3, "blobs read once; the namespace not cached read every time"
+
+
+async def test_a_missing_key_is_remembered_too(
+    client: AsyncClient, gets: Counter[str], key: str
+) -> None:
+    async with LocalCache(client, namespaces=["blobs"]) as local:
+        assert not (await local.get("blobs", key)).found
+        assert not (await local.get("blobs", key)).found
+        assert gets[key] == 1
+        await client.put("blobs", key, b"now it exists")  # not through the local cache
+        found = await poll(lambda: local.get("blobs", key), lambda v: v.found, within=2)
+    assert found.value == b"now it exists"
+
+
+async def test_a_put_on_another_instance_is_not_served_stale_once_its_event_arrived(
+    client: AsyncClient, writer: AsyncClient, gets: Counter[str], key: str
+) -> None:
+    await writer.put("blobs", key, b"old")
+    async with LocalCache(client, namespaces=["blobs"]) as local:
+        assert (await local.get("blobs", key)).value == b"old"
+        version = await writer.put("blobs", key, b"new")
+
+        fresh = await poll(lambda: local.get("blobs", key), lambda v: v.value == b"new", within=2)
+        after = [await local.get("blobs", key) for _ in range(3)]
+
+    assert fresh.version == version
+    assert all(v == fresh for v in after)
+    assert gets[key] == 2, "read once before the put, once after its event, then from memory"
+
+
+async def test_no_stale_read_after_a_put_on_another_instance(
+    client: AsyncClient, writer: AsyncClient, key: str
+) -> None:
+    """Readers hammer the local cache while another instance writes. Once the
+    local cache has served a version, no read that starts later returns an
+    older one: not from memory, not from a Get that raced with the write."""
+    confirmed = await writer.put("blobs", key, b"0")
+    stale: list[tuple[int, int]] = []
+    stop = asyncio.Event()
+
+    async with LocalCache(client, namespaces=["blobs"]) as local:
+
+        async def read() -> None:
+            while not stop.is_set():
+                floor = confirmed
+                got = await local.get("blobs", key)
+                if got.version < floor:
+                    stale.append((got.version, floor))
+                await asyncio.sleep(0)
+
+        readers = [asyncio.create_task(read()) for _ in range(4)]
+        try:
+            for i in range(1, 31):
+                version = await writer.put("blobs", key, str(i).encode())
+                assert (await served(local, key, at_least=version)).version == version
+                confirmed = version
+        finally:
+            stop.set()
+            await asyncio.gather(*readers)
+
+    assert stale == [], "(version served, version already served before)"
+
+
+async def test_a_get_in_flight_while_its_key_changes_is_not_kept(
+    app: App,
+    client: AsyncClient,
+    writer: AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+    key: str,
+) -> None:
+    """The Get reads "old", the key changes and its event arrives, then the
+    Get's answer comes back: it goes to its caller, but not into memory."""
+    assert app.cache is not None
+    get: Get = app.cache.get
+    has_read, answer = asyncio.Event(), asyncio.Event()
+
+    async def slow_get(namespace: str, k: str) -> Entry:
+        entry = await get(namespace, k)
+        if k == key:
+            has_read.set()
+            await answer.wait()
+        return entry
+
+    monkeypatch.setattr(app.cache, "get", slow_get)
+    await writer.put("blobs", key, b"old")
+    await writer.put("blobs", f"{key}-marker", b"marker")
+    async with LocalCache(client, namespaces=["blobs"]) as local:
+        await local.get("blobs", f"{key}-marker")
+        assert len(local) == 1
+        reading = asyncio.create_task(local.get("blobs", key))
+        await asyncio.wait_for(has_read.wait(), 5)
+
+        new = await writer.put("blobs", key, b"new")
+        await writer.put("blobs", f"{key}-marker", b"changed")
+        # Events arrive in order: once the marker is evicted, so was the key.
+        assert await until(lambda: len(local) == 0)
+        answer.set()
+        late = await reading
+
+        assert late.value == b"old"
+        assert len(local) == 0, "the late answer was kept"
+        assert (await local.get("blobs", key)).version == new
+
+
+async def test_local_writes_drop_the_key_at_once(client: AsyncClient, key: str) -> None:
+    async with LocalCache(client, namespaces=["blobs"]) as local:
+        await local.put("blobs", key, b"v1")
+        assert (await local.get("blobs", key)).value == b"v1"
+        version = await local.put("blobs", key, b"v2")
+        assert (await local.get("blobs", key)).version == version
+        await local.delete("blobs", key)
+        assert not (await local.get("blobs", key)).found
+
+
+async def test_entries_are_bounded_in_number_and_age(
+    client: AsyncClient, gets: Counter[str], key: str
+) -> None:
+    keys = [f"{key}-{i}" for i in range(3)]
+    async with LocalCache(client, namespaces=["blobs"], max_entries=2, max_age=0.3) as local:
+        for k in keys:
+            await local.get("blobs", k)
+        assert len(local) == 2
+        await local.get("blobs", keys[0])  # the least recently used went first
+        assert gets[keys[0]] == 2
+
+        async def refetched() -> int:
+            await local.get("blobs", keys[2])
+            return gets[keys[2]]
+
+        assert await poll(refetched, lambda n: n == 2, within=2) == 2  # once older than max_age
+
+
+async def test_unknown_namespace_fails_at_open(client: AsyncClient) -> None:
+    with pytest.raises(NamespaceNotFound):
+        async with LocalCache(client, namespaces=["blobs", "nope"]):
+            pytest.fail("opened")
+
+
+# Resets and outages, on instances of their own.
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    await asyncio.to_thread(server.start)
+    yield server
+    await asyncio.to_thread(server.stop)
+
+
+async def test_reset_flushes_everything(
+    own_redis: RedisServer,
+    own_database: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    key: str,
+) -> None:
+    async with instance(tmp_path, own_redis.url, own_database, "reset") as (app, client):
+        gets = count_gets(app, monkeypatch)
+        async with LocalCache(client, namespaces=["blobs", "sessions"]) as local:
+            await local.get("blobs", key)
+            await local.get("sessions", key)
+            assert len(local) == 2
+
+            assert await kill_pubsub_connections(own_redis.url) >= 1
+
+            assert await until(lambda: len(local) == 0)
+            await local.get("blobs", key)
+            assert gets[key] == 3, "read from the server again after the RESET"
+
+
+async def test_a_lost_stream_bypasses_memory_until_the_watch_is_back(
+    app: App, gets: Counter[str], key: str
+) -> None:
+    async with (
+        CuttableLink(app.port) as link,
+        AsyncClient(f"127.0.0.1:{link.port}", options=FAST_RECONNECT) as client,
+        LocalCache(client, namespaces=["blobs"], max_backoff=0.2) as local,
+    ):
+        await local.put("blobs", key, b"v")
+        await local.get("blobs", key)
+        assert len(local) == 1
+
+        link.cut()  # the stream breaks
+
+        assert await until(lambda: not local.watching and len(local) == 0)
+        with pytest.raises(Unavailable):
+            await local.get("blobs", key)  # not from memory: nobody would evict it
+        link.restore()
+        assert await until(lambda: local.watching)
+        served = [await local.get("blobs", key) for _ in range(3)]
+
+    assert {v.value for v in served} == {b"v"}
+    assert gets[key] == 2, "read before the cut and once after; then from memory again"

@@ -1,0 +1,394 @@
+"""Watch through real gRPC, real Redis and PostgreSQL (design 1 and 5).
+
+A Watch stream starts with RESET(subscribed), then carries every change of
+its namespaces made on any instance, a RESET whenever events may have been
+missed (the instance's subscription was cut, or the client read too slowly),
+and heartbeats when nothing happens. A slow reader costs the server a bounded
+backlog, and streams opened and cancelled in bulk leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import pytest_asyncio
+from test_hold_lock import heap_in_use, settled_task_count
+from watch_support import (
+    CuttableLink,
+    instance,
+    kill_pubsub_connections,
+    next_event,
+    watchers,
+)
+
+from cachecoord.app import App
+from cachecoord.config import Duration
+from cachecoord.invalidation.watch import Watcher
+from cachecoord_client import (
+    AsyncClient,
+    Client,
+    DeadlineExceeded,
+    InvalidArgument,
+    NamespaceNotFound,
+    Unavailable,
+    WatchEvent,
+    WatchEventKind,
+)
+from local_servers import PostgresServer, RedisServer
+
+INVALIDATION, RESET, HEARTBEAT = WatchEventKind
+SUBSCRIBED = WatchEvent(RESET, reason="subscribed")
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def writer(
+    redis_server: RedisServer, postgres_server: PostgresServer, tmp_path: Path
+) -> AsyncIterator[AsyncClient]:
+    """A client of a second instance, named "writer", sharing the session's backends."""
+    async with instance(tmp_path, redis_server.url, postgres_server.dsn, "writer") as (_, client):
+        yield client
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    await asyncio.to_thread(server.start)
+    yield server
+    await asyncio.to_thread(server.stop)
+
+
+def invalidation(key: str, version: int, reason: str, origin: str, ns: str = "blobs") -> WatchEvent:
+    return WatchEvent(INVALIDATION, ns, key, False, version, reason, origin)
+
+
+async def test_first_event_is_a_reset_saying_subscribed(client: AsyncClient) -> None:
+    async with client.watch(["blobs", "users"]) as events:
+        assert await next_event(events, heartbeats=True) == SUBSCRIBED
+
+
+async def test_writes_on_another_instance_reach_the_watcher_with_their_details(
+    client: AsyncClient, writer: AsyncClient, key: str
+) -> None:
+    async with client.watch(["blobs"], key_prefix=key) as events:
+        assert await next_event(events) == SUBSCRIBED
+        put = await writer.put("blobs", key, b"v1")
+        deleted = await writer.delete("blobs", key)
+
+        assert await next_event(events) == invalidation(key, put, "put", "writer")
+        assert await next_event(events) == invalidation(key, deleted.version, "delete", "writer")
+    assert deleted.version > put > 0
+
+
+async def test_key_prefix_filters_keys_but_not_whole_namespace_invalidations(
+    client: AsyncClient, app: App, key: str
+) -> None:
+    async with client.watch(["short"], key_prefix=f"{key}-a") as events:
+        assert await next_event(events) == SUBSCRIBED
+        await client.put("short", f"{key}-b", b"not watched")
+        version = await client.put("short", f"{key}-a1", b"watched")
+        await client.invalidate("short", all=True)
+
+        assert await next_event(events) == invalidation(
+            f"{key}-a1", version, "put", app.origin, "short"
+        )
+        assert await next_event(events) == WatchEvent(
+            INVALIDATION, "short", "", True, 0, "invalidate", app.origin
+        )
+
+
+@pytest.mark.parametrize(
+    ("namespaces", "error", "says"),
+    [
+        pytest.param(["blobs", "nope"], NamespaceNotFound, "nope", id="unknown-namespace"),
+        pytest.param([], InvalidArgument, "namespace", id="no-namespace"),
+    ],
+)
+async def test_bad_watch_requests_fail_with_a_status_saying_why(
+    client: AsyncClient, namespaces: list[str], error: type[Exception], says: str
+) -> None:
+    with pytest.raises(error) as failed:
+        async with client.watch(namespaces) as events:
+            await next_event(events)
+    assert says in str(failed.value)
+
+
+async def test_a_watch_given_a_timeout_ends_with_deadline_exceeded(client: AsyncClient) -> None:
+    async with client.watch(["blobs"], timeout=0.3) as events:
+        assert await next_event(events) == SUBSCRIBED
+        with pytest.raises(DeadlineExceeded):
+            await next_event(events)
+
+
+async def test_cut_subscription_sends_reset_resubscribed_then_events_resume(
+    own_redis: RedisServer, own_database: str, tmp_path: Path, key: str
+) -> None:
+    async with (
+        instance(tmp_path, own_redis.url, own_database, "watched") as (_, client),
+        client.watch(["blobs"], key_prefix=key) as events,
+    ):
+        assert await next_event(events) == SUBSCRIBED
+
+        assert await kill_pubsub_connections(own_redis.url) >= 1
+
+        assert await next_event(events) == WatchEvent(RESET, reason="resubscribed")
+
+        # Writes made before the instance has subscribed again are lost (a
+        # second RESET may say so): keep writing until one comes through.
+        async def keep_writing() -> None:
+            while True:
+                await client.put("blobs", key, b"after the cut")
+                await asyncio.sleep(0.1)
+
+        writing = asyncio.create_task(keep_writing())
+        try:
+            while (event := await next_event(events)).kind is RESET:
+                assert event.reason == "resubscribed"
+        finally:
+            writing.cancel()
+    assert event == invalidation(key, event.version, "put", "watched")
+    assert event.version > 0
+
+
+async def test_a_broken_connection_ends_the_stream_on_both_sides(app: App) -> None:
+    baseline = watchers(app)
+    async with (
+        CuttableLink(app.port) as link,
+        AsyncClient(f"127.0.0.1:{link.port}") as client,
+        client.watch(["blobs"]) as events,
+    ):
+        assert await next_event(events) == SUBSCRIBED
+        assert watchers(app) == baseline + 1
+
+        link.cut()
+
+        with pytest.raises(Unavailable):
+            await next_event(events)
+        with pytest.raises(StopAsyncIteration):
+            await anext(events)  # ended for good: watch again for a new stream
+        assert await _watchers_settle(app, baseline), "the server still serves the stream"
+
+
+async def test_a_quiet_stream_gets_heartbeats(
+    redis_server: RedisServer, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    async with (
+        instance(
+            tmp_path, redis_server.url, postgres_server.dsn, "beating",
+            watch_heartbeat=Duration(100),
+        ) as (_, client),
+        client.watch(["sessions"], key_prefix="nobody-writes-this-") as events,
+    ):  # fmt: skip
+        assert await next_event(events) == SUBSCRIBED
+        started = time.monotonic()
+        beats = [await next_event(events, within=1, heartbeats=True) for _ in range(3)]
+        took = time.monotonic() - started
+
+    assert beats == [WatchEvent(HEARTBEAT)] * 3
+    assert 0.25 < took < 1.5, f"3 heartbeats 100 ms apart took {took:.2f} s"
+
+
+async def test_sync_client_watches_until_closed_from_another_thread(
+    app: App, client: AsyncClient, key: str
+) -> None:
+    received: list[WatchEvent] = []
+    subscribed, changed = threading.Event(), threading.Event()
+
+    def watch(stream: Iterator[WatchEvent]) -> None:
+        for event in stream:  # blocks between events; ends when closed
+            received.append(event)
+            (changed if subscribed.is_set() else subscribed).set()
+
+    with Client(f"127.0.0.1:{app.port}") as sync:
+        stream = sync.watch(["blobs"], key_prefix=key)
+        reader = asyncio.create_task(asyncio.to_thread(watch, stream))
+        assert await asyncio.to_thread(subscribed.wait, 5)
+        version = await client.put("blobs", key, b"v")
+        assert await asyncio.to_thread(changed.wait, 5)
+        await asyncio.to_thread(stream.close)  # the thread is blocked in next()
+        await asyncio.wait_for(reader, 5)
+
+    assert received == [SUBSCRIBED, invalidation(key, version, "put", app.origin)]
+    assert await _watchers_settle(app, 0)
+
+
+async def test_slow_reader_costs_a_bounded_backlog_then_gets_reset_overflow_and_resumes(
+    redis_server: RedisServer,
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    key: str,
+) -> None:
+    """The slow client stops reading; once its HTTP/2 window is full, the
+    server holds at most `watch_backlog` events for it, then a RESET. A fast
+    client of the same traffic keeps up and never gets RESET.
+
+    The slow client turns BDP probing off, so that its window stays at
+    HTTP/2's 64 KiB: with probing the window grows to about 4 MiB, some
+    90,000 small events to publish before anything backs up on the server.
+    """
+    backlog = 100
+    peaks: dict[str, int] = {}
+    offer = Watcher.offer
+
+    def measured_offer(watcher: Watcher, event: object) -> None:
+        offer(watcher, event)  # type: ignore[arg-type]
+        peaks[watcher.key_prefix] = max(peaks.get(watcher.key_prefix, 0), watcher.backlog)
+
+    monkeypatch.setattr(Watcher, "offer", measured_offer)
+    padding = "p" * 200  # bigger events fill the window sooner
+    async with (
+        instance(
+            tmp_path, redis_server.url, postgres_server.dsn, "bounded", watch_backlog=backlog
+        ) as (app, fast_client),
+        AsyncClient(f"127.0.0.1:{app.port}", options=[("grpc.http2.bdp_probe", 0)]) as slow_client,
+        fast_client.watch(["blobs"], key_prefix=key) as fast,
+        slow_client.watch(["blobs"], key_prefix=f"{key}-") as slow,
+    ):
+        assert await next_event(fast) == await next_event(slow) == SUBSCRIBED
+        fast_got: list[WatchEvent] = []
+        published, caught_up = 0, asyncio.Event()
+
+        async def read_fast() -> None:
+            async for event in fast:
+                fast_got.append(event)
+                if len(fast_got) >= published:
+                    caught_up.set()
+
+        async def publish() -> None:
+            """Invalidate a batch smaller than the backlog, and wait until the
+            fast client has read it: only a reader that stops falls behind."""
+            nonlocal published
+            batch = [f"{key}-{published + i}-{padding}" for i in range(50)]
+            published += len(batch)
+            caught_up.clear()
+            await fast_client.invalidate("blobs", batch)
+            await asyncio.wait_for(caught_up.wait(), 5)
+
+        reader = asyncio.create_task(read_fast())
+        while peaks.get(f"{key}-", 0) < backlog and published < 5_000:
+            await publish()
+        await publish()  # the slow stream's backlog is full: these overflow it
+        reader.cancel()
+
+        assert peaks[f"{key}-"] == backlog, f"{published} events published"
+        assert peaks[key] < backlog
+        assert [e for e in fast_got if e.kind is not INVALIDATION] == []
+        # The slow client reads what was in flight, then the RESET...
+        in_flight = 0
+        while (event := await next_event(slow)).kind is INVALIDATION:
+            in_flight += 1
+        assert event == WatchEvent(RESET, reason="overflow")
+        assert in_flight <= published - backlog, "the backlog's events were dropped"
+        # ...and events resume after it.
+        version = await fast_client.put("blobs", f"{key}-after", b"v")
+        assert await next_event(slow) == invalidation(f"{key}-after", version, "put", "bounded")
+    print(f"\nslow Watch reader: {published} events published, {in_flight} reached it before RESET")
+
+
+async def test_a_reader_that_keeps_up_is_not_reset_by_two_bulk_invalidations(
+    client: AsyncClient, key: str
+) -> None:
+    got: list[WatchEvent] = []
+    done = asyncio.Event()
+    async with client.watch(["blobs"], key_prefix=key) as events:
+        assert await next_event(events) == SUBSCRIBED
+
+        async def read() -> None:
+            async for event in events:
+                got.append(event)
+                if len(got) == 2_000 or event.kind is RESET:
+                    done.set()
+
+        reader = asyncio.create_task(read())
+        for batch in range(2):
+            await client.invalidate("blobs", [f"{key}-{batch}-{i}" for i in range(1_000)])
+        await asyncio.wait_for(done.wait(), 5)
+        reader.cancel()
+
+    assert [e.reason for e in got if e.kind is RESET] == []
+    assert len(got) == 2_000
+
+
+# Leaks (design 10: grpc #43360, #43462).
+
+
+async def test_a_thousand_watch_streams_opened_and_cancelled_leave_nothing_behind(
+    app: App, client: AsyncClient
+) -> None:
+    # Warm up at full size first, as the HoldLock leak test does: the first
+    # 1000 streams grow malloc's arenas, which it keeps for reuse.
+    await churn(app, client, streams=1_000)
+    tasks_before = await settled_task_count(len(asyncio.all_tasks()))
+    rss_before, heap_before = psutil.Process().memory_info().rss, heap_in_use()
+
+    await churn(app, client, streams=1_000)
+
+    tasks_after = await settled_task_count(tasks_before)
+    rss_grown = (psutil.Process().memory_info().rss - rss_before) / 2**20
+    heap_grown = heap_in_use() - heap_before
+    print(
+        f"\n1000 Watch streams: tasks {tasks_before} -> {tasks_after}, RSS {rss_grown:+.1f} MiB,"
+        f" malloc heap in use {heap_grown / 1000:+.0f} B per stream"
+    )
+    assert tasks_after <= tasks_before, [t.get_name() for t in asyncio.all_tasks()]
+    assert rss_grown < 20, f"RSS grew by {rss_grown:.1f} MiB"
+    assert heap_grown < 1_000 * 1_000, f"{heap_grown / 1000:.0f} B per stream still in use"
+
+
+async def churn(app: App, client: AsyncClient, streams: int) -> None:
+    """Open *streams* Watch streams, all subscribed at once, and stop them
+    the ways a consumer can: half leave an ``async with`` block, a quarter
+    are tasks cancelled while waiting for an event, and a quarter break out
+    of a bare ``async for`` (the dropped stream cancels its call). The
+    server must end up serving none of them."""
+    await _watchers_settle(app, 0)  # streams of earlier tests end asynchronously
+    baseline = watchers(app)
+    subscribed = [asyncio.Event() for _ in range(streams)]
+    leave = asyncio.Event()
+
+    async def in_block(ready: asyncio.Event) -> None:
+        async with client.watch(["blobs"]) as events:
+            assert await anext(events) == SUBSCRIBED
+            ready.set()
+            await leave.wait()
+
+    async def waiting(ready: asyncio.Event) -> None:
+        async with client.watch(["blobs"], key_prefix="nobody-writes-this-") as events:
+            await anext(events)
+            ready.set()
+            await anext(events)  # cancelled here
+
+    async def bare(ready: asyncio.Event) -> None:
+        async for _ in client.watch(["blobs"]):
+            ready.set()
+            await leave.wait()
+            break
+
+    kinds = [in_block, in_block, waiting, bare]
+    tasks = [
+        asyncio.create_task(kinds[i % 4](ready), name=f"watch-{i}")
+        for i, ready in enumerate(subscribed)
+    ]
+    async with asyncio.timeout(20):
+        await asyncio.gather(*(ready.wait() for ready in subscribed))
+    assert watchers(app) == baseline + streams
+    for task in tasks[2::4]:
+        task.cancel()
+    leave.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert await _watchers_settle(app, baseline), f"{watchers(app) - baseline} streams left"
+
+
+async def _watchers_settle(app: App, count: int, within: float = 5.0) -> bool:
+    """Whether the instance's Watch stream count comes down to *count* in time."""
+    deadline = time.monotonic() + within
+    while True:
+        if watchers(app) <= count or time.monotonic() > deadline:
+            return watchers(app) == count
+        await asyncio.sleep(0.02)
