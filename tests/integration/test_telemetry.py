@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -101,6 +103,8 @@ key_column = "id"
 kind = "managed"
 strategy = "write-behind"
 flush_interval = "50ms"
+[namespaces.blobs]
+kind = "managed"
 """
     )
     env = {
@@ -242,3 +246,41 @@ async def test_streams_work_and_are_traced(
         == 0
     )
     assert collector.named("cachecoord.v1.CacheCoordService/Watch")
+
+
+async def test_a_nodejs_callers_trace_continues_in_the_server(
+    receiver: tuple[Receiver, int], traced_server: int
+) -> None:
+    """The Node.js client (clients/node, @grpc/grpc-js) sends its own W3C
+    traceparent: the server spans of its calls are children of that span."""
+    collector, _ = receiver
+    node = shutil.which("node")
+    program = ROOT / "clients" / "node" / "dist" / "e2e" / "e2e.js"
+    assert node, "node is not installed"
+    assert program.exists(), "run `make node-client`"
+    process = await asyncio.create_subprocess_exec(
+        node,
+        str(program),
+        f"127.0.0.1:{traced_server}",
+        f"traced-{os.getpid()}-",
+        cwd=program.parents[2],
+        stdout=asyncio.subprocess.PIPE,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, output.decode()
+    result = json.loads(
+        next(line for line in output.decode().splitlines() if line.startswith("RESULT "))[7:]
+    )
+    _, trace_id, parent_id, _ = result["traceparent"].split("-")
+    for _ in range(100):
+        children = [
+            span
+            for span in collector.spans
+            if span.trace_id.hex() == trace_id and span.parent_span_id.hex() == parent_id
+        ]
+        if {"Get", "Put", "Watch"} <= {span.name.rsplit("/", 1)[-1] for span in children}:
+            break
+        await asyncio.sleep(0.05)
+    assert {"Get", "BatchGet", "Put", "Watch", "AcquireLock"} <= {
+        span.name.rsplit("/", 1)[-1] for span in children
+    }
