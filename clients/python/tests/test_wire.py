@@ -78,6 +78,10 @@ class Recorder(pb_grpc.CacheCoordServiceServicer):
             )
         )
         target = str(getattr(request, "namespace", "") or getattr(request, "name", ""))
+        if target.startswith("flaky:"):  # UNAVAILABLE until the N-th call of this key
+            attempts = sum(1 for call in self.calls if call.request == request)
+            if attempts < int(target.removeprefix("flaky:")):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "canned restart")
         if target.startswith("fail:"):
             await context.abort(grpc.StatusCode[target.removeprefix("fail:")], "canned failure")
         if getattr(request, "key", "") == "slow":
@@ -567,3 +571,21 @@ async def test_sync_watch_is_cancelled_on_close_even_from_another_thread(server:
         events.close()
         assert await asyncio.wait_for(consumer, 5) == WATCHED
         assert await until(lambda: recorder.watches_cancelled == 2)
+
+
+@KINDS
+@pytest.mark.asyncio
+async def test_idempotent_calls_are_retried_on_unavailable(kind: Kind, server: Server) -> None:
+    async with connect(kind, server.target) as call:
+        got = await call("get", "flaky:3", f"retried-{kind}")
+    assert got.found
+    assert [c.method for c in server.recorder.calls] == ["Get"] * 3
+
+
+@KINDS
+@pytest.mark.asyncio
+async def test_writes_are_not_retried(kind: Kind, server: Server) -> None:
+    async with connect(kind, server.target) as call:
+        with pytest.raises(Unavailable):
+            await call("put", "flaky:2", f"once-{kind}", b"v")
+    assert [c.method for c in server.recorder.calls] == ["Put"]

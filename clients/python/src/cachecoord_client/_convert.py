@@ -6,9 +6,11 @@ differ only in how they invoke an RPC; everything else lives here.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -42,6 +44,40 @@ class Settings:
 
     default_timeout: float
     metadata: Metadata | None
+
+
+# Calls that are safe to repeat are retried on UNAVAILABLE (a server
+# restarting, a connection reset) with exponential backoff, by gRPC itself.
+# Put and Delete are not: a retried write could apply twice (use
+# expected_version to make one idempotent and retry it yourself).
+_RETRIED = ("Get", "BatchGet", "Invalidate", "ExtendLock", "ReleaseLock")
+SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": "cachecoord.v1.CacheCoordService", "method": method}
+                    for method in _RETRIED
+                ],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+
+def channel_options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The caller's channel options, plus the retry policy unless given."""
+    given = list(options)
+    if not any(name == "grpc.service_config" for name, _ in given):
+        given.append(("grpc.service_config", SERVICE_CONFIG))
+    return given
 
 
 def settings(default_timeout: float, token: str | None) -> Settings:

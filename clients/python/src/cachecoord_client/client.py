@@ -85,10 +85,11 @@ class AsyncClient:
                 "(grpc.aio binds its channel to that loop); create it in a coroutine, "
                 "or use the blocking cachecoord_client.Client"
             ) from None
+        channel_options = _convert.channel_options(options)
         if credentials is None:
-            channel = grpc.aio.insecure_channel(target, options=list(options))
+            channel = grpc.aio.insecure_channel(target, options=channel_options)
         else:
-            channel = grpc.aio.secure_channel(target, credentials, options=list(options))
+            channel = grpc.aio.secure_channel(target, credentials, options=channel_options)
         self._setup(channel, owns_channel=True, settings=settings)
 
     @classmethod

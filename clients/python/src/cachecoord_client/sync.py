@@ -70,9 +70,11 @@ class Client:
         """
         settings = _convert.settings(default_timeout, token)
         if credentials is None:
-            channel = grpc.insecure_channel(target, options=list(options))
+            channel = grpc.insecure_channel(target, options=_convert.channel_options(options))
         else:
-            channel = grpc.secure_channel(target, credentials, options=list(options))
+            channel = grpc.secure_channel(
+                target, credentials, options=_convert.channel_options(options)
+            )
         self._setup(channel, owns_channel=True, settings=settings)
 
     @classmethod
