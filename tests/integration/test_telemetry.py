@@ -122,7 +122,8 @@ kind = "managed"
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            await asyncio.wait_for(channel.channel_ready(), 20)
+            # A cold start (first import of the SDK and instrumentations) is slow.
+            await asyncio.wait_for(channel.channel_ready(), 90)
         yield port
     finally:
         process.terminate()
