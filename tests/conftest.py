@@ -7,6 +7,12 @@ kill or restart a backend get servers of their own.
 
 from __future__ import annotations
 
+import os
+
+# Tests fork (to start PostgreSQL as its own user) from a process with gRPC
+# threads; gRPC's fork handlers then crash the child. Must precede `import grpc`.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 import shutil
 import tempfile
 import uuid
@@ -20,7 +26,7 @@ import pytest_asyncio
 from cachecoord.app import App
 from cachecoord.config import Settings, load
 from cachecoord_client import AsyncClient
-from local_servers import PostgresServer, RedisServer
+from local_servers import PostgresServer, RedisCluster, RedisServer, redis_supports_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = (
@@ -175,3 +181,13 @@ def key() -> str:
 def new_user_id() -> Callable[[], str]:
     """Ids of users rows no other test uses."""
     return lambda: str(1000 + uuid.uuid4().int % 1_000_000_000)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A private 6-node Redis Cluster (3 primaries, 3 replicas)."""
+    problem = redis_supports_cluster()
+    if problem is not None:
+        pytest.skip(f"Redis Cluster tests need a cluster-capable redis-server: {problem}")
+    with RedisCluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster

@@ -12,9 +12,11 @@ import grpc
 import psycopg
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 
 from cachecoord.app import App
 from cachecoord.config import Duration
+from cachecoord.storage.keys import KeySpace
 from cachecoord_client import AsyncClient, CacheCoordError, Layer
 from conftest import SCHEMA, settings_for
 from local_servers import PostgresServer, RedisServer
@@ -175,3 +177,46 @@ async def test_lock_calls_while_redis_is_down_answer_unavailable(stack: Stack) -
     finally:
         await asyncio.to_thread(stack.redis.restart)
     assert codes == [grpc.StatusCode.UNAVAILABLE] * 3
+
+
+async def test_write_behind_puts_survive_a_postgres_outage_longer_than_their_retries(
+    stack: Stack,
+) -> None:
+    """queued: retry_after 100 ms, max_attempts 5 (the default): the entries
+    are redelivered at about 0.1, 0.3, 0.7 and 1.5 s; PostgreSQL stays down 4 s."""
+    client = stack.client
+    await asyncio.to_thread(stack.postgres.kill)
+    try:
+        versions = {
+            f"down-{i}": await client.put("queued", f"down-{i}", b"acked") for i in range(5)
+        }
+        await asyncio.sleep(4)  # the outage itself
+    finally:
+        await asyncio.to_thread(stack.postgres.start)
+    partitions = stack.app.settings.namespaces["queued"].partitions
+    for _ in range(150):  # until the queue is empty (flushed or dead-lettered), 15 s at most
+        if not await queued_writes(stack.redis.url, "queued", partitions):
+            break
+        await asyncio.sleep(0.1)
+    async with await psycopg.AsyncConnection.connect(stack.postgres.dsn) as conn:
+        cur = await conn.execute(
+            "SELECT e.key, e.value, v.version FROM cachecoord.entries e "
+            "JOIN cachecoord.versions v USING (namespace, key) WHERE namespace = 'queued'"
+        )
+        rows = {key: (bytes(value), version) async for key, value, version in cur}
+    reads = {key: await client.get("queued", key) for key in versions}
+    assert rows == {key: (b"acked", version) for key, version in versions.items()}
+    assert {key: (got.found, got.value) for key, got in reads.items()} == dict.fromkeys(
+        versions, (True, b"acked")
+    )
+
+
+async def queued_writes(url: str, namespace: str, partitions: int) -> int:
+    """Entries in the namespace's write-behind queues (flushed ones are deleted)."""
+    client = aioredis.Redis.from_url(url, protocol=2)
+    try:
+        return sum(
+            [int(await client.xlen(queue)) for queue in KeySpace(namespace, partitions).queues]
+        )
+    finally:
+        await client.aclose()

@@ -207,15 +207,17 @@ async def _answer(context: Context, method: str, call: Awaitable[Response]) -> R
     raise AssertionError("unreachable: abort raises")
 
 
-# Details travel in gRPC metadata (8 KiB soft limit): a message quoting a huge
-# input is cut, or the client would see RESOURCE_EXHAUSTED instead.
-_MAX_DETAILS = 1024
+# Details travel percent-encoded in gRPC metadata (8 KiB soft limit; each
+# non-ASCII byte takes three characters): a message quoting a huge input is
+# cut, or the client would see RESOURCE_EXHAUSTED instead.
+_MAX_DETAILS_BYTES = 1300  # at most ~3.9 KB once percent-encoded
 
 
 def _bounded(details: str) -> str:
-    if len(details) <= _MAX_DETAILS:
+    encoded = details.encode()
+    if len(encoded) <= _MAX_DETAILS_BYTES:
         return details
-    return details[: _MAX_DETAILS - 20] + "... (message cut)"
+    return encoded[:_MAX_DETAILS_BYTES].decode(errors="ignore") + "... (message cut)"
 
 
 # Status codes that mean the server failed (OpenTelemetry RPC conventions);

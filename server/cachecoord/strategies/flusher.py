@@ -30,11 +30,13 @@ from typing import Any
 import psycopg
 from opentelemetry import propagate, trace
 from psycopg import AsyncConnection
+from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from cachecoord import instruments, telemetry
 from cachecoord.errors import CacheCoordError
 from cachecoord.storage import envelope
+from cachecoord.storage.redis_store import queue_script
 from cachecoord.strategies.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
@@ -187,14 +189,31 @@ class Flusher:
             if reclaimed:
                 return reclaimed
         replies: Any
+        block = None if self._draining else self._settings.flush_interval
         try:
-            replies = await self._client.xreadgroup(
-                GROUP,
-                self._consumer,
-                streams=dict.fromkeys(self._keys.queues, ">"),
-                count=self._settings.flush_batch,
-                block=None if self._draining else self._settings.flush_interval,
-            )
+            if isinstance(self._client, RedisCluster):
+                # The partitions' queues live in different slots (shards), and
+                # one XREADGROUP may only name streams of one slot: read each
+                # with its own call, all at once.
+                queues = self._keys.queues
+                count = max(1, self._settings.flush_batch // len(queues))
+                parts = await asyncio.gather(
+                    *(
+                        self._client.xreadgroup(
+                            GROUP, self._consumer, streams={q: ">"}, count=count, block=block
+                        )
+                        for q in queues
+                    )
+                )
+                replies = [reply for part in parts for reply in part or []]
+            else:
+                replies = await self._client.xreadgroup(
+                    GROUP,
+                    self._consumer,
+                    streams=dict.fromkeys(self._keys.queues, ">"),
+                    count=self._settings.flush_batch,
+                    block=block,
+                )
         except ResponseError as err:
             if "NOGROUP" not in str(err):
                 raise
@@ -263,14 +282,17 @@ class Flusher:
                     continue
                 entry = Queued.parse(queue, entry_id, fields)
                 if deliveries_of.get(entry.id, 0) >= self._settings.max_attempts:
-                    await self._dead_letter(entry)
-                else:
-                    due.append(entry)
+                    # Only an entry PostgreSQL *rejected* is given up on; one
+                    # that could not be written (PostgreSQL down) is retried
+                    # for as long as it takes: it is an acknowledged write.
+                    error: Any = await self._client.hget(self._errors_key, entry.id)
+                    if error:
+                        await self._dead_letter(entry, error.decode())
+                        continue
+                due.append(entry)
         return due
 
-    async def _dead_letter(self, entry: Queued) -> None:
-        error: Any = await self._client.hget(self._errors_key, entry.id)
-        reason = error.decode() if error else "no error recorded"
+    async def _dead_letter(self, entry: Queued, reason: str) -> None:
         await self._client.xadd(
             self._keys.dead_letters,
             {
@@ -422,10 +444,8 @@ class Flusher:
                 if row_now is None
                 else envelope.encode(row.version, time.time_ns() // 1_000_000 + ttl, 0, row_now)
             )
-            await self._settle(
-                keys=[self._keys.value(row.key)],
-                args=[row.version, ttl, replacement],
-                client=pipe,
+            await queue_script(
+                pipe, self._settle, [self._keys.value(row.key)], [row.version, ttl, replacement]
             )
         await pipe.execute()
 
