@@ -34,7 +34,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self, cast
 
 import psycopg
 import redis
@@ -53,6 +53,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_cluster_port() -> int:
+    """A free port P <= 55535 whose cluster bus port P + 10000 is free too."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20_000, 55_000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def _alive(pid: int, comm: str | None = None) -> bool:
@@ -328,6 +344,195 @@ class RedisServer(_Server):
         if pid is not None:
             os.kill(pid, signal.SIGTERM)
             self._wait_exit([pid], timeout=30)
+
+
+def redis_supports_cluster() -> str | None:
+    """None if the installed redis-server (and redis-cli) can run a cluster, else why not.
+    Starts one throwaway cluster-enabled node to find out."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        return "redis-server or redis-cli is not installed"
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="redis-cluster-probe-") as tmp:
+        node = RedisServer(
+            Path(tmp), port=free_cluster_port(), extra_args=["--cluster-enabled", "yes"]
+        )
+        try:
+            node.start()
+        except RuntimeError as err:
+            return f"redis-server does not start with --cluster-enabled yes: {err}"
+        node.stop()
+    return None
+
+
+@dataclass
+class RedisCluster:
+    """A private Redis Cluster of `primaries` primaries with `replicas` replicas each,
+    from redis-server processes in `dir`/node-<i> on free ports of 127.0.0.1.
+
+    Nodes have no persistence (`--appendonly no --save ""`): a killed primary's data lives
+    on only in its replica, which the cluster promotes (cluster-node-timeout is short)."""
+
+    dir: Path
+    primaries: int = 3
+    replicas: int = 1
+    node_timeout_ms: int = 1000
+    nodes: list[RedisServer] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self.dir = Path(self.dir).absolute()
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """URL of one live node (any node is a startup node for cluster clients)."""
+        for node in self.nodes:
+            if node.is_running():
+                return node.url
+        raise RuntimeError("no node of the cluster is running")
+
+    def start(self) -> None:
+        """Start the nodes, join them (redis-cli --cluster create) and wait for
+        cluster_state:ok on every node (30s)."""
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli not found; install the Debian package `redis-tools`")
+        count = self.primaries * (1 + self.replicas)
+        try:
+            for i in range(count):
+                node_dir = self.dir / f"node-{i}"
+                node = RedisServer(
+                    node_dir,
+                    port=free_cluster_port(),
+                    extra_args=[
+                        "--cluster-enabled", "yes",
+                        "--cluster-config-file", str(node_dir / "nodes.conf"),
+                        "--cluster-node-timeout", str(self.node_timeout_ms),
+                        "--repl-diskless-sync-delay", "0",
+                    ],
+                )  # fmt: skip
+                node.start()
+                self.nodes.append(node)
+            create = [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes)]
+            out = subprocess.run(
+                [*create, "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                capture_output=True,
+                timeout=60,
+            )
+            if out.returncode != 0:
+                raise RuntimeError(
+                    "redis-cli --cluster create failed:\n"
+                    + (out.stdout + out.stderr).decode(errors="replace")
+                )
+            self.wait_ok()
+            self.wait_replicas_synced()
+        except BaseException:
+            self.stop()
+            raise
+
+    def cluster_info(self, node: RedisServer) -> dict[str, str]:
+        client = redis.Redis(port=node.port, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            raw: Any = cast(Any, client).execute_command("CLUSTER INFO")
+        finally:
+            client.close()
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if isinstance(raw, dict):
+            return {str(k): str(v) for k, v in raw.items()}
+        return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+    def wait_ok(self, timeout: float = 30) -> None:
+        """Wait until every running node reports cluster_state:ok and `primaries`
+        running nodes are primaries (after a primary is killed: its replica took over)."""
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while True:
+            try:
+                live = [n for n in self.nodes if n.is_running()]
+                infos = [self.cluster_info(n) for n in live]
+                last = infos
+                if (
+                    all(i.get("cluster_state") == "ok" for i in infos)
+                    and len(self.primary_ports()) >= self.primaries
+                ):
+                    return
+            except redis.RedisError as err:
+                last = err
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster not ok within {timeout}s: {last}")
+            time.sleep(0.1)
+
+    def wait_replicas_synced(self, timeout: float = 30) -> None:
+        """Wait until every running replica's link to its primary is up (a replica
+        that never synced would not take over from a failed primary)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = []
+            for node in self.nodes:
+                if not node.is_running():
+                    continue
+                client = redis.Redis(port=node.port, socket_timeout=2)
+                try:
+                    info = client.info("replication")
+                finally:
+                    client.close()
+                if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                    pending.append(node.port)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replicas {pending} not in sync within {timeout}s")
+            time.sleep(0.1)
+
+    def primary_ports(self) -> list[int]:
+        """Ports of the nodes that are primaries now."""
+        ports = []
+        for node in self.nodes:
+            if not node.is_running():
+                continue
+            client = redis.Redis(port=node.port, socket_timeout=2)
+            try:
+                role: Any = cast(Any, client).execute_command("ROLE")
+            finally:
+                client.close()
+            if role[0] in (b"master", "master"):
+                ports.append(node.port)
+        return ports
+
+    def node(self, port: int) -> RedisServer:
+        return next(n for n in self.nodes if n.port == port)
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on `port`."""
+        self.node(port).kill()
+
+    def stop_node(self, port: int) -> None:
+        self.node(port).stop()
+
+    def start_node(self, port: int) -> None:
+        """Start a stopped node again (it rejoins from its nodes.conf)."""
+        self.node(port).start()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            with suppress(Exception):
+                node.stop()
+        self.nodes.clear()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 @dataclass

@@ -10,6 +10,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from functools import partial
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
@@ -19,7 +20,7 @@ import redis.asyncio as redis
 from grpc_health.v1._async import HealthServicer
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from cachecoord import instruments, telemetry
 from cachecoord.cache import Cache
@@ -111,7 +112,9 @@ class App:
             for name, ns in settings.namespaces.items()
         }
         locks = Locks(client)
-        bus = Bus(settings.redis.url)
+        bus = Bus(
+            settings.redis.url, cluster=client if isinstance(client, redis.RedisCluster) else None
+        )
         bus.on(keys.LOCK_CHANNEL, lambda name: locks.on_release_notice(name.decode()))
         bus.on_reset(locks.wake_all)
         watch_hub = WatchHub(max_backlog=settings.server.watch_backlog)
@@ -198,7 +201,7 @@ class App:
         for close in reversed(closers):
             await close()
 
-    async def _check_eviction_policy(self, client: redis.Redis) -> None:
+    async def _check_eviction_policy(self, client: redis.Redis | redis.RedisCluster) -> None:
         """Refuse write-behind under an allkeys-* policy: Redis could evict a
         value not yet flushed to PostgreSQL, losing an acknowledged write."""
         behind = [
@@ -209,14 +212,28 @@ class App:
         if not behind:
             return
         try:
-            policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy", "")
-        except RedisError as err:
+            if isinstance(client, redis.RedisCluster):
+                # Every primary has its own setting (CONFIG GET may be refused by
+                # managed clusters: then only the warning below).
+                replies: Any = await client.config_get(
+                    "maxmemory-policy", target_nodes=redis.RedisCluster.PRIMARIES
+                )
+                if "maxmemory-policy" in replies:  # a cluster of one primary
+                    replies = {"": replies}
+                policies = [r.get("maxmemory-policy", "") for r in replies.values()]
+            else:
+                policies = [
+                    (await client.config_get("maxmemory-policy")).get("maxmemory-policy", "")
+                ]
+        except (RedisError, RedisClusterException) as err:
             log.warning(
                 "cannot read Redis maxmemory-policy (%s); make sure it is not allkeys-*", err
             )
             return
-        policy = policy.decode() if isinstance(policy, bytes) else str(policy)
-        if policy.startswith("allkeys"):
+        for raw in policies:
+            policy = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if not policy.startswith("allkeys"):
+                continue
             raise StartupError(
                 f"Redis maxmemory-policy is {policy!r}: it may evict write-behind values not yet "
                 f"written to PostgreSQL (namespaces {', '.join(behind)}). Set it to noeviction or "

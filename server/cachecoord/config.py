@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -107,7 +108,12 @@ class ServerSettings:
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
     url: str = "redis://127.0.0.1:6379/0"
-    """Redis URL (redis:// or rediss://)."""
+    """Redis URL (redis:// or rediss://); with ``cluster``, the URL of any node
+    of the cluster (database 0), from which the others are discovered."""
+    cluster: bool = False
+    """Redis Cluster mode: commands go to the shard owning their keys (MOVED
+    and ASK are followed, topology changes and failovers picked up); pub/sub
+    uses one node's connection (PUBLISH reaches every node of a cluster)."""
     max_connections: int = 64
     """Size of the blocking connection pool."""
     pool_timeout: Duration = Duration(1_000)
@@ -450,6 +456,11 @@ def _check(settings: Settings, source: str) -> None:
         fail("server.default_deadline", "must be positive")
     if not settings.redis.url.startswith(("redis://", "rediss://", "unix://")):
         fail("redis.url", "must start with redis://, rediss:// or unix://")
+    if settings.redis.cluster:
+        if not settings.redis.url.startswith(("redis://", "rediss://")):
+            fail("redis.url", "with redis.cluster = true, must be a redis:// or rediss:// URL")
+        if urlsplit(settings.redis.url).path.strip("/") not in ("", "0"):
+            fail("redis.url", "Redis Cluster has database 0 only; drop the /<db> from the URL")
     if server.health_listen:
         _check_health_listen(server, source)
     _check_tls(settings.tls, source)

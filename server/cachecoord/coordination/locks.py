@@ -62,7 +62,7 @@ MAX_NAME_BYTES = 512
 class Locks:
     """Acquire, release, extend and hold named locks."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis | redis.RedisCluster) -> None:
         self._acquire = client.register_script(ACQUIRE)
         self._release = client.register_script(RELEASE)
         self._extend = client.register_script(EXTEND)

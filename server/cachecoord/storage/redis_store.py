@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
 import redis.asyncio as redis
+from redis.asyncio.cluster import ClusterPipeline, PipelineCommand
+from redis.exceptions import AskError, MovedError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -161,10 +163,27 @@ STORE_GENERATION = (
 )
 
 
-def connect(settings: RedisSettings) -> redis.Redis:
+Client = redis.Redis | redis.RedisCluster
+"""A single Redis or a Redis Cluster (``redis.cluster``)."""
+
+
+def connect(settings: RedisSettings) -> Client:
     """A client over a *blocking* pool: a burst waits up to pool_timeout for a
     connection instead of failing at once. RESP2 is chosen explicitly so reply
-    types do not change with redis-py's default protocol."""
+    types do not change with redis-py's default protocol.
+
+    With ``cluster``, a :class:`redis.asyncio.RedisCluster` that discovers the
+    nodes from the one in the URL, follows MOVED/ASK and reloads scripts on
+    NOSCRIPT. Its pools are per node and do not block: a burst beyond
+    max_connections to one node fails at once (MaxConnectionsError)."""
+    if settings.cluster:
+        return redis.RedisCluster.from_url(
+            settings.url,
+            max_connections=settings.max_connections,
+            socket_timeout=settings.socket_timeout / 1000,
+            socket_connect_timeout=settings.socket_timeout / 1000,
+            protocol=2,
+        )
     pool = redis.BlockingConnectionPool.from_url(
         settings.url,
         max_connections=settings.max_connections,
@@ -174,6 +193,19 @@ def connect(settings: RedisSettings) -> redis.Redis:
         protocol=2,
     )
     return redis.Redis(connection_pool=pool)
+
+
+async def queue_script(pipe: Any, script: Any, keys: list[Any], args: list[Any]) -> None:
+    """Add a run of *script* to the (non-transactional) pipeline *pipe*.
+
+    A cluster pipeline routes each command by its first key but does not load
+    scripts nor retry on NOSCRIPT, so there the script goes as EVAL with its
+    text (Redis caches it); a plain pipeline sends EVALSHA and loads it first."""
+    if isinstance(pipe, ClusterPipeline):
+        # Not awaited: awaiting a ClusterPipeline (re)initializes it, emptying its queue.
+        pipe.eval(script.script, len(keys), *keys, *args)
+    else:
+        await script(keys=keys, args=args, client=pipe)
 
 
 def _guarded(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
@@ -199,13 +231,14 @@ class EntryStore:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: Client,
         keyspace: KeySpace,
         *,
         generations: bool,
         breaker: CircuitBreaker | None = None,
     ) -> None:
         self.client = client
+        self.cluster = isinstance(client, redis.RedisCluster)
         self.breaker = breaker or CircuitBreaker(failures=5, cooldown_ms=1000)
         self.keys = keyspace
         self.generations = generations
@@ -246,12 +279,17 @@ class EntryStore:
     @_guarded
     async def get_many(self, key_list: Sequence[str]) -> list[bytes | None]:
         if not self.generations:
-            raws = await self.client.mget([self.keys.value(k) for k in key_list])
+            names = [self.keys.value(k) for k in key_list]
+            if isinstance(self.client, redis.RedisCluster):
+                # Keys of a batch live in many slots: MGET per slot, in one pipeline.
+                raws = await self.client.mget_nonatomic(names)
+            else:
+                raws = await self.client.mget(names)
             return cast("list[bytes | None]", raws)
         pipe = self.client.pipeline(transaction=False)
         for key in key_list:
             keys, args = self._entry_keys(key)
-            await self._get(keys=keys, args=args, client=pipe)
+            await queue_script(pipe, self._get, keys, args)
         return cast("list[bytes | None]", await pipe.execute())
 
     @_guarded
@@ -264,9 +302,8 @@ class EntryStore:
         pipe = self.client.pipeline(transaction=False)
         for key, token in tokens.items():
             keys, args = self._entry_keys(key)
-            await self._lease(
-                keys=keys, args=[*args, token, lease_ms, int(even_if_cached)], client=pipe
-            )
+            lease_args = [*args, token, lease_ms, int(even_if_cached)]
+            await queue_script(pipe, self._lease, keys, lease_args)
         results = await pipe.execute()
         return {
             key: result if isinstance(result, bytes) else bool(result)
@@ -282,10 +319,8 @@ class EntryStore:
         pipe = self.client.pipeline(transaction=False)
         for key, (token, envelope, px, notice) in fills.items():
             keys, args = self._entry_keys(key)
-            await self._fill(
-                keys=keys,
-                args=[*args, token, envelope, px, self.keys.channel, notice],
-                client=pipe,
+            await queue_script(
+                pipe, self._fill, keys, [*args, token, envelope, px, self.keys.channel, notice]
             )
         results = await pipe.execute()
         return {key: bool(ok) for key, ok in zip(fills, results, strict=True)}
@@ -300,7 +335,7 @@ class EntryStore:
         pipe = self.client.pipeline(transaction=False)
         for key, message in messages.items():
             keys, args = self._entry_keys(key)
-            await self._invalidate(keys=keys, args=[*args, self.keys.channel, message], client=pipe)
+            await queue_script(pipe, self._invalidate, keys, [*args, self.keys.channel, message])
         return sum(int(n) for n in await pipe.execute())
 
     @_guarded
@@ -318,15 +353,66 @@ class EntryStore:
         return await script(keys=keys, args=args)
 
     @_guarded
+    async def run_and_wait(
+        self, script: Any, keys: list[str], args: list[Any], replicas: int, timeout_ms: int
+    ) -> tuple[Any, int]:
+        """Run *script*, then WAIT for *replicas* on the same connection (WAIT
+        covers only the writes of its own connection); returns the script's
+        reply and how many replicas acknowledged."""
+        client = self.client
+        # WAIT must give up before the socket times out: a timeout would count
+        # as Redis failing (the breaker), while a primary without replicas is up.
+        kwargs = (
+            client.connection_kwargs
+            if isinstance(client, redis.RedisCluster)
+            else client.connection_pool.connection_kwargs
+        )
+        if socket_timeout := kwargs.get("socket_timeout"):
+            timeout_ms = max(1, min(timeout_ms, int(socket_timeout * 1000 * 0.8)))
+        if not isinstance(client, redis.RedisCluster):
+            pipe = client.pipeline(transaction=False)
+            await queue_script(pipe, script, keys, args)
+            pipe.wait(replicas, timeout_ms)
+            replies = await pipe.execute()
+            return replies[0], int(replies[1])
+        await client.initialize()
+        for attempt in range(2):
+            node = client.get_node_from_key(keys[0])
+            if node is None:
+                raise RedisConnectionError(f"no node serves the slot of {keys[0]!r}")
+            commands = [
+                PipelineCommand(0, "EVAL", script.script, len(keys), *keys, *args),
+                PipelineCommand(1, "WAIT", replicas, timeout_ms),
+            ]
+            try:
+                await node.execute_pipeline(commands)
+            except RedisConnectionError:
+                if attempt:
+                    raise
+                await client.nodes_manager.initialize()  # a failover, probably
+                continue
+            reply: Any = commands[0].result
+            acked: Any = commands[1].result
+            if isinstance(reply, AskError | MovedError) and not attempt:
+                await client.nodes_manager.initialize()  # the slot moved
+                continue
+            for result in (reply, acked):
+                if isinstance(result, Exception):
+                    raise result
+            return reply, int(acked)
+        raise AssertionError("unreachable")
+
+    @_guarded
     async def drop_namespace(self, message: bytes) -> int:
         """Delete every cached entry of the namespace (SCAN, never KEYS) but
-        unflushed write-behind values and generation counters (no TTL), and publish."""
+        unflushed write-behind values and generation counters (no TTL), and publish.
+        On a cluster, scan_iter walks every primary in turn."""
         dropped = 0
         for pattern in self.keys.scan_patterns:
             async for batch in _batches(self.client.scan_iter(match=pattern, count=1000)):
                 pipe = self.client.pipeline(transaction=False)
                 for name in batch:
-                    await self._drop_if_clean(keys=[name], client=pipe)
+                    await queue_script(pipe, self._drop_if_clean, [name], [])
                 dropped += sum(int(n) for n in await pipe.execute())
         await self.client.publish(self.keys.channel, message)
         return dropped

@@ -108,10 +108,12 @@ class WriteBehind(WriteThrough):
                     expected = current.version if current.found else 0
                 elif expected != (current.version if current.found else 0):
                     raise VersionConflict(key, expected, current.version if current.found else 0)
-            status, version = await self._run_write(key, payload, kind, reason, expected, ttl_ms)
+            status, version, acked = await self._run_write(
+                key, payload, kind, reason, expected, ttl_ms
+            )
             if status == 1:
                 self.changed_here(key, version)
-                await self._wait_replicas()
+                self._check_replicas(acked)
                 return version
             if status == 0:
                 if expected_version is not None:
@@ -130,31 +132,37 @@ class WriteBehind(WriteThrough):
         reason: str,
         expected: int | None,
         ttl_ms: int | None,
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, int]:
+        """Run the write script; with wait_replicas, WAIT on its connection
+        and return how many replicas acknowledged (else 0)."""
         keys = self.store.keys
+        names = [keys.value(key), keys.lease(key), keys.queue(key)]
         try:
-            status, version = await self.store.run(
-                self._write_script,
-                [keys.value(key), keys.lease(key), keys.queue(key)],
-                [
-                    payload,
-                    kind,
-                    -1 if expected is None else expected,
-                    self._queue_bound,
-                    keys.channel,
-                    ttl_ms or self.settings.ttl,
-                    self.name,
-                    key,
-                    reason,
-                    self.origin,
-                    _traceparent(),
-                ],
-            )
+            arguments = [
+                payload,
+                kind,
+                -1 if expected is None else expected,
+                self._queue_bound,
+                keys.channel,
+                ttl_ms or self.settings.ttl,
+                self.name,
+                key,
+                reason,
+                self.origin,
+                _traceparent(),
+            ]
+            acked = 0
+            if self.settings.wait_replicas:
+                (status, version), acked = await self.store.run_and_wait(
+                    self._write_script, names, arguments, self.settings.wait_replicas, 1000
+                )
+            else:
+                status, version = await self.store.run(self._write_script, names, arguments)
         except RedisError as err:
             raise Unavailable(
                 f"Redis is unavailable; a write-behind Put cannot be made durable: {err}"
             ) from err
-        return int(status), int(version)
+        return int(status), int(version), acked
 
     async def _queue_full(
         self,
@@ -190,14 +198,8 @@ class WriteBehind(WriteThrough):
         merged.update(json.loads(patch))
         return str(self.table.prepare(key, json.dumps(merged).encode())).encode()
 
-    async def _wait_replicas(self) -> None:
-        if not self.settings.wait_replicas:
-            return
-        try:
-            acked = await self.store.client.wait(self.settings.wait_replicas, 1000)
-        except RedisError as err:
-            raise Unavailable(f"could not confirm replication of the write: {err}") from err
-        if int(acked) < self.settings.wait_replicas:
+    def _check_replicas(self, acked: int) -> None:
+        if acked < self.settings.wait_replicas:
             raise Unavailable(
                 f"the write reached {acked} of {self.settings.wait_replicas} replicas in 1 s; "
                 "it may be lost if the primary fails (it is still queued)"
