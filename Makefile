@@ -16,7 +16,7 @@ DIST_SOURCES := $(shell find server clients/python/src -name '*.py' -o -name '*.
 WHEELHOUSE := build/wheelhouse
 
 .PHONY: run test check lint typecheck proto-lint proto-breaking proto-snapshot stubs stubs-check \
-	dockerfile-lint install tools debian-tools node-client dist down clean
+	dockerfile-lint install tools debian-tools node-client dist down clean bench
 
 ## run: serve the example configuration on 127.0.0.1:50051 (reuses a reachable
 ## Redis and PostgreSQL, or starts private ones from the installed binaries)
@@ -33,6 +33,11 @@ run: install
 ## Node.js client and the wheels are built first, for their end-to-end tests)
 test: install tools node-client dist
 	$(BIN)/pytest tests clients/python/tests
+
+## bench: every benchmark scenario (private Redis, PostgreSQL and servers of
+## its own), then docs/benchmarks.png; under 10 minutes on a 2-core machine
+bench: install
+	$(BIN)/python -m bench all
 
 ## check: lint, types, proto lint and breaking changes, generated-stub
 ## freshness (Python, TypeScript, Go), the Node.js client's types, Dockerfile lint

@@ -12,10 +12,12 @@ their phases run by run, so slow drifts of a shared machine hit both alike.
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import shutil
 import tempfile
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -26,10 +28,12 @@ from typing import Self
 from bench import floor
 from bench.loadgen import Job, Worker, split
 from bench.meter import Cpu, CpuMeter, spent
-from bench.stack import Stack
+from bench.stack import ROOT, Server, Stack
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["CacheCoordService"].full_name
+RESULTS_DIR = ROOT / "bench" / "results"
+DEFAULT_PLOT = ROOT / "docs" / "benchmarks.png"
 
 
 def method(name: str) -> str:
@@ -49,6 +53,16 @@ class Options:
     keep: bool = False
     seconds: float | None = None
     """How long a timed scenario (soak) runs; None: its own default."""
+    runs_given: bool = False
+    """--runs was given: it overrides a scenario's own default number of runs."""
+    results: Path | None = None
+    """Where scenarios save their figures for ``plot`` (None: not saved)."""
+    output: Path = DEFAULT_PLOT
+    """The PNG ``plot`` writes."""
+
+    def runs_or(self, default: int) -> int:
+        """The runs of a scenario whose own default is *default* (1 with --quick)."""
+        return self.runs if self.runs_given or self.quick else default
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -68,6 +82,18 @@ class Options:
         parser.add_argument(
             "--seconds", type=float, help="soak: how long to run (60; 15 with --quick)"
         )
+        parser.add_argument(
+            "--results",
+            type=Path,
+            help=f"where to save figures for plot ({RESULTS_DIR.relative_to(ROOT)}; "
+            "not saved with --quick unless given)",
+        )
+        parser.add_argument(
+            "--output",
+            type=Path,
+            default=defaults.output,
+            help=f"the PNG plot writes ({DEFAULT_PLOT.relative_to(ROOT)})",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
@@ -76,7 +102,19 @@ class Options:
             raise SystemExit("bench: --runs, --conc, --clients and --payload must be positive")
         if args.seconds is not None and args.seconds <= 0:
             raise SystemExit("bench: --seconds must be positive")
-        return cls(runs, args.quick, args.conc, args.clients, args.payload, args.keep, args.seconds)
+        results = args.results if args.results is not None else None if args.quick else RESULTS_DIR
+        return cls(
+            runs,
+            args.quick,
+            args.conc,
+            args.clients,
+            args.payload,
+            args.keep,
+            args.seconds,
+            runs_given=args.runs is not None,
+            results=results,
+            output=args.output,
+        )
 
     def size(self, calls: int) -> int:
         """A phase's number of calls: *calls*, or a twentieth of it with --quick."""
@@ -96,10 +134,16 @@ class Sample:
     settle_seconds: float = 0.0
     replies: list[bytes] = field(default_factory=list)
     """Every n-th reply, when the phase asked for them."""
+    latencies: array[float] = field(default_factory=lambda: array("d"))
+    """Seconds per measured call, as each client timed it, in no particular order."""
 
     @property
     def rps(self) -> float:
         return self.calls / self.seconds
+
+    def latency_ms(self, pct: float) -> float:
+        """The *pct* percentile (nearest rank) of the call latencies, in ms."""
+        return 1000 * percentile(sorted(self.latencies), pct)
 
     def cpu_us(self, component: str = "server") -> float:
         """Microseconds of *component* CPU per call."""
@@ -108,6 +152,13 @@ class Sample:
     @property
     def client_cpu_us(self) -> float:
         return 1e6 * self.client_cpu / self.calls
+
+
+def percentile(ordered: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile of sorted *ordered* (0.0 when empty)."""
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(pct / 100 * len(ordered)) - 1))]
 
 
 class Harness:
@@ -122,7 +173,9 @@ class Harness:
         self._exit = ExitStack()
         self._workers: list[Worker] = []
         self._echo: floor.EchoServer | None = None
-        self._server_meter: CpuMeter | None = None
+        self._meters: dict[int, CpuMeter] = {}
+        self.also_metered: dict[str, int] = {}
+        """More processes to meter beside each server (name: pid); set before measuring."""
         self._floor_meter: CpuMeter | None = None
         self._failed = False
 
@@ -155,12 +208,6 @@ class Harness:
             self._workers.append(worker)
             self._exit.callback(worker.close)
         stack = self.stack
-        assert stack.redis.pid is not None
-        assert stack.postgres.pid is not None
-        self._server_meter = CpuMeter(
-            {"server": stack.pid, "redis": stack.redis.pid, "postgres": stack.postgres.pid},
-            with_children=frozenset({"postgres"}),
-        )
         self._floor_meter = CpuMeter({"server": echo.pid})
         loop = "uvloop" if echo.uvloop else "asyncio"
         print(
@@ -178,7 +225,7 @@ class Harness:
         else:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def measure_floor(self, calls: int, warmup: int) -> Sample:
+    def measure_floor(self, calls: int, warmup: int, *, channels: int = 1) -> Sample:
         """Measure the echo floor: *calls* echoes of the payload, after *warmup*."""
         assert self._echo is not None
         assert self._floor_meter is not None
@@ -188,6 +235,7 @@ class Harness:
             floor.METHOD,
             [self.floor_payload] * warmup,
             [self.floor_payload] * calls,
+            channels=channels,
         )
 
     def measure(
@@ -198,20 +246,36 @@ class Harness:
         *,
         settle: Callable[[], None] | None = None,
         sample_every: int = 0,
+        server: Server | None = None,
+        channels: int = 1,
     ) -> Sample:
-        """Send serialized *rpc* requests to cachecoord: *warmup*, then *measured*."""
-        assert self._server_meter is not None
+        """Send serialized *rpc* requests to cachecoord (the stack's main server, or
+        *server*): *warmup*, then *measured*, over *channels* channels per client."""
+        chosen = server or self.stack.servers[0]
         sample = self._measure(
-            self._server_meter,
-            self.stack.target,
+            self.meter(chosen),
+            chosen.target,
             method(rpc),
             warmup,
             measured,
             settle=settle,
             sample_every=sample_every,
+            channels=channels,
         )
         self.stack.check_alive()
         return sample
+
+    def meter(self, server: Server) -> CpuMeter:
+        """The CPU meter of *server* (its worker processes included), Redis and PostgreSQL."""
+        if server.pid not in self._meters:
+            redis, postgres = self.stack.redis.pid, self.stack.postgres.pid
+            assert redis is not None
+            assert postgres is not None
+            self._meters[server.pid] = CpuMeter(
+                {"server": server.pid, "redis": redis, "postgres": postgres, **self.also_metered},
+                with_children=frozenset({"server", "postgres"}),
+            )
+        return self._meters[server.pid]
 
     def _measure(
         self,
@@ -223,12 +287,21 @@ class Harness:
         *,
         settle: Callable[[], None] | None = None,
         sample_every: int = 0,
+        channels: int = 1,
     ) -> Sample:
         workers = self._workers
         parts = zip(split(warmup, len(workers)), split(measured, len(workers)), strict=True)
         for worker, (warm, main) in zip(workers, parts, strict=True):
             worker.submit(
-                Job(target, path, warm, main, self.options.concurrency, sample_every=sample_every)
+                Job(
+                    target,
+                    path,
+                    warm,
+                    main,
+                    self.options.concurrency,
+                    sample_every=sample_every,
+                    channels=channels,
+                )
             )
         for worker in workers:
             worker.wait_warm()
@@ -255,4 +328,5 @@ class Harness:
             client_cpu=sum(r.cpu for r in reports),
             settle_seconds=settled,
             replies=[reply for r in reports for reply in r.samples],
+            latencies=array("d", (t for r in reports for t in r.latencies)),
         )

@@ -19,8 +19,9 @@ import asyncio
 import contextlib
 import multiprocessing
 import time
+from array import array
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -44,6 +45,9 @@ class Job:
     concurrency: int
     sample_every: int = 0
     """Return every n-th measured reply (0: none), so the caller can check them."""
+    channels: int = 1
+    """Channels (so TCP connections) the calls are spread over, round-robin by
+    caller; more than one lets SO_REUSEPORT spread a client over server workers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,11 @@ class ClientReport:
     cpu: float
     """The worker's own CPU seconds (user + system) over the measured calls."""
     samples: list[bytes] = field(default_factory=list)
+    latencies: array[float] = field(default_factory=lambda: array("d"))
+    """Seconds from the start of each measured call to its reply (failed calls too)."""
+
+    def with_cpu(self, cpu: float) -> ClientReport:
+        return replace(self, cpu=cpu)
 
 
 def use_uvloop() -> bool:
@@ -143,7 +152,7 @@ def _worker_main(conn: Connection) -> None:
 
 
 async def _serve_jobs(conn: Connection) -> None:
-    channels: dict[str, grpc.aio.Channel] = {}
+    channels: dict[tuple[str, int], grpc.aio.Channel] = {}
     loop = asyncio.get_running_loop()
     try:
         while True:
@@ -151,46 +160,58 @@ async def _serve_jobs(conn: Connection) -> None:
             if job is None:
                 return
             assert isinstance(job, Job)
-            if job.target not in channels:
-                channels[job.target] = grpc.aio.insecure_channel(job.target)
-            call = channels[job.target].unary_unary(job.method, None, None)  # bytes in, bytes out
-            await _pump(call, job.warmup, job.concurrency, 0)
+            calls = []
+            for number in range(job.channels):
+                if (job.target, number) not in channels:
+                    # A local subchannel pool: otherwise channels to one target share
+                    # their connection.
+                    options = [("grpc.use_local_subchannel_pool", 1)] if job.channels > 1 else []
+                    channels[job.target, number] = grpc.aio.insecure_channel(job.target, options)
+                # bytes in, bytes out
+                calls.append(channels[job.target, number].unary_unary(job.method, None, None))
+            await _pump(calls, job.warmup, job.concurrency, 0)
             conn.send("warm")
             go = await loop.run_in_executor(None, conn.recv)
             if go != "go":
                 return
             started = time.process_time()
-            calls, errors, first_error, samples = await _pump(
-                call, job.measured, job.concurrency, job.sample_every
-            )
-            conn.send(
-                ClientReport(calls, errors, first_error, time.process_time() - started, samples)
-            )
+            report = await _pump(calls, job.measured, job.concurrency, job.sample_every)
+            conn.send(report.with_cpu(time.process_time() - started))
     finally:
         for channel in channels.values():
             await channel.close(None)
 
 
 async def _pump(
-    call: Callable[..., Any], requests: Sequence[bytes], concurrency: int, sample_every: int
-) -> tuple[int, int, str, list[bytes]]:
-    """Send every request once, *concurrency* at a time; count errors, keep samples."""
+    calls: Sequence[Callable[..., Any]],
+    requests: Sequence[bytes],
+    concurrency: int,
+    sample_every: int,
+) -> ClientReport:
+    """Send every request once, *concurrency* at a time, caller i on channel i mod
+    len(calls); count errors, keep samples, time every call."""
     todo: Iterator[tuple[int, bytes]] = iter(enumerate(requests))
     errors = 0
     first_error = ""
     samples: list[bytes] = []
+    latencies = array("d")
+    clock = time.perf_counter
 
-    async def caller() -> None:
+    async def caller(call: Callable[..., Any]) -> None:
         nonlocal errors, first_error
         for index, request in todo:  # shared iterator: each call takes the next request
+            started = clock()
             try:
                 reply = await call(request, timeout=CALL_TIMEOUT)
             except grpc.aio.AioRpcError as err:
+                latencies.append(clock() - started)
                 errors += 1
                 first_error = first_error or f"{err.code().name}: {err.details()}"
                 continue
+            latencies.append(clock() - started)
             if sample_every and index % sample_every == 0:
                 samples.append(reply)
 
-    await asyncio.gather(*(caller() for _ in range(min(concurrency, len(requests)))))
-    return len(requests), errors, first_error, samples
+    callers = min(concurrency, len(requests))
+    await asyncio.gather(*(caller(calls[i % len(calls)]) for i in range(callers)))
+    return ClientReport(len(requests), errors, first_error, 0.0, samples, latencies)

@@ -30,16 +30,32 @@ def batch_get(namespace: str, keys: Iterable[str]) -> bytes:
     return pb.BatchGetRequest(namespace=namespace, keys=list(keys)).SerializeToString()
 
 
-def check_get(replies: Iterable[bytes], layer: pb.Layer.ValueType) -> None:
-    """Raise unless every sampled Get reply found its key in *layer*: a benchmark
-    of Get hits that quietly measured misses would be worse than none."""
+def check_get(replies: Iterable[bytes], layer: pb.Layer.ValueType, *, allowed: float = 0.01) -> int:
+    """Raise unless every sampled Get reply found its key, and all but a fraction
+    *allowed* of them in *layer*; return how many came from another layer. A
+    benchmark of Get hits that quietly measured misses would be worse than none;
+    but on an overloaded machine a Redis call can time out (cachecoord then
+    answers from PostgreSQL), and that rare, real answer should not void a run."""
+    replies = list(replies)
+    wrong: list[str] = []
     for raw in replies:
         reply = pb.GetResponse.FromString(raw)
-        if not reply.found or reply.layer != layer:
-            raise RuntimeError(
-                f"expected a found value from {pb.Layer.Name(layer)}, got found={reply.found} "
-                f"layer={pb.Layer.Name(reply.layer)}"
-            )
+        if not reply.found:
+            raise RuntimeError(f"expected a found value from {pb.Layer.Name(layer)}, got none")
+        if reply.layer != layer:
+            wrong.append(pb.Layer.Name(reply.layer))
+    if len(wrong) > allowed * len(replies):
+        raise RuntimeError(
+            f"expected found values from {pb.Layer.Name(layer)}; {len(wrong)} of "
+            f"{len(replies)} sampled replies were not: {sorted(set(wrong))}"
+        )
+    if wrong:
+        print(
+            f"  ({len(wrong)} of {len(replies)} sampled replies came from {sorted(set(wrong))}, "
+            f"not {pb.Layer.Name(layer)})",
+            flush=True,
+        )
+    return len(wrong)
 
 
 def check_batch_get(replies: Iterable[bytes], keys: int, layer: pb.Layer.ValueType) -> None:

@@ -9,7 +9,7 @@ server, because on a 2-core machine their work competes with it for the cores.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 
@@ -46,12 +46,11 @@ def spent(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]
     """CPU seconds each component used between two readings. A process that started
     in between counts from zero; one that exited in between is lost (PostgreSQL
     keeps its pooled backends, so this rarely matters)."""
-    return Cpu(
-        {
-            name: sum(total - before.get(name, {}).get(pid, 0.0) for pid, total in pids.items())
-            for name, pids in after.items()
-        }
-    )
+    processes = {
+        name: {pid: total - before.get(name, {}).get(pid, 0.0) for pid, total in pids.items()}
+        for name, pids in after.items()
+    }
+    return Cpu({name: sum(pids.values()) for name, pids in processes.items()}, processes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +58,8 @@ class Cpu:
     """CPU seconds per component ("server", "redis", "postgres") over one phase."""
 
     seconds: Mapping[str, float]
+    processes: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
+    """The same, per process (pid) of each component."""
 
     def __getitem__(self, component: str) -> float:
         return self.seconds.get(component, 0.0)

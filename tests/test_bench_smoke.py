@@ -8,6 +8,7 @@ Redis, PostgreSQL, cachecoord and echo floor, so no fixture is used.
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -34,6 +35,7 @@ EXPECTED = {
         "floor_cpu_us",
         "get_hit_redis_cpu_ratio",
         "get_hit_redis_rps",
+        "get_hit_near_cpu_ratio",
         "get_miss_db_cpu_ratio",
         "batchget_keys_per_get_ratio",
     ],
@@ -54,6 +56,33 @@ EXPECTED = {
         "lost_acknowledged_writes",
         "rss_growth_mb",
         "stale_reads_after",
+    ],
+    # Three servers, two reader processes, 2 x 64 writes: about 15 s.
+    "invalidation": [
+        "put_propagation_p99_ms",
+        "db_propagation_p99_ms",
+        "propagation_p99_ms",
+        "stale_reads_after_bound",
+    ],
+    # Three servers and an OTLP receiver: about 10 s.
+    "tracing": [
+        "tracing_100_ratio",
+        "tracing_1_ratio",
+        "tracing_100_spans",
+        "tracing_1_spans",
+    ],
+    # --workers 1 and --workers 2, two client processes: about 10 s.
+    "workers": [
+        "get_hit_workers_1_rps",
+        "get_hit_workers_2_rps",
+        "workers_2_over_1_ratio",
+    ],
+    # The App in-process under cProfile: about 6 s.
+    "profile": [
+        "profile_plain_cpu_us",
+        "profile_overhead_ratio",
+        "profile_share_cachecoord_ratio",
+        "profile_share_unattributed_ratio",
     ],
 }
 
@@ -100,3 +129,39 @@ def test_without_a_scenario_it_lists_them() -> None:
     assert "get" in run.stdout
     assert "stampede" in run.stdout
     assert "soak" in run.stdout
+    for name in ("tracing", "workers", "profile", "plot"):
+        assert name in run.stdout
+
+
+def test_plot_draws_the_saved_figures(tmp_path: Path) -> None:
+    """`python -m bench plot` reads bench/results.py's JSON and writes a PNG."""
+    phase = {
+        "name": "floor",
+        "label": "echo floor",
+        "rps": 1000.0,
+        "rps_runs": [900.0, 1000.0, 1100.0],
+        "server_cpu_us": 250.0,
+        "latency_pct": [0.0, 50.0, 90.0, 99.0],
+        "latency_ms": [1.0, 2.0, 3.0, 9.0],
+    }
+    saved = {"scenario": "get", "title": "a test", "runs": 3, "phases": [phase], "results": {}}
+    (tmp_path / "get.json").write_text(json.dumps(saved))
+    output = tmp_path / "plot.png"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "plot",
+            "--results",
+            str(tmp_path),
+            "--output",
+            str(output),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert output.read_bytes().startswith(b"\x89PNG")

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bench.harness import Options
-from bench.scenarios import get, soak, stampede, writes
+from bench.scenarios import get, invalidation, profile, soak, stampede, tracing, workers, writes
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,4 +22,10 @@ SCENARIOS: dict[str, Scenario] = {
         "1000 Gets of one expired key over 3 instances, SWR, XFetch (issue 4)", stampede.run
     ),
     "soak": Scenario("mixed load through a Redis and a PostgreSQL outage (issue 8)", soak.run),
+    "invalidation": Scenario("Put/UPDATE reaching other near caches (issue 5)", invalidation.run),
+    "tracing": Scenario(
+        "Get hit with tracing off, 100 % and 1 % sampled, OTLP export (issue 6)", tracing.run
+    ),
+    "workers": Scenario("Get hit with serve --workers 1 and --workers 2 (issue 9)", workers.run),
+    "profile": Scenario("cProfile of the Get-hit path, App in-process on uvloop", profile.run),
 }

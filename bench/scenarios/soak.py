@@ -25,15 +25,21 @@ Figures (``RESULT`` lines):
 * ``rss_growth_mb``: the server's resident memory at the end of the load
   minus after the warm-up;
 * also ``stale_reads_after``: keys whose Get, after the drain and one outbox
-  interval, differs from PostgreSQL; ``dead_letters``; call counts.
+  interval, differs from PostgreSQL; ``dead_letters``: write-behind entries
+  moved to the dead-letter stream, acknowledged writes that never reached
+  PostgreSQL (``lost_acknowledged_writes`` counts one only if it was its
+  key's last acknowledged write); call counts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -49,10 +55,11 @@ import psycopg
 from bench.harness import Options
 from bench.loadgen import use_uvloop
 from bench.messages import value as payload_of
-from bench.stack import Stack
+from bench.stack import ROOT, Stack
 from bench.write_behind import Queues
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
+from local_servers import PostgresServer, RedisServer
 
 if TYPE_CHECKING:  # the async stub class exists only in the type stubs
     from cachecoord_client.proto.cachecoord.v1.cachecoord_pb2_grpc import (
@@ -87,7 +94,6 @@ LOCKS = 4
 CALL_TIMEOUT = 5.0
 SAMPLE_EVERY = 5.0  # seconds between RSS samples
 DRAIN_TIMEOUT = 120.0
-RESTART_ATTEMPTS = 3
 OPS = ["get"] * 45 + ["batch_get"] * 5 + ["put"] * 30 + ["invalidate"] * 10 + ["lock"] * 10
 
 
@@ -166,13 +172,14 @@ class Soak:
     rss_after_warmup: float = 0.0
     rss_at_end: float = 0.0
     _tag: int = 0
-    _started: float = 0.0
+    started: float = 0.0
+    """time.monotonic() when the load began."""
 
     async def run(self) -> None:
         stop = asyncio.Event()
         async with grpc.aio.insecure_channel(self.stack.target) as channel:
             stub = pb_grpc.CacheCoordServiceStub(channel)
-            self._started = time.monotonic()
+            self.started = time.monotonic()
             load = [asyncio.create_task(self._worker(stub, w, stop)) for w in range(self.workers)]
             try:
                 await asyncio.gather(self._chaos(), self._sample_rss())
@@ -248,35 +255,60 @@ class Soak:
     async def _chaos(self) -> None:
         plan = self.plan
         await self._until(plan.redis_kill)
-        await self._outage("redis", self.stack.redis.kill, self.stack.redis.start)
+        await self._outage("redis", self.stack.redis, self.stack.redis.start)
         await self._until(plan.postgres_kill)
-        await self._outage("postgres", self.stack.postgres.kill, self.stack.postgres.start)
+        await self._outage("postgres", self.stack.postgres, self._start_postgres)
         await self._until(plan.seconds)
 
-    async def _outage(self, what: str, kill: Callable[[], None], start: Callable[[], None]) -> None:
+    async def _outage(
+        self, what: str, server: RedisServer | PostgresServer, start: Callable[[], None]
+    ) -> None:
         killed = time.monotonic()
-        await asyncio.to_thread(kill)
-        print(f"  {killed - self._started:5.1f} s: {what} killed", flush=True)
-        await asyncio.sleep(self.plan.outage)
-        for attempt in range(1, RESTART_ATTEMPTS + 1):
-            try:
-                await asyncio.to_thread(start)
-                break
-            except RuntimeError as err:
-                # Seen about once in five runs on the CI machines: the new
-                # postmaster dies of SIGSEGV before it logs anything (forked
-                # from this multi-threaded gRPC process). Not cachecoord's doing.
-                if attempt == RESTART_ATTEMPTS:
+        victims = _tree(server.pid)
+        try:
+            await asyncio.to_thread(server.kill)
+        except RuntimeError as err:
+            # SIGKILL was sent, but local_servers waits only 10 s for the
+            # processes to go: on a disk saturated by other work, processes
+            # stuck in an fsync take longer. Wait for them a while more.
+            print(f"  {what}: {err}; waiting longer", flush=True)
+            deadline = time.monotonic() + 60
+            while any(map(_running, victims)):
+                if time.monotonic() > deadline:
                     raise
-                first = str(err).splitlines()[0]
-                print(f"  {what} did not start ({first}); starting it again", flush=True)
+                await asyncio.sleep(0.1)
+        print(f"  {killed - self.started:5.1f} s: {what} killed", flush=True)
+        await asyncio.sleep(self.plan.outage)
+        await asyncio.to_thread(start)
         restarted = time.monotonic()
         print(
-            f"  {restarted - self._started:5.1f} s: {what} restarted and answering "
-            f"(grace until {restarted + self.plan.grace - self._started:.1f} s)",
+            f"  {restarted - self.started:5.1f} s: {what} restarted and answering "
+            f"(grace until {restarted + self.plan.grace - self.started:.1f} s)",
             flush=True,
         )
         self.windows.append(Window(what, killed, restarted, self.plan.grace))
+
+    def _start_postgres(self) -> None:
+        """Start PostgreSQL again from a helper process.
+
+        Not from this one: PostgresServer.start forks to switch to the
+        ``postgres`` user (no vfork then), and a fork while this process's
+        gRPC calls are in flight runs gRPC's fork handlers half-way: the child
+        dies of SIGSEGV in gRPC's event_engine thread before it can exec
+        postgres (seen in most runs under load). A plain subprocess is
+        vfork-ed, which runs no fork handlers; the helper has no gRPC.
+        """
+        postgres = self.stack.postgres
+        helper = subprocess.run(
+            [sys.executable, "-c", _START_POSTGRES, str(postgres.dir), str(postgres.port)],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "scripts")},
+        )
+        if helper.returncode != 0:
+            raise RuntimeError(f"restarting PostgreSQL failed:\n{helper.stderr[-2000:]}")
 
     async def _sample_rss(self) -> None:
         server = psutil.Process(self.stack.pid)
@@ -291,7 +323,7 @@ class Soak:
         self.rss.append((self._elapsed(), self.rss_at_end))
 
     def _elapsed(self) -> float:
-        return time.monotonic() - self._started
+        return time.monotonic() - self.started
 
     async def _until(self, at: float) -> None:
         await asyncio.sleep(max(0.0, at - self._elapsed()))
@@ -314,6 +346,35 @@ class Soak:
         return lost
 
 
+# Detached: the server outlives the helper; stack.postgres finds its pid in
+# postmaster.pid, so it stops it as usual at the end.
+_START_POSTGRES = """
+import sys
+from pathlib import Path
+from local_servers import PostgresServer
+PostgresServer(Path(sys.argv[1]), port=int(sys.argv[2]), detach=True).start()
+"""
+
+
+def _tree(pid: int | None) -> list[int]:
+    """*pid* and its descendants (PostgreSQL's backends), as they are now."""
+    if pid is None:
+        return []
+    try:
+        return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return [pid]
+
+
+def _running(pid: int) -> bool:
+    """Whether *pid* is a process that has not exited (a zombie has)."""
+    try:
+        status: str = psutil.Process(pid).status()
+    except psutil.NoSuchProcess:
+        return False
+    return status != str(psutil.STATUS_ZOMBIE)
+
+
 def _mb(process: psutil.Process) -> float:
     return float(process.memory_info().rss) / 2**20
 
@@ -334,7 +395,14 @@ async def stale_reads(target: str, rows: dict[tuple[str, str], tuple[bytes, int]
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.CacheCoordServiceStub(channel)
         for (namespace, key), (value, version) in rows.items():
-            got = await stub.Get(pb.GetRequest(namespace=namespace, key=key), timeout=10)
+            request = pb.GetRequest(namespace=namespace, key=key)
+            for attempt in range(3):  # a machine busy with other work can miss a deadline
+                try:
+                    got = await stub.Get(request, timeout=10)
+                    break
+                except grpc.aio.AioRpcError:
+                    if attempt == 2:
+                        raise
             stale += (got.found, got.value, got.version) != (True, value, version)
     return stale
 
@@ -397,11 +465,13 @@ def _report(
     print("\n== soak ==")
     for window in soak.windows:
         during = [c for c in calls if window.overlaps(c)]
-        failed = Counter(c.code.name for c in during if c.code is not grpc.StatusCode.OK)
+        failed = Counter(
+            f"{c.op} {c.code.name}" for c in during if c.code is not grpc.StatusCode.OK
+        )
         print(
-            f"{window.what} outage: killed at {window.killed - soak._started:.1f} s, back at "
-            f"{window.restarted - soak._started:.1f} s, grace to "
-            f"{window.until - soak._started:.1f} s; {len(during)} calls overlapped it, "
+            f"{window.what} outage: killed at {window.killed - soak.started:.1f} s, back at "
+            f"{window.restarted - soak.started:.1f} s, grace to "
+            f"{window.until - soak.started:.1f} s; {len(during)} calls overlapped it, "
             f"failed: {dict(failed) or 'none'}"
         )
     by_op = Counter(c.op for c in calls)
@@ -411,7 +481,7 @@ def _report(
     if errors_outside:
         print("errors outside the outage windows:")
         for c in errors_outside[:10]:
-            print(f"  {c.started - soak._started:7.2f} s {c.op}: {c.code.name}")
+            print(f"  {c.started - soak.started:7.2f} s {c.op}: {c.code.name}")
     for where, what in list(lost.items())[:10]:
         print(f"lost: {where}: {what}")
     growth = soak.rss_at_end - soak.rss_after_warmup

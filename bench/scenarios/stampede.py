@@ -42,7 +42,7 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-from bench import slow_rows
+from bench import results, slow_rows
 from bench.cluster import Cluster
 from bench.harness import Options
 from bench.loadgen import use_uvloop
@@ -219,6 +219,7 @@ async def _measure(cluster: Cluster, options: Options) -> None:
         await redis.aclose()
         await loads.close()
     _report(runs, query, calls)
+    _save(options, runs, calls)
 
 
 async def _timed_get(client: AsyncClient, namespace: str) -> Answer:
@@ -334,6 +335,22 @@ def _show(number: int, one: Run) -> None:
                 f"p99 {phase.p99:.0f} ms",
                 flush=True,
             )
+
+
+def _save(options: Options, runs: list[Run], calls: int) -> None:
+    """The latencies of the bursts, every run pooled, for ``python -m bench plot``."""
+    phases = []
+    for name, label in (
+        ("stampede", "stampede (expired key)"),
+        ("hits", "hit burst (cached key)"),
+        ("naive", "naive cache-aside"),
+    ):
+        pcts, ms = results.latency_distribution(
+            t / 1000 for r in runs for t in getattr(r, name).latencies
+        )
+        phases.append(results.PhaseFigures(name, label, math.nan, latency_pct=pcts, latency_ms=ms))
+    title = f"stampede: bursts of {calls} concurrent Gets over {INSTANCES} instances"
+    results.save(options, "stampede", title, phases, {}, runs=len(runs))
 
 
 def _report(runs: list[Run], query: float, calls: int) -> None:

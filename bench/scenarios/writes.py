@@ -92,6 +92,7 @@ def run(options: Options) -> None:
         "for 10,000 Puts)"
     )
     report.finish()
+    report.save(options, "writes")
 
 
 def _measure_puts(
@@ -146,7 +147,7 @@ def _measure_coalescing(
 
 def _check_flushed(harness: Harness, report: Report, stored: dict[str, tuple[bytes, int]]) -> None:
     """After the drain, PostgreSQL must hold what a Get answers for every hot key."""
-    with Client(harness.stack.target) as client:
+    with Client(harness.stack.target, default_timeout=30) as client:
         for i in range(HOT_KEYS):
             key = f"{HOT_PREFIX}{i}"
             got = client.get(BEHIND, key)
