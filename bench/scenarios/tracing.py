@@ -29,6 +29,7 @@ from __future__ import annotations
 import multiprocessing
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench import messages
 from bench.harness import Harness, Options
@@ -115,11 +116,9 @@ def run(options: Options) -> None:
                     report.add(mode.phase, sample)
                     sent[mode.key] += len(warmup) + len(measured)
                     receiver_us[mode.key].append(sample.cpu_us("receiver"))
-            # The SDK warns once when its span queue overflows (spans dropped).
-            dropped = {
-                mode.key: "Queue is full" in servers[mode.key].log.read_text(errors="replace")
-                for mode in (ALL, ONE)
-            }
+            # What the SDK logs when spans are lost: a full span queue (it drops
+            # spans), or an Export that failed for good (it drops the batch).
+            losses = {mode.key: _losses(servers[mode.key].log) for mode in (ALL, ONE)}
         # The servers have stopped: their exporters flushed what they still held.
         spans = receiver.spans()
     for mode in (ALL, ONE):
@@ -136,7 +135,7 @@ def run(options: Options) -> None:
             f"{mode.phase.label}: {received} spans received for {sent[mode.key]} Gets "
             f"({received / sent[mode.key]:.3f} per Get); the receiver's CPU "
             f"{_median(receiver_us[mode.key]):.0f} us per Get"
-            + ("; the SDK logged a full span queue (spans dropped)" if dropped[mode.key] else "")
+            + (f"; the server logged {losses[mode.key]}" if losses[mode.key] else "")
         )
     met = report.results["tracing_1_ratio"] >= TARGET_1
     report.note(
@@ -150,6 +149,17 @@ def run(options: Options) -> None:
     )
     report.finish()
     report.save(options, "tracing")
+
+
+def _losses(log: Path) -> str:
+    """How the server's log says spans were lost, if it does."""
+    text = log.read_text(errors="replace")
+    found = [
+        f"{text.count(mark)} x {mark!r}"
+        for mark in ("Queue full, dropping", "Failed to export")
+        if mark in text
+    ]
+    return ", ".join(found)
 
 
 def _median(values: list[float]) -> float:
