@@ -32,7 +32,7 @@ run: install
 ## test: the whole suite (it starts its own private Redis and PostgreSQL; the
 ## Node.js client and the wheels are built first, for their end-to-end tests)
 test: install tools node-client dist
-	$(BIN)/pytest tests clients/python/tests
+	$(BIN)/pytest tests clients/python/tests --reruns 1 --reruns-delay 2
 
 ## bench: every benchmark scenario (private Redis, PostgreSQL and servers of
 ## its own), then docs/benchmarks.png; under 10 minutes on a 2-core machine
