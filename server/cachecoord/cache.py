@@ -149,9 +149,10 @@ def _observe(strategy: Strategy, entries: Sequence[Entry]) -> None:
     """Record where reads were served from: on the RPC's span (for one key)
     and in the hit/miss counters."""
     namespace = strategy.name
-    if telemetry.TRACING and len(entries) == 1:
+    span = trace.get_current_span()
+    if telemetry.TRACING and len(entries) == 1 and span.is_recording():
         entry = entries[0]
-        trace.get_current_span().set_attributes(
+        span.set_attributes(
             {
                 "cache.namespace": namespace,
                 "cache.strategy": strategy.settings.strategy.value,

@@ -2,17 +2,23 @@
 
 They are no-ops until telemetry.configure() installs the SDK; hot paths also
 check ``telemetry.TRACING`` / ``telemetry.METRICS`` so that, with telemetry
-off, they do no span or attribute work at all.
+off, they do no span or attribute work at all. With tracing on, a request the
+sampler leaves out costs one sampling decision: its server span does not
+record, and nothing below it creates a span (see :class:`ServerSpan`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
+from contextvars import Token
+from types import TracebackType
 from typing import Any
 
-from opentelemetry import metrics, trace
+from opentelemetry import context, metrics, propagate, trace
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, Context
 from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.util.types import Attributes
 
 from cachecoord import telemetry
 
@@ -23,10 +29,49 @@ _NO_SPAN = nullcontext()
 
 
 def span(name: str, **attributes: Any) -> AbstractContextManager[Any]:
-    """A child span of the current one while tracing, else nothing at all."""
-    if not telemetry.TRACING:
+    """A child span of the current one when the current trace is sampled,
+    else nothing at all."""
+    if not telemetry.TRACING or not trace.get_current_span().get_span_context().trace_flags.sampled:
         return _NO_SPAN
     return tracer.start_as_current_span(name, attributes=attributes)
+
+
+class ServerSpan:
+    """The server span of an RPC, current while the block runs; its parent is
+    the caller's span from the W3C ``traceparent`` in *carrier* (the gRPC
+    metadata), whatever language the caller is written in.
+
+    When the sampler leaves the request out, the span does not record and the
+    block also runs with instrumentation suppressed (the key the contrib Redis
+    and psycopg instrumentations check), so an unsampled request creates no
+    other span: its cost stays one sampling decision. Log lines still carry
+    its trace id. Exceptions are not recorded: the caller sets the status.
+    """
+
+    __slots__ = ("_parent", "_span", "_token")
+    _token: Token[Context]
+
+    def __init__(self, name: str, carrier: Mapping[str, str], attributes: Attributes) -> None:
+        self._parent = propagate.extract(carrier)
+        self._span = tracer.start_span(
+            name, context=self._parent, kind=trace.SpanKind.SERVER, attributes=attributes
+        )
+
+    def __enter__(self) -> trace.Span:
+        current = trace.set_span_in_context(self._span, self._parent)
+        if not self._span.is_recording():
+            current = context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True, current)
+        self._token = context.attach(current)
+        return self._span
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        context.detach(self._token)
+        self._span.end()
 
 
 requests = meter.create_counter(

@@ -22,6 +22,7 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as trace_pb
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as trace_grpc
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
@@ -177,6 +178,45 @@ async def test_server_span_continues_the_callers_trace_with_cache_attributes(
     assert attributes(sql[0]).get("db.system") == "postgresql"
     redis_calls = [s for s in collector.spans if attributes(s).get("db.system") == "redis"]
     assert redis_calls
+
+
+async def test_an_unsampled_request_creates_no_span_at_all(
+    receiver: tuple[Receiver, int], traced_server: int
+) -> None:
+    """A caller whose trace is not sampled (traceparent flags 00): the server
+    span does not record, and neither do the cache layers nor the Redis and SQL
+    calls under it; the next, sampled, request is traced down to its SQL."""
+    collector, _ = receiver
+    callers = {
+        "unsampled": TracerProvider(sampler=ALWAYS_OFF).get_tracer("test-client"),
+        "sampled": TracerProvider().get_tracer("test-client"),
+    }
+    trace_ids: dict[str, bytes] = {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{traced_server}") as channel:
+        stub = pb_grpc.CacheCoordServiceStub(channel)
+        for name, tracer in callers.items():  # the unsampled one first
+            with tracer.start_as_current_span("client-get") as client_span:
+                carrier: dict[str, str] = {}
+                propagate.inject(carrier)
+                # A miss of an absent row: Redis lookup, lease, SQL load.
+                await stub.Get(
+                    pb.GetRequest(namespace="users", key=f"5{len(trace_ids)}5151"),
+                    metadata=tuple(carrier.items()),
+                )
+            sampled_flag = int(carrier["traceparent"][-2:], 16) & 1
+            assert sampled_flag == (name == "sampled")
+            trace_ids[name] = client_span.get_span_context().trace_id.to_bytes(16, "big")
+
+    def of(name: str) -> list[Any]:
+        return [span for span in collector.spans if span.trace_id == trace_ids[name]]
+
+    for _ in range(100):  # spans are exported in the order they end
+        if any(attributes(s).get("db.system") == "postgresql" for s in of("sampled")):
+            break
+        await asyncio.sleep(0.05)
+    assert {"cache.redis", "cache.load"} <= {span.name for span in of("sampled")}
+    assert any(attributes(s).get("db.system") == "redis" for s in of("sampled"))
+    assert of("unsampled") == []
 
 
 async def test_error_status_is_on_the_span_and_metrics_arrive(

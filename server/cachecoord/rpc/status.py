@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 
 from cachecoord import errors, instruments, telemetry
 from cachecoord.coordination.hold import LockLost
@@ -244,17 +244,12 @@ def _finished(method: str, code: grpc.StatusCode) -> None:
             span.set_status(trace.StatusCode.ERROR, code.name)
 
 
-def _server_span(method: str, context: Context) -> Any:
-    """The server span of an RPC, child of the caller's span (W3C traceparent
-    in the gRPC metadata), whatever language the caller is written in."""
+def _server_span(method: str, context: Context) -> instruments.ServerSpan:
     carrier = {
         key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)
     }
-    return instruments.tracer.start_as_current_span(
+    return instruments.ServerSpan(
         f"{SERVICE}/{method}",
-        context=propagate.extract(carrier),
-        kind=trace.SpanKind.SERVER,
-        attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method},
-        record_exception=False,
-        set_status_on_exception=False,
+        carrier,
+        {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method},
     )
