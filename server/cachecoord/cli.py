@@ -8,7 +8,10 @@
     cachecoord lock NAME [--ttl-ms N] [--wait-ms N] -- COMMAND...
 
 Client commands reach ``--target`` (default ``$CACHECOORD_TARGET`` or
-127.0.0.1:50051), print human-readable text, or JSON with ``--json``.
+127.0.0.1:50051), over TLS with ``--tls`` or ``--tls-ca FILE`` (mutual TLS
+with ``--tls-cert``/``--tls-key``), with the bearer token of
+``$CACHECOORD_TOKEN`` or ``--token-file FILE`` (never an argument: the process
+list would show it); they print human-readable text, or JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import grpc
 
 from cachecoord.config import ConfigError, load
 from cachecoord_client import CacheCoordError, Client
@@ -67,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("--target", default=os.environ.get("CACHECOORD_TARGET", "127.0.0.1:50051"))
     client.add_argument("--json", action="store_true", help="print JSON")
     client.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
+    client.add_argument("--tls", action="store_true", help="TLS, trusting the system's CAs")
+    client.add_argument("--tls-ca", type=Path, help="TLS, trusting this CA certificate (PEM)")
+    client.add_argument("--tls-cert", type=Path, help="client certificate (PEM), mutual TLS")
+    client.add_argument("--tls-key", type=Path, help="private key (PEM) of --tls-cert")
+    client.add_argument(
+        "--token-file", type=Path, help="file holding the bearer token (else $CACHECOORD_TOKEN)"
+    )
 
     get = commands.add_parser("get", parents=[client], help="read a key")
     get.add_argument("namespace")
@@ -167,7 +179,33 @@ def _triggers(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.target, default_timeout=args.timeout)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("cachecoord: --tls-cert and --tls-key go together")
+    credentials = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(args.tls_ca, "--tls-ca"),
+            private_key=_read(args.tls_key, "--tls-key"),
+            certificate_chain=_read(args.tls_cert, "--tls-cert"),
+        )
+    token = os.environ.get("CACHECOORD_TOKEN")
+    if args.token_file is not None:
+        token = (_read(args.token_file, "--token-file") or b"").decode().strip()
+    try:
+        return Client(
+            args.target, default_timeout=args.timeout, credentials=credentials, token=token or None
+        )
+    except ValueError as err:
+        raise SystemExit(f"cachecoord: {err}") from None
+
+
+def _read(path: Path | None, option: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise SystemExit(f"cachecoord: {option}: cannot read {path}: {err.strerror}") from None
 
 
 def _call(args: argparse.Namespace, action: Any) -> int:

@@ -1,65 +1,18 @@
-"""The ``cachecoord`` console script's client commands, against the session's instance.
-
-The instance serves from this test's event loop, so the CLI always runs as an
-asyncio subprocess: a blocking ``subprocess.run`` would freeze the server it talks to.
-"""
+"""The ``cachecoord`` console script's client commands, against the session's
+instance (run as asyncio subprocesses: tests/cli_support.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
+from cli_support import CLI, Result, cachecoord, cli_env
 
 from cachecoord.app import App
 from cachecoord_client import AsyncClient, CacheCoordError
-
-CLI = str(Path(sys.executable).with_name("cachecoord"))
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-
-def cli_env() -> dict[str, str]:
-    """This environment without CACHECOORD_* variables (the target is passed explicitly)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("CACHECOORD_")}
-
-
-async def cachecoord(app: App, command: str, *args: str, stdin: bytes = b"") -> Result:
-    """Run ``cachecoord COMMAND --target <app> ARGS...`` to completion."""
-    proc = await asyncio.create_subprocess_exec(
-        CLI,
-        command,
-        "--target",
-        f"127.0.0.1:{app.port}",
-        *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=cli_env(),
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return Result(proc.returncode, out.decode(), err.decode())
 
 
 @pytest.fixture

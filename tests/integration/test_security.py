@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from cli_support import cachecoord
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_serve import list_services, serve, server_env
 from tls_certs import Identity, Pki, make_pki
@@ -531,3 +532,52 @@ async def test_serve_never_logs_a_token(
     assert "bearer tokens required: admin, reader" in output
     for secret in (*vars(tokens).values(), wrong):
         assert secret not in output, "a token appeared in the server log"
+
+
+# -- the CLI's client commands --------------------------------------------------------
+
+
+async def test_cli_reads_over_tls_trusting_the_ca_and_fails_without_tls(
+    tls_app: App, pki: Pki
+) -> None:
+    got = await cachecoord(
+        tls_app, "get", "users", "1", "--json", "--tls-ca", str(pki.ca.cert_file)
+    )
+    assert got.code == 0, got.stderr
+    assert "Ada" in got.json()["value"]
+    plaintext = await cachecoord(tls_app, "get", "users", "1", "--timeout", "3")
+    assert plaintext.code == 1
+    assert "UNAVAILABLE" in plaintext.stderr
+
+
+async def test_cli_presents_its_certificate_for_mutual_tls(mtls_app: App, pki: Pki) -> None:
+    ca = ("--tls-ca", str(pki.ca.cert_file))
+    mine = ("--tls-cert", str(pki.client.cert_file), "--tls-key", str(pki.client.key_file))
+    assert (await cachecoord(mtls_app, "get", "users", "1", *ca, *mine)).code == 0
+    refused = await cachecoord(mtls_app, "get", "users", "1", "--timeout", "3", *ca)
+    assert refused.code == 1
+    half = await cachecoord(mtls_app, "get", "users", "1", *ca, mine[0], mine[1])
+    assert half.code != 0
+    assert "--tls-cert and --tls-key go together" in half.stderr
+
+
+async def test_cli_sends_the_token_of_its_environment_or_file_and_never_prints_it(
+    auth_app: App, tokens: Tokens, tmp_path: Path
+) -> None:
+    without = await cachecoord(auth_app, "get", "users", "1")
+    assert without.code == 1
+    assert "UNAUTHENTICATED" in without.stderr
+    from_env = await cachecoord(
+        auth_app, "get", "users", "1", env={"CACHECOORD_TOKEN": tokens.admin}
+    )
+    token_file = tmp_path / "token"
+    token_file.write_text(tokens.admin + "\n")
+    from_file = await cachecoord(auth_app, "get", "users", "1", "--token-file", str(token_file))
+    for result in (from_env, from_file):
+        assert result.code == 0, result.stderr
+        assert tokens.admin not in result.stdout + result.stderr
+    missing = await cachecoord(
+        auth_app, "get", "users", "1", "--token-file", str(tmp_path / "absent")
+    )
+    assert missing.code != 0
+    assert "--token-file" in missing.stderr

@@ -224,4 +224,4 @@ async def test_no_acknowledged_write_is_lost_when_redis_is_killed_with_aof(
     assert drained == (0, 0), server.output()
     assert await deployment.dead_letters() == 0
     assert writers.lost(rows) == {}
-    assert set(writers.errors) == {"UNAVAILABLE"}, writers.errors
+    assert set(writers.errors) == {"UNAVAILABLE"}, (writers.errors, server.output())
