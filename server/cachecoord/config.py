@@ -115,7 +115,8 @@ class RedisSettings:
     and ASK are followed, topology changes and failovers picked up); pub/sub
     uses one node's connection (PUBLISH reaches every node of a cluster)."""
     max_connections: int = 64
-    """Size of the blocking connection pool."""
+    """Size of the blocking connection pool (on a cluster: Redis calls in
+    flight, hence connections to any one node)."""
     pool_timeout: Duration = Duration(1_000)
     """How long a request waits for a free connection before failing."""
     socket_timeout: Duration = Duration(1_000)

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
 import redis.asyncio as redis
-from redis.asyncio.cluster import ClusterPipeline, PipelineCommand
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, PipelineCommand
 from redis.exceptions import AskError, MovedError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -24,6 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from cachecoord.config import RedisSettings
 from cachecoord.storage.breaker import CircuitBreaker
 from cachecoord.storage.keys import KeySpace
+from cachecoord.storage.waiting_cluster import WaitingRedisCluster
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -174,12 +175,12 @@ def connect(settings: RedisSettings) -> Client:
 
     With ``cluster``, a :class:`redis.asyncio.RedisCluster` that discovers the
     nodes from the one in the URL, follows MOVED/ASK and reloads scripts on
-    NOSCRIPT. Its pools are per node and do not block: a burst beyond
-    max_connections to one node fails at once (MaxConnectionsError)."""
+    NOSCRIPT; its callers wait for a connection as well (waiting_cluster.py)."""
     if settings.cluster:
-        return redis.RedisCluster.from_url(
+        return WaitingRedisCluster.from_url(
             settings.url,
             max_connections=settings.max_connections,
+            pool_timeout=settings.pool_timeout / 1000,
             socket_timeout=settings.socket_timeout / 1000,
             socket_connect_timeout=settings.socket_timeout / 1000,
             protocol=2,
@@ -206,6 +207,20 @@ async def queue_script(pipe: Any, script: Any, keys: list[Any], args: list[Any])
         pipe.eval(script.script, len(keys), *keys, *args)
     else:
         await script(keys=keys, args=args, client=pipe)
+
+
+async def _on_node(
+    client: redis.RedisCluster, node: ClusterNode, commands: list[PipelineCommand]
+) -> None:
+    """Send *commands* over one connection of *node* (in turn, as every call)."""
+    sent = node.execute_pipeline(commands)
+    try:
+        await (client.in_turn(sent) if isinstance(client, WaitingRedisCluster) else sent)
+    except (AttributeError, OSError) as err:
+        # The node's connections were closed under this call (a topology
+        # refresh during a failover): redis-py's node API then fails on the
+        # closed socket instead of raising its own ConnectionError.
+        raise RedisConnectionError(f"connection to {node.name} lost: {err}") from err
 
 
 def _guarded(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
@@ -385,7 +400,7 @@ class EntryStore:
                 PipelineCommand(1, "WAIT", replicas, timeout_ms),
             ]
             try:
-                await node.execute_pipeline(commands)
+                await _on_node(client, node, commands)
             except RedisConnectionError:
                 if attempt:
                     raise
