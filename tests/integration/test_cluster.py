@@ -22,10 +22,9 @@ import redis.asyncio as aioredis
 from strategy_support import managed_row, named, poll, serving
 
 from cachecoord.app import App
-from cachecoord.config import Settings, load
 from cachecoord.storage.keys import KeySpace
 from cachecoord_client import AsyncClient, CacheCoordError, Layer
-from conftest import NAMESPACES, SCHEMA, settings_for
+from conftest import NAMESPACES, Backend, new_database
 from local_servers import PostgresServer, RedisCluster
 
 NEAR = """
@@ -37,40 +36,19 @@ near_cache_ttl = "60s"
 """
 
 
-@pytest.fixture(scope="module")
-def cluster_db(postgres_server: PostgresServer) -> str:
-    """A database of this module's own: instances sharing it share the cluster."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_server.dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    dsn = postgres_server.dsn.rsplit("/", 1)[0] + f"/{name}"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(SCHEMA)
-    return dsn
-
-
-def _settings(tmp: Path, url: str, dsn: str, namespaces: str) -> Settings:
-    """settings_for's, in cluster mode, as from ``CACHECOORD_REDIS_CLUSTER=true``."""
-    path = tmp / f"cluster-{uuid.uuid4().hex[:8]}.toml"
-    base = settings_for(tmp, url, dsn, namespaces=namespaces)
-    path.write_text(f'[redis]\nurl = "{url}"\n')
-    env = {"CACHECOORD_REDIS_CLUSTER": "true"}
-    loaded = load(path, env)
-    return dataclasses.replace(base, redis=loaded.redis)
-
-
 Pair = tuple[tuple[App, AsyncClient], tuple[App, AsyncClient]]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def pair(
-    redis_cluster: RedisCluster, cluster_db: str, tmp_path_factory: pytest.TempPathFactory
+    cluster_backend: Backend, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Pair]:
-    """Two instances on the cluster, each given a different node's URL."""
+    """Two instances on the session's cluster and its database (conftest's
+    cluster_backend), each given a different node's URL."""
     tmp = tmp_path_factory.mktemp("cluster")
-    urls = redis_cluster.urls
-    first = _settings(tmp, urls[0], cluster_db, NAMESPACES + NEAR)
-    second = _settings(tmp, urls[4], cluster_db, NAMESPACES + NEAR)
+    urls = cluster_backend.urls
+    first = cluster_backend.settings(tmp, url=urls[0], namespaces=NAMESPACES + NEAR)
+    second = cluster_backend.settings(tmp, url=urls[4], namespaces=NAMESPACES + NEAR)
     async with (
         serving(named(first, "cluster-a")) as a,
         serving(named(second, "cluster-b")) as b,
@@ -131,6 +109,21 @@ async def test_cache_aside_put_drops_the_cached_copy(
     assert (got.value, got.version, got.layer) == (b"new", version, Layer.DATABASE)
 
 
+async def test_a_burst_beyond_max_connections_waits_for_a_connection(
+    cluster_backend: Backend, tmp_path: Path
+) -> None:
+    """redis-py's per-node cluster pools fail at once when full; cachecoord's
+    calls wait for a free connection instead, as over a single Redis's
+    blocking pool, so a burst is still answered from Redis."""
+    settings = cluster_backend.settings(tmp_path)
+    narrow = dataclasses.replace(settings.redis, max_connections=2)
+    async with serving(named(dataclasses.replace(settings, redis=narrow), "narrow")) as (_, c):
+        keys = [new_key() for _ in range(200)]
+        await asyncio.gather(*(c.put("sessions", key, b"v") for key in keys))  # write-through
+        replies = await asyncio.gather(*(c.get("sessions", key) for key in keys))
+    assert {reply.layer for reply in replies} == {Layer.REDIS}
+
+
 async def test_invalidation_reaches_the_other_instances_near_cache(
     clients: tuple[AsyncClient, AsyncClient],
 ) -> None:
@@ -150,14 +143,14 @@ async def test_invalidation_reaches_the_other_instances_near_cache(
 
 
 async def test_write_behind_put_reaches_postgresql(
-    clients: tuple[AsyncClient, AsyncClient], cluster_db: str
+    clients: tuple[AsyncClient, AsyncClient], cluster_backend: Backend
 ) -> None:
     a, _ = clients
     keys = [new_key() for _ in range(20)]  # over all 4 partitions
     versions = {key: await a.put("queued", key, key.encode()) for key in keys}
     for key in keys:
         row = await poll(
-            partial(managed_row, cluster_db, "queued", key),
+            partial(managed_row, cluster_backend.dsn, "queued", key),
             lambda r: r is not None,
             within=10,
         )
@@ -252,16 +245,12 @@ async def test_primary_killed_under_write_behind_load_loses_no_acknowledged_writ
     """A cluster of this test's own: SIGKILL a primary while Puts stream in; its
     replica takes over, the instance recovers by itself, and with
     wait_replicas = 1 every acknowledged Put reaches PostgreSQL."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_server.dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    dsn = postgres_server.dsn.rsplit("/", 1)[0] + f"/{name}"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(SCHEMA)
+    dsn = new_database(postgres_server)
     cluster = RedisCluster(tmp_path / "cluster")
     await asyncio.to_thread(cluster.start)
     try:
-        settings = _settings(tmp_path, cluster.urls[0], dsn, FAILOVER_NS)
+        own = Backend("cluster", tuple(cluster.urls), dsn)
+        settings = own.settings(tmp_path, namespaces=FAILOVER_NS)
         async with serving(named(settings, "failover")) as (_, client):
             acknowledged: dict[str, int] = {}
             failed = 0

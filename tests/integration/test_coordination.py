@@ -7,7 +7,9 @@ gets its ``load`` wrapped so that a load can be held right after its SQL read
 returned, and released when the test says so. Where time is the subject (a
 TTL, the fallback poll of a waiter), the test waits for deadlines read from the
 entries or the poll schedule, a few hundred milliseconds at most. Every test
-runs its instances on a Redis and a database of its own.
+runs its instances on a Redis and a database of its own (``own_backend``),
+once on a single Redis and once on the session's Redis Cluster (shared there:
+every test's keys are its own).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 from psycopg import AsyncConnection
-from strategy_support import poll, redis_client, serve_config
+from strategy_support import poll, serve_config
 
 from cachecoord.app import App
 from cachecoord.config import load
@@ -31,7 +33,7 @@ from cachecoord.storage import envelope
 from cachecoord.storage.tables import Table
 from cachecoord.strategies import Strategy
 from cachecoord_client import AsyncClient, Layer, Value
-from local_servers import RedisServer
+from conftest import Backend
 
 NAMESPACES = """
 [namespaces.plain]
@@ -58,15 +60,7 @@ Load = Callable[[AsyncConnection, Sequence[str]], Awaitable[dict[str, Row]]]
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    await asyncio.to_thread(server.start)
-    yield server
-    await asyncio.to_thread(server.stop)
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def start(own_redis: RedisServer, own_database: str, tmp_path: Path) -> AsyncIterator[Start]:
+async def start(own_backend: Backend, tmp_path: Path) -> AsyncIterator[Start]:
     """Starts instances sharing one Redis and one database; stops them after."""
     running: list[Instance] = []
 
@@ -74,12 +68,12 @@ async def start(own_redis: RedisServer, own_database: str, tmp_path: Path) -> As
         config = serve_config(
             tmp_path,
             listen="127.0.0.1:0",
-            redis_url=own_redis.url,
-            postgres_url=own_database,
+            redis_url=own_backend.url,
+            postgres_url=own_backend.dsn,
             instance_id=f"coordination-{len(running) + 1}",
             namespaces=NAMESPACES,
         )
-        app = App(load(config, {}))
+        app = App(load(config, own_backend.env))
         await app.start()
         client = AsyncClient(f"127.0.0.1:{app.port}")
         running.append((app, client))
@@ -143,14 +137,14 @@ class HeldLoad:
         return rows
 
 
-async def cached_raw(redis_url: str, namespace: str, key: str) -> bytes | None:
+async def cached_raw(backend: Backend, namespace: str, key: str) -> bytes | None:
     """The entry's envelope in Redis (design 3: ``cc:{<namespace>:<key>}``)."""
-    async with redis_client(redis_url) as client:
+    async with backend.client() as client:
         return cast("bytes | None", await client.get(f"cc:{{{namespace}:{key}}}"))
 
 
-async def fresh_until_ms(redis_url: str, namespace: str, key: str) -> int:
-    raw = await cached_raw(redis_url, namespace, key)
+async def fresh_until_ms(backend: Backend, namespace: str, key: str) -> int:
+    raw = await cached_raw(backend, namespace, key)
     assert raw is not None, f"{namespace}/{key} is not cached"
     return envelope.decode(raw).fresh_until_ms
 
@@ -180,7 +174,7 @@ async def race_a_fill_against_a_write(
 
 
 async def test_fill_after_concurrent_write_is_rejected(
-    start: Start, own_redis: RedisServer, key: str, monkeypatch: pytest.MonkeyPatch
+    start: Start, own_backend: Backend, key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app, client = await start()
     store = strategy(app, "plain").store
@@ -197,7 +191,7 @@ async def test_fill_after_concurrent_write_is_rejected(
     assert (answer.value, answer.version) == (b"old", old)
     # Its fill came after the write and was refused: the old row is not cached.
     assert fills == [{key: False}]
-    assert await cached_raw(own_redis.url, "plain", key) is None
+    assert await cached_raw(own_backend, "plain", key) is None
     after = await client.get("plain", key)
     assert (after.value, after.version, after.layer) == (b"new", new, Layer.DATABASE)
 
@@ -461,13 +455,13 @@ async def test_a_reader_that_missed_just_before_another_instances_fill_does_not_
 
 
 async def test_stale_value_is_served_at_once_while_one_reader_refreshes_it(
-    start: Start, own_redis: RedisServer, key: str, monkeypatch: pytest.MonkeyPatch
+    start: Start, own_backend: Backend, key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app, client = await start()
     ns = strategy(app, "swr")
     version = await client.put("swr", key, b"v1")
     assert (await client.get("swr", key)).layer is Layer.DATABASE
-    stale_from = await fresh_until_ms(own_redis.url, "swr", key)
+    stale_from = await fresh_until_ms(own_backend, "swr", key)
     await asyncio.sleep(max(0.0, stale_from - now_ms()) / 1000 + 0.01)
     # Refreshes are held after their SQL read: nothing can be filled until the
     # stale answers are in, so none of them waited for a load.
@@ -483,17 +477,17 @@ async def test_stale_value_is_served_at_once_while_one_reader_refreshes_it(
     assert (fresh.value, fresh.layer, fresh.stale) == (b"v1", Layer.REDIS, False)
     assert fresh.version >= version
     assert held.calls == 1  # one refresh for twenty stale reads
-    assert await fresh_until_ms(own_redis.url, "swr", key) > stale_from
+    assert await fresh_until_ms(own_backend, "swr", key) > stale_from
 
 
 async def test_a_refresh_decided_before_another_instances_refresh_does_not_load_again(
-    start: Start, own_redis: RedisServer, key: str, monkeypatch: pytest.MonkeyPatch
+    start: Start, own_backend: Backend, key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (first, first_client), (late, late_client) = await start(), await start()
     first_ns, late_ns = strategy(first, "swr"), strategy(late, "swr")
     await first_client.put("swr", key, b"v")
     await first_client.get("swr", key)
-    stale_from = await fresh_until_ms(own_redis.url, "swr", key)
+    stale_from = await fresh_until_ms(own_backend, "swr", key)
     await asyncio.sleep(max(0.0, stale_from - now_ms()) / 1000 + 0.01)
     deciding, first_refreshed, decided = asyncio.Event(), asyncio.Event(), asyncio.Event()
     late_take, first_fill, load = (
@@ -540,7 +534,7 @@ async def test_a_refresh_decided_before_another_instances_refresh_does_not_load_
 
 
 async def test_hot_key_is_refreshed_before_it_expires_and_a_cold_key_is_not(
-    start: Start, own_redis: RedisServer, key: str, monkeypatch: pytest.MonkeyPatch
+    start: Start, own_backend: Backend, key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """XFetch with ttl 1 s, beta 6 and loads of 50 ms: each read of a key
     refreshes it early with chance exp(-remaining / 300 ms), so a key read
@@ -569,8 +563,8 @@ async def test_hot_key_is_refreshed_before_it_expires_and_a_cold_key_is_not(
     monkeypatch.setattr(ns.table, "load", slow_load)
     monkeypatch.setattr(ns.store, "fill_many", timed_fill)
     await asyncio.gather(client.get("xfetch", hot), client.get("xfetch", cold))
-    hot_until = await fresh_until_ms(own_redis.url, "xfetch", hot)
-    cold_until = await fresh_until_ms(own_redis.url, "xfetch", cold)
+    hot_until = await fresh_until_ms(own_backend, "xfetch", hot)
+    cold_until = await fresh_until_ms(own_backend, "xfetch", cold)
     loads.clear()
     fills.clear()
     answers = []

@@ -1,4 +1,9 @@
-"""Near caches, and changes made to PostgreSQL by other programs."""
+"""Near caches, and changes made to PostgreSQL by other programs.
+
+Every test runs on a Redis and a database of its own (``own_backend``), once
+on a single Redis and once on the session's Redis Cluster. The cluster is
+shared, so each test maps the ``users`` table under a namespace of its own:
+cached rows of other tests' databases are never in the way."""
 
 from __future__ import annotations
 
@@ -8,16 +13,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import psycopg
+import pytest
 import pytest_asyncio
-import redis
+from strategy_support import unique_namespace
 
 from cachecoord.app import App, change_triggers
+from cachecoord.storage.keys import KeySpace
 from cachecoord_client import AsyncClient, Layer
-from conftest import settings_for
-from local_servers import RedisServer
+from conftest import Backend
 
 NEAR = """
-[namespaces.users]
+[namespaces.{users}]
 kind = "mapped"
 table = "users"
 key_column = "id"
@@ -29,21 +35,19 @@ near_cache_ttl = "60s"
 Start = Callable[[], Awaitable[tuple[App, AsyncClient]]]
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    await asyncio.to_thread(server.start)
-    yield server
-    await asyncio.to_thread(server.stop)
+@pytest.fixture
+def users() -> str:
+    """This test's namespace of the ``users`` table."""
+    return unique_namespace("users")
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def start(own_redis: RedisServer, own_database: str, tmp_path: Path) -> AsyncIterator[Start]:
+async def start(own_backend: Backend, users: str, tmp_path: Path) -> AsyncIterator[Start]:
     """Starts instances sharing one Redis and one database; stops them after."""
     running: list[tuple[App, AsyncClient]] = []
 
     async def start_one() -> tuple[App, AsyncClient]:
-        app = App(settings_for(tmp_path, own_redis.url, own_database, namespaces=NEAR))
+        app = App(own_backend.settings(tmp_path, namespaces=NEAR.format(users=users)))
         await app.start()
         client = AsyncClient(f"127.0.0.1:{app.port}")
         running.append((app, client))
@@ -63,110 +67,107 @@ async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 5.0)
     return False
 
 
-async def name_of(client: AsyncClient, user: str) -> str:
-    got = await client.get("users", user)
+async def name_of(client: AsyncClient, users: str, user: str) -> str:
+    got = await client.get(users, user)
     return str(json.loads(got.value)["name"])
 
 
-async def test_near_cache_serves_repeated_reads_and_reports_its_layer(start: Start) -> None:
+async def test_near_cache_serves_repeated_reads_and_reports_its_layer(
+    start: Start, users: str
+) -> None:
     _, client = await start()
-    layers = [(await client.get("users", "2")).layer for _ in range(3)]
+    layers = [(await client.get(users, "2")).layer for _ in range(3)]
     assert layers == [Layer.DATABASE, Layer.NEAR, Layer.NEAR]
 
 
-async def test_put_on_one_instance_evicts_the_near_cache_of_another(start: Start) -> None:
+async def test_put_on_one_instance_evicts_the_near_cache_of_another(
+    start: Start, users: str
+) -> None:
     _, reader = await start()
     _, writer = await start()
-    await reader.get("users", "3")
-    assert (await reader.get("users", "3")).layer is Layer.NEAR
-    await writer.put("users", "3", json.dumps({"name": "Rear Admiral Hopper"}).encode())
+    await reader.get(users, "3")
+    assert (await reader.get(users, "3")).layer is Layer.NEAR
+    await writer.put(users, "3", json.dumps({"name": "Rear Admiral Hopper"}).encode())
 
     async def sees_new_name() -> bool:
-        return await name_of(reader, "3") == "Rear Admiral Hopper"
+        return await name_of(reader, users, "3") == "Rear Admiral Hopper"
 
     assert await eventually(sees_new_name, seconds=2.0)
 
 
-async def test_put_here_is_read_back_here_at_once(start: Start) -> None:
+async def test_put_here_is_read_back_here_at_once(start: Start, users: str) -> None:
     _, client = await start()
-    await client.get("users", "2")
-    assert (await client.get("users", "2")).layer is Layer.NEAR
-    await client.put("users", "2", json.dumps({"name": "Alan M. Turing"}).encode())
-    assert await name_of(client, "2") == "Alan M. Turing"
+    await client.get(users, "2")
+    assert (await client.get(users, "2")).layer is Layer.NEAR
+    await client.put(users, "2", json.dumps({"name": "Alan M. Turing"}).encode())
+    assert await name_of(client, users, "2") == "Alan M. Turing"
 
 
 async def test_killed_subscription_flushes_the_near_cache(
-    start: Start, own_redis: RedisServer
+    start: Start, users: str, own_backend: Backend
 ) -> None:
     app, client = await start()
-    await client.get("users", "1")
-    assert (await client.get("users", "1")).layer is Layer.NEAR
-    near = app.cache.strategy("users").reader.near if app.cache else None
+    await client.get(users, "1")
+    assert (await client.get(users, "1")).layer is Layer.NEAR
+    near = app.cache.strategy(users).reader.near if app.cache else None
     assert near is not None
     assert len(near) == 1
     epoch = near.epoch
-    r = redis.Redis.from_url(own_redis.url)
-    try:
-        killed = await asyncio.to_thread(r.client_kill_filter, _type="pubsub")
-    finally:
-        r.close()
-    assert killed >= 1
+    assert await own_backend.kill_pubsub_connections() >= 1
 
     async def flushed() -> bool:
         return near.epoch > epoch and len(near) == 0
 
     assert await eventually(flushed)
-    assert (await client.get("users", "1")).layer is Layer.REDIS
+    assert (await client.get(users, "1")).layer is Layer.REDIS
 
 
 async def test_update_in_sql_is_invalidated_while_instances_listen(
-    start: Start, own_database: str
+    start: Start, users: str, own_backend: Backend
 ) -> None:
     app, client = await start()
-    await change_triggers(app.settings, "users", "install")
-    await client.get("users", "2")
-    async with await psycopg.AsyncConnection.connect(own_database, autocommit=True) as conn:
+    await change_triggers(app.settings, users, "install")
+    await client.get(users, "2")
+    async with await psycopg.AsyncConnection.connect(own_backend.dsn, autocommit=True) as conn:
         await conn.execute("UPDATE users SET name = 'Alan Turing (SQL)' WHERE id = 2")
 
     async def sees_sql_update() -> bool:
-        return await name_of(client, "2") == "Alan Turing (SQL)"
+        return await name_of(client, users, "2") == "Alan Turing (SQL)"
 
     assert await eventually(sees_sql_update, seconds=2.0)
 
 
 async def test_update_in_sql_while_every_instance_is_stopped_is_invalidated_at_start(
-    start: Start, own_redis: RedisServer, own_database: str
+    start: Start, users: str, own_backend: Backend
 ) -> None:
     app, client = await start()
-    await change_triggers(app.settings, "users", "install")
-    before = await client.get("users", "1")
+    await change_triggers(app.settings, users, "install")
+    before = await client.get(users, "1")
     await client.close()
     await app.stop()
-    async with await psycopg.AsyncConnection.connect(own_database, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(own_backend.dsn, autocommit=True) as conn:
         await conn.execute("UPDATE users SET name = 'Ada, Countess of Lovelace' WHERE id = 1")
-    r = redis.Redis.from_url(own_redis.url)
-    try:
-        assert await asyncio.to_thread(r.exists, "cc:{users:1}")  # stale, nobody listened
+    cached = KeySpace(users).value("1")
+    async with own_backend.client() as r:
+        assert await r.exists(cached)  # stale, nobody listened
 
         async def dropped() -> bool:
-            return not await asyncio.to_thread(r.exists, "cc:{users:1}")
+            return not await r.exists(cached)
 
         _, client = await start()
         assert await eventually(dropped)
-    finally:
-        r.close()
-    after = await client.get("users", "1")
+    after = await client.get(users, "1")
     assert json.loads(after.value)["name"] == "Ada, Countess of Lovelace"
     assert after.version > before.version
 
 
 async def test_writes_through_cachecoord_are_not_recorded_twice(
-    start: Start, own_database: str
+    start: Start, users: str, own_backend: Backend
 ) -> None:
     app, client = await start()
-    await change_triggers(app.settings, "users", "install")
-    await client.put("users", "3", json.dumps({"name": "G. Hopper"}).encode())
-    async with await psycopg.AsyncConnection.connect(own_database) as conn:
+    await change_triggers(app.settings, users, "install")
+    await client.put(users, "3", json.dumps({"name": "G. Hopper"}).encode())
+    async with await psycopg.AsyncConnection.connect(own_backend.dsn) as conn:
         cur = await conn.execute(
             "SELECT count(*) FROM cachecoord.outbox WHERE reason = 'db_change'"
         )

@@ -3,7 +3,8 @@ of namespace (the dogpile.cache conformance-suite idea): what a client may rely
 on whatever the operator configured. Each strategy's own guarantees follow.
 
 Every test runs against two instances sharing Redis and PostgreSQL: the
-session's ``client`` and ``other``, a second instance started here.
+session's ``backend_client`` and ``other``, a second instance started here;
+and it runs twice: on a single Redis, and on a Redis Cluster (``backend``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from strategy_support import named, serving
 
 from cachecoord.app import App
 from cachecoord_client import AsyncClient, Layer, VersionConflict
-from conftest import settings_for
-from local_servers import PostgresServer, RedisServer
+from conftest import Backend
 
 
 @dataclass(frozen=True)
@@ -81,13 +81,11 @@ def flavour(request: pytest.FixtureRequest) -> Flavour:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def other(
-    app: App,
-    redis_server: RedisServer,
-    postgres_server: PostgresServer,
-    tmp_path_factory: pytest.TempPathFactory,
+    backend: Backend, backend_app: App, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[AsyncClient]:
-    """A client of a second instance sharing the session's Redis and PostgreSQL."""
-    settings = settings_for(tmp_path_factory.mktemp("other"), redis_server.url, postgres_server.dsn)
+    """A client of a second instance sharing backend_app's Redis and PostgreSQL;
+    on the cluster, given another node's URL."""
+    settings = backend.settings(tmp_path_factory.mktemp("other"), url=backend.urls[-1])
     async with serving(named(settings, f"other-{uuid.uuid4().hex[:6]}")) as (_, client):
         yield client
 
@@ -110,13 +108,13 @@ def sql_log(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 async def test_put_then_get_returns_value_and_version_on_every_instance(
-    flavour: Flavour, client: AsyncClient, other: AsyncClient
+    flavour: Flavour, backend_client: AsyncClient, other: AsyncClient
 ) -> None:
     key = flavour.new_key()
-    version = await client.put(flavour.namespace, key, flavour.value(1))
+    version = await backend_client.put(flavour.namespace, key, flavour.value(1))
 
     there = await other.get(flavour.namespace, key)
-    here = await client.get(flavour.namespace, key)
+    here = await backend_client.get(flavour.namespace, key)
 
     for got in (there, here):
         assert got.found
@@ -125,15 +123,15 @@ async def test_put_then_get_returns_value_and_version_on_every_instance(
 
 
 async def test_versions_strictly_increase_across_writes_deletes_and_instances(
-    flavour: Flavour, client: AsyncClient, other: AsyncClient
+    flavour: Flavour, backend_client: AsyncClient, other: AsyncClient
 ) -> None:
     ns, key = flavour.namespace, flavour.new_key()
     versions = [
-        await client.put(ns, key, flavour.value(1)),
+        await backend_client.put(ns, key, flavour.value(1)),
         await other.put(ns, key, flavour.value(2)),
-        await client.put(ns, key, flavour.value(3)),
+        await backend_client.put(ns, key, flavour.value(3)),
         (await other.delete(ns, key)).version,
-        await client.put(ns, key, flavour.value(4)),
+        await backend_client.put(ns, key, flavour.value(4)),
     ]
 
     assert versions == sorted(set(versions)), versions
@@ -141,27 +139,27 @@ async def test_versions_strictly_increase_across_writes_deletes_and_instances(
 
 
 async def test_delete_makes_the_key_not_found_on_every_instance(
-    flavour: Flavour, client: AsyncClient, other: AsyncClient
+    flavour: Flavour, backend_client: AsyncClient, other: AsyncClient
 ) -> None:
     ns, key = flavour.namespace, flavour.new_key()
-    await client.put(ns, key, flavour.value(1))
-    await client.get(ns, key)
+    await backend_client.put(ns, key, flavour.value(1))
+    await backend_client.get(ns, key)
     await other.get(ns, key)  # cached (or read) on both first
 
-    deleted = await client.delete(ns, key)
+    deleted = await backend_client.delete(ns, key)
     again = await other.delete(ns, key)
 
     assert deleted.deleted
     assert not again.deleted
-    assert not (await client.get(ns, key)).found
+    assert not (await backend_client.get(ns, key)).found
     assert not (await other.get(ns, key)).found
 
 
 async def test_expected_version_zero_creates_only_a_missing_key(
-    flavour: Flavour, client: AsyncClient, other: AsyncClient
+    flavour: Flavour, backend_client: AsyncClient, other: AsyncClient
 ) -> None:
     ns, key = flavour.namespace, flavour.new_key()
-    created = await client.put(ns, key, flavour.value(1), expected_version=0)
+    created = await backend_client.put(ns, key, flavour.value(1), expected_version=0)
 
     with pytest.raises(VersionConflict) as conflict:
         await other.put(ns, key, flavour.value(2), expected_version=0)
@@ -172,11 +170,11 @@ async def test_expected_version_zero_creates_only_a_missing_key(
 
 
 async def test_mismatched_expected_version_fails_naming_the_current_one(
-    flavour: Flavour, client: AsyncClient, other: AsyncClient
+    flavour: Flavour, backend_client: AsyncClient, other: AsyncClient
 ) -> None:
     ns, key = flavour.namespace, flavour.new_key()
-    first = await client.put(ns, key, flavour.value(1))
-    current = await client.put(ns, key, flavour.value(2))
+    first = await backend_client.put(ns, key, flavour.value(1))
+    current = await backend_client.put(ns, key, flavour.value(2))
 
     with pytest.raises(VersionConflict) as conflict:
         await other.put(ns, key, flavour.value(3), expected_version=first)
@@ -184,32 +182,32 @@ async def test_mismatched_expected_version_fails_naming_the_current_one(
 
     assert str(current) in conflict.value.details, conflict.value.details
     assert matched > current
-    got = await client.get(ns, key)
+    got = await backend_client.get(ns, key)
     assert (flavour.number(got.value), got.version) == (4, matched)
 
 
 async def test_invalidate_never_loses_the_value(
-    flavour: Flavour, client: AsyncClient, other: AsyncClient
+    flavour: Flavour, backend_client: AsyncClient, other: AsyncClient
 ) -> None:
     ns, key = flavour.namespace, flavour.new_key()
-    version = await client.put(ns, key, flavour.value(1))
-    before = await client.get(ns, key)  # cached now (fill or write)
+    version = await backend_client.put(ns, key, flavour.value(1))
+    before = await backend_client.get(ns, key)  # cached now (fill or write)
 
     await other.invalidate(ns, [key])
 
-    for got in (await client.get(ns, key), await other.get(ns, key)):
+    for got in (await backend_client.get(ns, key), await other.get(ns, key)):
         assert got.found, got
         assert flavour.same(got.value, before.value)
         assert got.version == version
 
 
 async def test_batch_get_agrees_with_get(
-    flavour: Flavour, client: AsyncClient, other: AsyncClient
+    flavour: Flavour, backend_client: AsyncClient, other: AsyncClient
 ) -> None:
     ns = flavour.namespace
     keys = [flavour.new_key() for _ in range(4)]
     for n, key in enumerate(keys[:3]):
-        await client.put(ns, key, flavour.value(n))
+        await backend_client.put(ns, key, flavour.value(n))
     await other.get(ns, keys[0])  # one hit, two misses, one missing key
 
     batch = await other.batch_get(ns, keys)
@@ -225,7 +223,7 @@ async def test_batch_get_agrees_with_get(
 
 
 async def test_concurrent_compare_and_set_increments_count_exactly(
-    flavour: Flavour, client: AsyncClient, other: AsyncClient
+    flavour: Flavour, backend_client: AsyncClient, other: AsyncClient
 ) -> None:
     """20 clients increment one counter with read, +1, put(expected_version),
     retrying on FAILED_PRECONDITION: no increment is lost or doubled."""
@@ -247,10 +245,10 @@ async def test_concurrent_compare_and_set_increments_count_exactly(
             return attempt
         raise AssertionError("no increment succeeded in 500 attempts")
 
-    attempts = await asyncio.gather(*(increment((client, other)[i % 2]) for i in range(20)))
+    attempts = await asyncio.gather(*(increment((backend_client, other)[i % 2]) for i in range(20)))
 
     assert sum(attempts) > 20, "the clients never collided: not a concurrency test"
-    for via in (client, other):
+    for via in (backend_client, other):
         assert flavour.number((await via.get(ns, key)).value) == 20
 
 
@@ -258,11 +256,11 @@ async def test_concurrent_compare_and_set_increments_count_exactly(
 
 
 async def test_write_through_get_on_another_instance_is_a_redis_hit_without_sql(
-    client: AsyncClient, other: AsyncClient, sql_log: list[str], key: str
+    backend_client: AsyncClient, other: AsyncClient, sql_log: list[str], key: str
 ) -> None:
-    await client.put("sessions", key, b"old")
+    await backend_client.put("sessions", key, b"old")
     await other.get("sessions", key)
-    version = await client.put("sessions", key, b"new")
+    version = await backend_client.put("sessions", key, b"new")
     sql_log.clear()
 
     got = await other.get("sessions", key)
@@ -273,12 +271,12 @@ async def test_write_through_get_on_another_instance_is_a_redis_hit_without_sql(
 
 
 async def test_cache_aside_put_drops_the_cached_copy_so_the_next_get_loads(
-    client: AsyncClient, other: AsyncClient, key: str
+    backend_client: AsyncClient, other: AsyncClient, key: str
 ) -> None:
-    await client.put("blobs", key, b"old")
+    await backend_client.put("blobs", key, b"old")
     assert (await other.get("blobs", key)).layer is Layer.DATABASE
     assert (await other.get("blobs", key)).layer is Layer.REDIS
-    version = await client.put("blobs", key, b"new")
+    version = await backend_client.put("blobs", key, b"new")
 
     got = await other.get("blobs", key)
 

@@ -5,11 +5,16 @@ its namespaces made on any instance, a RESET whenever events may have been
 missed (the instance's subscription was cut, or the client read too slowly),
 and heartbeats when nothing happens. A slow reader costs the server a bounded
 backlog, and streams opened and cancelled in bulk leave nothing behind.
+
+Every test but the leak test runs twice: on a single Redis and on a Redis
+Cluster (``backend``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -18,11 +23,11 @@ from pathlib import Path
 import psutil
 import pytest
 import pytest_asyncio
+from strategy_support import unique_namespace
 from test_hold_lock import heap_in_use, settled_task_count
 from watch_support import (
     CuttableLink,
     instance,
-    kill_pubsub_connections,
     next_event,
     watchers,
 )
@@ -40,42 +45,33 @@ from cachecoord_client import (
     WatchEvent,
     WatchEventKind,
 )
-from local_servers import PostgresServer, RedisServer
+from conftest import Backend
 
 INVALIDATION, RESET, HEARTBEAT = WatchEventKind
 SUBSCRIBED = WatchEvent(RESET, reason="subscribed")
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def writer(
-    redis_server: RedisServer, postgres_server: PostgresServer, tmp_path: Path
-) -> AsyncIterator[AsyncClient]:
-    """A client of a second instance, named "writer", sharing the session's backends."""
-    async with instance(tmp_path, redis_server.url, postgres_server.dsn, "writer") as (_, client):
+async def writer(backend: Backend, tmp_path: Path) -> AsyncIterator[AsyncClient]:
+    """A client of a second instance, named "writer", sharing backend_app's backends."""
+    url, dsn, cluster = backend.url, backend.dsn, backend.cluster
+    async with instance(tmp_path, url, dsn, "writer", cluster=cluster) as (_, client):
         yield client
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    await asyncio.to_thread(server.start)
-    yield server
-    await asyncio.to_thread(server.stop)
 
 
 def invalidation(key: str, version: int, reason: str, origin: str, ns: str = "blobs") -> WatchEvent:
     return WatchEvent(INVALIDATION, ns, key, False, version, reason, origin)
 
 
-async def test_first_event_is_a_reset_saying_subscribed(client: AsyncClient) -> None:
-    async with client.watch(["blobs", "users"]) as events:
+async def test_first_event_is_a_reset_saying_subscribed(backend_client: AsyncClient) -> None:
+    async with backend_client.watch(["blobs", "users"]) as events:
         assert await next_event(events, heartbeats=True) == SUBSCRIBED
 
 
 async def test_writes_on_another_instance_reach_the_watcher_with_their_details(
-    client: AsyncClient, writer: AsyncClient, key: str
+    backend_client: AsyncClient, writer: AsyncClient, key: str
 ) -> None:
-    async with client.watch(["blobs"], key_prefix=key) as events:
+    async with backend_client.watch(["blobs"], key_prefix=key) as events:
         assert await next_event(events) == SUBSCRIBED
         put = await writer.put("blobs", key, b"v1")
         deleted = await writer.delete("blobs", key)
@@ -86,20 +82,22 @@ async def test_writes_on_another_instance_reach_the_watcher_with_their_details(
 
 
 async def test_key_prefix_filters_keys_but_not_whole_namespace_invalidations(
-    client: AsyncClient, app: App, key: str
+    backend_client: AsyncClient, backend_app: App, key: str
 ) -> None:
+    client, app = backend_client, backend_app
     async with client.watch(["short"], key_prefix=f"{key}-a") as events:
         assert await next_event(events) == SUBSCRIBED
         await client.put("short", f"{key}-b", b"not watched")
         version = await client.put("short", f"{key}-a1", b"watched")
         await client.invalidate("short", all=True)
 
-        assert await next_event(events) == invalidation(
-            f"{key}-a1", version, "put", app.origin, "short"
-        )
-        assert await next_event(events) == WatchEvent(
-            INVALIDATION, "short", "", True, 0, "invalidate", app.origin
-        )
+        # In either order: on a cluster, the Put's message is published by its
+        # key's shard and the namespace's by another node.
+        got = [await next_event(events), await next_event(events)]
+        assert sorted(got, key=lambda e: e.all_keys) == [
+            invalidation(f"{key}-a1", version, "put", app.origin, "short"),
+            WatchEvent(INVALIDATION, "short", "", True, 0, "invalidate", app.origin),
+        ]
 
 
 @pytest.mark.parametrize(
@@ -110,31 +108,42 @@ async def test_key_prefix_filters_keys_but_not_whole_namespace_invalidations(
     ],
 )
 async def test_bad_watch_requests_fail_with_a_status_saying_why(
-    client: AsyncClient, namespaces: list[str], error: type[Exception], says: str
+    backend_client: AsyncClient, namespaces: list[str], error: type[Exception], says: str
 ) -> None:
     with pytest.raises(error) as failed:
-        async with client.watch(namespaces) as events:
+        async with backend_client.watch(namespaces) as events:
             await next_event(events)
     assert says in str(failed.value)
 
 
-async def test_a_watch_given_a_timeout_ends_with_deadline_exceeded(client: AsyncClient) -> None:
-    async with client.watch(["blobs"], timeout=0.3) as events:
+async def test_a_watch_given_a_timeout_ends_with_deadline_exceeded(
+    backend_client: AsyncClient,
+) -> None:
+    async with backend_client.watch(["blobs"], timeout=0.3) as events:
         assert await next_event(events) == SUBSCRIBED
         with pytest.raises(DeadlineExceeded):
             await next_event(events)
 
 
 async def test_cut_subscription_sends_reset_resubscribed_then_events_resume(
-    own_redis: RedisServer, own_database: str, tmp_path: Path, key: str
+    own_backend: Backend, tmp_path: Path, key: str
 ) -> None:
+    # A namespace of its own: on the cluster, own_backend is shared.
+    ns = unique_namespace("watched")
     async with (
-        instance(tmp_path, own_redis.url, own_database, "watched") as (_, client),
-        client.watch(["blobs"], key_prefix=key) as events,
+        instance(
+            tmp_path,
+            own_backend.url,
+            own_backend.dsn,
+            "watched",
+            cluster=own_backend.cluster,
+            namespaces=f'[namespaces.{ns}]\nkind = "managed"\n',
+        ) as (_, client),
+        client.watch([ns], key_prefix=key) as events,
     ):
         assert await next_event(events) == SUBSCRIBED
 
-        assert await kill_pubsub_connections(own_redis.url) >= 1
+        assert await own_backend.kill_pubsub_connections() >= 1
 
         assert await next_event(events) == WatchEvent(RESET, reason="resubscribed")
 
@@ -142,7 +151,7 @@ async def test_cut_subscription_sends_reset_resubscribed_then_events_resume(
         # second RESET may say so): keep writing until one comes through.
         async def keep_writing() -> None:
             while True:
-                await client.put("blobs", key, b"after the cut")
+                await client.put(ns, key, b"after the cut")
                 await asyncio.sleep(0.1)
 
         writing = asyncio.create_task(keep_writing())
@@ -151,11 +160,12 @@ async def test_cut_subscription_sends_reset_resubscribed_then_events_resume(
                 assert event.reason == "resubscribed"
         finally:
             writing.cancel()
-    assert event == invalidation(key, event.version, "put", "watched")
+    assert event == invalidation(key, event.version, "put", "watched", ns)
     assert event.version > 0
 
 
-async def test_a_broken_connection_ends_the_stream_on_both_sides(app: App) -> None:
+async def test_a_broken_connection_ends_the_stream_on_both_sides(backend_app: App) -> None:
+    app = backend_app
     baseline = watchers(app)
     async with (
         CuttableLink(app.port) as link,
@@ -174,12 +184,10 @@ async def test_a_broken_connection_ends_the_stream_on_both_sides(app: App) -> No
         assert await _watchers_settle(app, baseline), "the server still serves the stream"
 
 
-async def test_a_quiet_stream_gets_heartbeats(
-    redis_server: RedisServer, postgres_server: PostgresServer, tmp_path: Path
-) -> None:
+async def test_a_quiet_stream_gets_heartbeats(backend: Backend, tmp_path: Path) -> None:
     async with (
         instance(
-            tmp_path, redis_server.url, postgres_server.dsn, "beating",
+            tmp_path, backend.url, backend.dsn, "beating", cluster=backend.cluster,
             watch_heartbeat=Duration(100),
         ) as (_, client),
         client.watch(["sessions"], key_prefix="nobody-writes-this-") as events,
@@ -194,8 +202,9 @@ async def test_a_quiet_stream_gets_heartbeats(
 
 
 async def test_sync_client_watches_until_closed_from_another_thread(
-    app: App, client: AsyncClient, key: str
+    backend_app: App, backend_client: AsyncClient, key: str
 ) -> None:
+    app, client = backend_app, backend_client
     received: list[WatchEvent] = []
     subscribed, changed = threading.Event(), threading.Event()
 
@@ -218,8 +227,7 @@ async def test_sync_client_watches_until_closed_from_another_thread(
 
 
 async def test_slow_reader_costs_a_bounded_backlog_then_gets_reset_overflow_and_resumes(
-    redis_server: RedisServer,
-    postgres_server: PostgresServer,
+    backend: Backend,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     key: str,
@@ -244,7 +252,12 @@ async def test_slow_reader_costs_a_bounded_backlog_then_gets_reset_overflow_and_
     padding = "p" * 200  # bigger events fill the window sooner
     async with (
         instance(
-            tmp_path, redis_server.url, postgres_server.dsn, "bounded", watch_backlog=backlog
+            tmp_path,
+            backend.url,
+            backend.dsn,
+            "bounded",
+            cluster=backend.cluster,
+            watch_backlog=backlog,
         ) as (app, fast_client),
         AsyncClient(f"127.0.0.1:{app.port}", options=[("grpc.http2.bdp_probe", 0)]) as slow_client,
         fast_client.watch(["blobs"], key_prefix=key) as fast,
@@ -292,8 +305,9 @@ async def test_slow_reader_costs_a_bounded_backlog_then_gets_reset_overflow_and_
 
 
 async def test_a_reader_that_keeps_up_is_not_reset_by_two_bulk_invalidations(
-    client: AsyncClient, key: str
+    backend_client: AsyncClient, key: str
 ) -> None:
+    client = backend_client
     got: list[WatchEvent] = []
     done = asyncio.Event()
     async with client.watch(["blobs"], key_prefix=key) as events:
@@ -318,27 +332,41 @@ async def test_a_reader_that_keeps_up_is_not_reset_by_two_bulk_invalidations(
 # Leaks (design 10: grpc #43360, #43462).
 
 
+# Single Redis only: it measures leaks of the gRPC layer, whatever Redis is behind,
+# and on a cluster the flushers' per-shard reads are tasks that come and go (the
+# parameter also runs it among the single-Redis tests, before cluster_app starts).
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
 async def test_a_thousand_watch_streams_opened_and_cancelled_leave_nothing_behind(
-    app: App, client: AsyncClient
+    backend_app: App, backend_client: AsyncClient
 ) -> None:
+    app, client = backend_app, backend_client
     # Warm up at full size first, as the HoldLock leak test does: the first
     # 1000 streams grow malloc's arenas, which it keeps for reuse.
     await churn(app, client, streams=1_000)
     tasks_before = await settled_task_count(len(asyncio.all_tasks()))
     rss_before, heap_before = psutil.Process().memory_info().rss, heap_in_use()
+    gc.collect()
+    blocks_before = sys.getallocatedblocks()
 
     await churn(app, client, streams=1_000)
 
     tasks_after = await settled_task_count(tasks_before)
     rss_grown = (psutil.Process().memory_info().rss - rss_before) / 2**20
     heap_grown = heap_in_use() - heap_before
+    gc.collect()
+    blocks_grown = sys.getallocatedblocks() - blocks_before
     print(
         f"\n1000 Watch streams: tasks {tasks_before} -> {tasks_after}, RSS {rss_grown:+.1f} MiB,"
-        f" malloc heap in use {heap_grown / 1000:+.0f} B per stream"
+        f" malloc heap in use {heap_grown / 1000:+.0f} B, Python objects {blocks_grown / 1000:+.1f}"
+        " per stream"
     )
     assert tasks_after <= tasks_before, [t.get_name() for t in asyncio.all_tasks()]
-    assert rss_grown < 20, f"RSS grew by {rss_grown:.1f} MiB"
+    # Memory is judged by what is still allocated, by malloc (C) and by Python's
+    # own allocator (objects): RSS also moves with what earlier tests left in the
+    # arenas (seen: +31 MiB after the behaviour suites, -33 MiB after others,
+    # with both flat), so it is shown only.
     assert heap_grown < 1_000 * 1_000, f"{heap_grown / 1000:.0f} B per stream still in use"
+    assert blocks_grown < 1_000 * 5, f"{blocks_grown / 1000:.1f} Python objects per stream left"
 
 
 async def churn(app: App, client: AsyncClient, streams: int) -> None:

@@ -20,18 +20,27 @@ from strategy_support import named, serving
 
 from cachecoord.app import App
 from cachecoord_client import AsyncClient, WatchEvent, WatchEventKind
-from conftest import settings_for
+from conftest import NAMESPACES, settings_for
 
 HEARTBEAT = WatchEventKind.HEARTBEAT
 
 
 @asynccontextmanager
 async def instance(
-    tmp: Path, redis_url: str, postgres_url: str, name: str, **server: Any
+    tmp: Path,
+    redis_url: str,
+    postgres_url: str,
+    name: str,
+    *,
+    cluster: bool = False,
+    namespaces: str = NAMESPACES,
+    **server: Any,
 ) -> AsyncIterator[tuple[App, AsyncClient]]:
-    """An in-process instance named *name*, with *server* settings replaced
-    (e.g. ``watch_backlog=100``), and a client of it."""
-    settings = named(settings_for(tmp, redis_url, postgres_url), name)
+    """An in-process instance named *name*, serving *namespaces*, with
+    *server* settings replaced (e.g. ``watch_backlog=100``), and a client of
+    it; *cluster*: on a Redis Cluster (*redis_url* is one node's)."""
+    settings = settings_for(tmp, redis_url, postgres_url, namespaces=namespaces, cluster=cluster)
+    settings = named(settings, name)
     settings = dataclasses.replace(settings, server=dataclasses.replace(settings.server, **server))
     async with serving(settings) as running:
         yield running
