@@ -25,10 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.scenario is None:
         print("scenarios (python -m bench NAME [--quick] [--runs N]):")
         for name, scenario in SCENARIOS.items():
-            print(f"  {name:<8} {scenario.summary}")
+            cluster = " [--cluster]" if scenario.cluster else ""
+            print(f"  {name:<8} {scenario.summary}{cluster}")
         print(f"  {'all':<8} every scenario, one after the other, then plot")
         print(f"  {'plot':<8} draw the saved figures of every scenario (docs/benchmarks.png)")
         return 0
+    on_cluster = [name for name, scenario in SCENARIOS.items() if scenario.cluster]
+    if args.cluster and args.scenario not in on_cluster:
+        parser.error(
+            f"--cluster: only {' and '.join(on_cluster)} run on a Redis Cluster; "
+            f"run them one by one (not {args.scenario!r})"
+        )
     if args.scenario == "plot":
         plot.run(Options.from_args(args))
         return 0
@@ -63,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run(name: str, options: Options) -> None:
     started = time.monotonic()
     quick = " (--quick: a smoke run, too short for its figures to mean much)"
-    print(f"== bench {name}{quick if options.quick else ''} ==", flush=True)
+    cluster = " on a Redis Cluster (--cluster)"
+    print(
+        f"== bench {name}{cluster if options.cluster else ''}{quick if options.quick else ''} ==",
+        flush=True,
+    )
     SCENARIOS[name].run(options)
     print(f"(bench {name} took {time.monotonic() - started:.0f} s)", flush=True)
 

@@ -1,4 +1,5 @@
-"""Several `cachecoord serve` processes over one private Redis and PostgreSQL.
+"""Several `cachecoord serve` processes over one private Redis (or Redis
+Cluster) and PostgreSQL.
 
 The single-instance :class:`bench.stack.Stack` covers the throughput scenarios;
 coordination across instances (leases, fill notices) needs more than one
@@ -7,6 +8,12 @@ its own TOML file, port and log, and the cluster waits until every one reports
 SERVING. A *prepare* step runs against PostgreSQL (as its superuser) before
 any instance starts, because cachecoord checks mapped tables at start-up; it
 returns the URL the instances connect with (e.g. as a role of its own).
+
+With ``redis_cluster`` (``python -m bench SCENARIO --cluster``), Redis is a
+private Redis Cluster of 3 primaries and 3 replicas (``local_servers.RedisCluster``)
+and every instance runs with ``redis.cluster = true``; a scenario's own Redis
+commands go through :meth:`Cluster.redis_client`, which picks the client that
+fits.
 """
 
 from __future__ import annotations
@@ -22,13 +29,17 @@ from types import TracebackType
 from typing import Self
 
 import grpc
+import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import bench.stack  # noqa: F401  (puts scripts/ on sys.path for local_servers)
-from local_servers import PostgresServer, RedisServer, free_port
+from local_servers import PostgresServer, RedisCluster, RedisServer, free_port
 
 _HEALTH_TIMEOUT = 30.0
 _STOP_TIMEOUT = 15.0
+
+AsyncRedis = aioredis.Redis | aioredis.RedisCluster
+"""A scenario's own asyncio client of the stack's Redis or Redis Cluster."""
 
 
 class Instance:
@@ -111,8 +122,8 @@ class Instance:
 
 
 class Cluster:
-    """Redis, PostgreSQL and *instances* cachecoord processes serving
-    *namespaces*; ``with Cluster(...) as cluster``."""
+    """Redis (a Redis Cluster with *redis_cluster*), PostgreSQL and *instances*
+    cachecoord processes serving *namespaces*; ``with Cluster(...) as cluster``."""
 
     def __init__(
         self,
@@ -121,9 +132,15 @@ class Cluster:
         *,
         instances: int,
         prepare: Callable[[str], str],
+        redis_cluster: bool = False,
     ) -> None:
         self.workdir = workdir
-        self.redis = RedisServer(workdir / "redis")
+        self.redis_cluster = redis_cluster
+        self.redis: RedisServer | RedisCluster = (
+            RedisCluster(workdir / "redis-cluster")
+            if redis_cluster
+            else RedisServer(workdir / "redis")
+        )
         self.postgres = PostgresServer(workdir / "postgres")
         self.database_url = ""
         """The URL the instances connect with (what *prepare* returned)."""
@@ -135,6 +152,33 @@ class Cluster:
     @property
     def targets(self) -> list[str]:
         return [instance.target for instance in self.instances]
+
+    def describe_redis(self) -> str:
+        """What the instances use as Redis, for the scenario's first lines."""
+        if isinstance(self.redis, RedisCluster):
+            ports = ", ".join(str(node.port) for node in self.redis.nodes)
+            return (
+                f"a private Redis Cluster of {self.redis.primaries} primaries + "
+                f"{self.redis.primaries * self.redis.replicas} replicas "
+                f"(127.0.0.1 ports {ports}; redis.cluster = true)"
+            )
+        return f"one private Redis on 127.0.0.1:{self.redis.port}"
+
+    def redis_client(self, connections: int = 64) -> AsyncRedis:
+        """An asyncio client (RESP2, as cachecoord's) for the scenario's own commands.
+
+        One Redis: a blocking pool of *connections* (a burst waits for a free
+        one). A cluster: ``redis.asyncio.cluster.RedisCluster``, which finds every
+        node from one and sends each command to the primary of its key's slot
+        (cachecoord's keys carry a hash tag, e.g. ``cc:{<namespace>:<key>}``).
+        Its per-node pools cannot make a caller wait (a burst past their size
+        fails with MaxConnectionsError), so they are not bounded."""
+        if isinstance(self.redis, RedisCluster):
+            return aioredis.RedisCluster.from_url(self.redis.url, max_connections=2**31, protocol=2)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.redis.url, max_connections=connections, timeout=30, protocol=2
+        )
+        return aioredis.Redis(connection_pool=pool)
 
     def __enter__(self) -> Self:
         try:
@@ -185,6 +229,7 @@ shutdown_grace = "2s"
 
 [redis]
 url = "{self.redis.url}"
+cluster = {"true" if self.redis_cluster else "false"}
 
 [postgres]
 url = "{self.database_url}"

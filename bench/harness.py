@@ -59,6 +59,9 @@ class Options:
     """Where scenarios save their figures for ``plot`` (None: not saved)."""
     output: Path = DEFAULT_PLOT
     """The PNG ``plot`` writes."""
+    cluster: bool = False
+    """Run on a private Redis Cluster instead of one Redis (the scenarios that
+    support it: ``Scenario.cluster``); figures are saved as ``SCENARIO-cluster``."""
 
     def runs_or(self, default: int) -> int:
         """The runs of a scenario whose own default is *default* (1 with --quick)."""
@@ -94,6 +97,12 @@ class Options:
             default=defaults.output,
             help=f"the PNG plot writes ({DEFAULT_PLOT.relative_to(ROOT)})",
         )
+        parser.add_argument(
+            "--cluster",
+            action="store_true",
+            help="run on a private Redis Cluster (3 primaries + 3 replicas) instead of "
+            "one Redis; stampede and invalidation only",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
@@ -114,6 +123,7 @@ class Options:
             runs_given=args.runs is not None,
             results=results,
             output=args.output,
+            cluster=args.cluster,
         )
 
     def size(self, calls: int) -> int:

@@ -4,8 +4,9 @@
 the row with an expiry (``EX 3600``). No lease, no single-flight, no
 coordination of any kind: the code every service writes by hand, which
 cachecoord replaces. It runs in the benchmark's own process with the usual
-asyncio clients: redis.asyncio over a blocking pool (as cachecoord's) and a
-psycopg pool opened in full before the measurement.
+asyncio clients: redis.asyncio (over a blocking pool, as cachecoord's; on a
+Redis Cluster, redis.asyncio's cluster client) and a psycopg pool opened in
+full before the measurement.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import cast
 
-import redis.asyncio as redis
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from bench.slow_rows import NAIVE_QUERY
+from bench.cluster import AsyncRedis
+from bench.slow_rows import KEY, NAIVE_QUERY
 
 EXPIRY_S = 3600
 
@@ -36,7 +37,7 @@ class NaiveCacheAside:
     """``getUserProfile(userId)`` of the article, with these clients."""
 
     def __init__(
-        self, redis_client: redis.Redis, pool: AsyncConnectionPool[AsyncConnection]
+        self, redis_client: AsyncRedis, pool: AsyncConnectionPool[AsyncConnection]
     ) -> None:
         self.redis = redis_client
         self.pool = pool
@@ -61,21 +62,19 @@ class NaiveCacheAside:
 
 @asynccontextmanager
 async def naive_cache_aside(
-    redis_url: str, database_url: str, *, redis_connections: int, db_connections: int
+    client: AsyncRedis, database_url: str, *, redis_connections: int, db_connections: int
 ) -> AsyncIterator[NaiveCacheAside]:
-    """The naive client with its connection pools open: every connection is
-    made up front, as in a service that has been running for a while."""
-    client = redis.Redis(
-        connection_pool=redis.BlockingConnectionPool.from_url(
-            redis_url, max_connections=redis_connections, timeout=30, protocol=2
-        )
-    )
+    """The naive client over *client* (closed at the end) with its connection
+    pools open: *redis_connections* connections to the node of the row's key
+    and every PostgreSQL connection are made up front, as in a service that
+    has been running for a while."""
     pool: AsyncConnectionPool[AsyncConnection] = AsyncConnectionPool(
         database_url, min_size=db_connections, max_size=db_connections, open=False, timeout=60
     )
     try:
         await pool.open(wait=True, timeout=30)
-        await asyncio.gather(*(client.ping() for _ in range(redis_connections)))
+        key = NaiveCacheAside.cache_key(KEY)
+        await asyncio.gather(*(client.exists(key) for _ in range(redis_connections)))
         yield NaiveCacheAside(client, pool)
     finally:
         await pool.close()

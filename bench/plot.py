@@ -15,7 +15,7 @@ from typing import Any
 from bench import results
 from bench.harness import RESULTS_DIR, Options
 
-ORDER = ["get", "writes", "tracing", "workers", "stampede"]
+ORDER = ["get", "writes", "tracing", "workers", "stampede", "stampede-cluster"]
 TICKS = {0.0: "p0", 0.30103: "p50", 1.0: "p90", 2.0: "p99", 3.0: "p99.9", 4.0: "p99.99"}
 
 

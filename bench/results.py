@@ -6,6 +6,8 @@ and its latency distribution as percentiles of every measured call of every
 run pooled together, on a grid that is dense in the tail (p50, p90, p99,
 p99.9 ...), which is what the plot draws. ``--quick`` runs save nothing unless
 ``--results`` is given, so a smoke test never overwrites a real run's figures.
+A ``--cluster`` run is saved as ``SCENARIO-cluster.json`` (scenario
+``SCENARIO-cluster``, its title saying so), beside the single-Redis figures.
 """
 
 from __future__ import annotations
@@ -66,11 +68,14 @@ def save(
     """Write *scenario*'s figures to ``options.results`` (if set); return the file."""
     if options.results is None:
         return None
+    if options.cluster:
+        scenario, title = f"{scenario}-cluster", f"{title}, on a Redis Cluster"
     options.results.mkdir(parents=True, exist_ok=True)
     path = options.results / f"{scenario}.json"
     document: dict[str, Any] = {
         "scenario": scenario,
         "title": title,
+        "redis": "cluster (3 primaries + 3 replicas)" if options.cluster else "single",
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "runs": runs,

@@ -13,16 +13,22 @@ from bench.scenarios import get, invalidation, profile, soak, stampede, tracing,
 class Scenario:
     summary: str
     run: Callable[[Options], None]
+    cluster: bool = False
+    """Runs on a Redis Cluster with ``--cluster``."""
 
 
 SCENARIOS: dict[str, Scenario] = {
     "writes": Scenario("Put per strategy; write-behind coalescing (issue 3)", writes.run),
     "get": Scenario("Get hit, Get miss, BatchGet(100) against the echo floor (issue 9)", get.run),
     "stampede": Scenario(
-        "1000 Gets of one expired key over 3 instances, SWR, XFetch (issue 4)", stampede.run
+        "1000 Gets of one expired key over 3 instances, SWR, XFetch (issue 4)",
+        stampede.run,
+        cluster=True,
     ),
     "soak": Scenario("mixed load through a Redis and a PostgreSQL outage (issue 8)", soak.run),
-    "invalidation": Scenario("Put/UPDATE reaching other near caches (issue 5)", invalidation.run),
+    "invalidation": Scenario(
+        "Put/UPDATE reaching other near caches (issue 5)", invalidation.run, cluster=True
+    ),
     "tracing": Scenario(
         "Get hit with tracing off, 100 % and 1 % sampled, OTLP export (issue 6)", tracing.run
     ),

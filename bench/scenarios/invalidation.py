@@ -1,7 +1,8 @@
 """Scenario ``invalidation`` (issue 5): how fast a change reaches the near
 caches of the other instances.
 
-Three ``cachecoord serve`` processes share one Redis and one PostgreSQL and
+Three ``cachecoord serve`` processes share one Redis (with ``--cluster``, a
+private Redis Cluster of 3 primaries and 3 replicas) and one PostgreSQL and
 serve the mapped namespace ``inv`` (cache-aside, Redis ttl 1 h) over the table
 ``inv_rows``, with a **near cache** whose ``near_cache_ttl`` (60 s) is longer
 than the whole run: an entry of the near cache can only become fresh again by
@@ -416,7 +417,11 @@ def run(options: Options) -> None:
                 stack.callback(reader.close)
             cluster = stack.enter_context(
                 Cluster(
-                    workdir, namespaces(), instances=INSTANCES, prepare=_prepare(options.payload)
+                    workdir,
+                    namespaces(),
+                    instances=INSTANCES,
+                    prepare=_prepare(options.payload),
+                    redis_cluster=options.cluster,
                 )
             )
             _install_triggers(cluster.instances[0])
@@ -429,6 +434,7 @@ def run(options: Options) -> None:
                 f"{', '.join(i.name for i in reader_instances)}; work directory {workdir}",
                 flush=True,
             )
+            print(f"Redis: {cluster.describe_redis()}", flush=True)
             for reader, instance in zip(readers, reader_instances, strict=True):
                 reader.begin(instance, _keys())
             outcome = _measure(cluster, readers, options)

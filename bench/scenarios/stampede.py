@@ -1,6 +1,7 @@
 """Scenario ``stampede`` (issue 4): coordination under concurrency.
 
-Three ``cachecoord serve`` processes share one Redis and one PostgreSQL; every
+Three ``cachecoord serve`` processes share one Redis (with ``--cluster``, a
+private Redis Cluster of 3 primaries and 3 replicas) and one PostgreSQL; every
 read of the benchmark's row takes 50 ms and is counted (bench/slow_rows.py).
 Gets are sent by this process over one channel per instance; latency is per
 call, from the moment the call starts to its answer.
@@ -14,7 +15,13 @@ Per run:
   database load, p99 within 50 ms of the query time.
 * **hit burst**: the same 1,000 concurrent Gets for a key that is cached: what
   the burst of RPCs alone costs on this machine, to read the stampede's
-  latency against.
+  latency against (``stampede_p99_over_hit_burst_p99_ms``, the same figure as
+  ``p99_over_hit_p99_ms``, is the stampede's p99 minus this burst's, per run).
+* **echo burst**: 1,000 concurrent calls of the echo floor (bench/floor.py: a
+  grpc.aio handler that returns its request), spread round-robin over three
+  echo server processes (one per cachecoord instance), one channel each, the
+  request being the row's JSON as a Get hit answers it: what a burst of empty
+  RPCs costs in Python on this machine, with no Redis or PostgreSQL at all.
 * **naive**: the seed article's cache-aside (bench/naive.py), 1,000 concurrent
   coroutines in this process, for the same row, its cache key just expired
   (absent), with 30 PostgreSQL connections (the three instances' pools together).
@@ -31,19 +38,21 @@ from __future__ import annotations
 
 import asyncio
 import math
+import multiprocessing
 import shutil
 import statistics
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-import redis.asyncio as aioredis
+import grpc
 
-from bench import results, slow_rows
-from bench.cluster import Cluster
+from bench import floor, results, slow_rows
+from bench.cluster import AsyncRedis, Cluster
 from bench.harness import Options
 from bench.loadgen import use_uvloop
 from bench.naive import naive_cache_aside
@@ -155,6 +164,7 @@ class Steady:
 class Run:
     stampede: Burst
     hits: Burst
+    echo: Burst
     naive: Burst
     swr: Steady
     xfetch: Steady
@@ -172,16 +182,29 @@ def run(options: Options) -> None:
     try:
         started = time.monotonic()
         ttl = "4s" if options.quick else STAMPEDE_TTL
-        with Cluster(
-            workdir, namespaces(ttl), instances=INSTANCES, prepare=slow_rows.prepare
-        ) as cluster:
+        with ExitStack() as stack:
+            context = multiprocessing.get_context("spawn")
+            echoes = [floor.EchoServer(context) for _ in range(INSTANCES)]
+            for echo in echoes:
+                stack.callback(echo.close)
+            cluster = stack.enter_context(
+                Cluster(
+                    workdir,
+                    namespaces(ttl),
+                    instances=INSTANCES,
+                    prepare=slow_rows.prepare,
+                    redis_cluster=options.cluster,
+                )
+            )
             print(
                 f"stack up in {time.monotonic() - started:.1f} s: {INSTANCES} cachecoord "
-                f"processes on {', '.join(cluster.targets)}; work directory {workdir}",
+                f"processes on {', '.join(cluster.targets)}, echo floor on "
+                f"{', '.join(echo.target for echo in echoes)}; work directory {workdir}",
                 flush=True,
             )
+            print(f"Redis: {cluster.describe_redis()}", flush=True)
             use_uvloop()
-            asyncio.run(_measure(cluster, options))
+            asyncio.run(_measure(cluster, [echo.target for echo in echoes], options))
             cluster.check_alive()
         failed = False
     finally:
@@ -191,31 +214,38 @@ def run(options: Options) -> None:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def _measure(cluster: Cluster, options: Options) -> None:
+async def _measure(cluster: Cluster, echo_targets: list[str], options: Options) -> None:
     calls = max(200, BURST // 5) if options.quick else BURST
     seconds = 1.5 if options.quick else STEADY_S
     runs: list[Run] = []
     clients = [AsyncClient(target, default_timeout=30) for target in cluster.targets]
+    channels = [grpc.aio.insecure_channel(target) for target in echo_targets]
+    echoes = [channel.unary_unary(floor.METHOD, None, None) for channel in channels]
     loads = await slow_rows.Loads.connect(cluster.postgres.dsn)
-    redis = aioredis.Redis.from_url(cluster.redis.url)
+    redis = cluster.redis_client()
     try:
         query = await slow_rows.query_ms(cluster.database_url)
         for client in clients:  # connect every channel, fill the cached key
-            await client.get("hits", KEY)
+            row = (await client.get("hits", KEY)).value
+        for echo_call in echoes:  # connect every echo channel
+            await echo_call(row, timeout=30)
         for number in range(1, options.runs + 1):
             # The stampede's key is filled first and expires while the others run.
             await clients[0].get("stampede", KEY)
             hits = await _hit_burst(clients, loads, calls)
+            echo = await _echo_burst(echoes, row, calls)
             naive = await _naive(cluster, loads, calls)
             swr = await _steady(clients, loads, "swr", seconds)
             xfetch = await _steady(clients, loads, "xfetch", seconds)
             stampede = await _stampede(clients, redis, loads, calls)
-            one = Run(stampede, hits, naive, swr, xfetch)
+            one = Run(stampede, hits, echo, naive, swr, xfetch)
             _show(number, one)
             runs.append(one)
     finally:
         for client in clients:
             await client.close()
+        for channel in channels:
+            await channel.close(None)
         await redis.aclose()
         await loads.close()
     _report(runs, query, calls)
@@ -238,7 +268,7 @@ async def _burst(clients: list[AsyncClient], namespace: str, calls: int) -> list
 
 
 async def _stampede(
-    clients: list[AsyncClient], redis: aioredis.Redis, loads: slow_rows.Loads, calls: int
+    clients: list[AsyncClient], redis: AsyncRedis, loads: slow_rows.Loads, calls: int
 ) -> Burst:
     """Wait for the filled entry to expire in Redis, then the burst."""
     # The entry's Redis key (design 3: cc:{<namespace>:<key>}) has PX = ttl.
@@ -270,9 +300,25 @@ async def _hit_burst(clients: list[AsyncClient], loads: slow_rows.Loads, calls: 
     return Burst([a.ms for a in answers], await loads.count() - before)
 
 
+async def _echo_burst(
+    echoes: list[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]], payload: bytes, calls: int
+) -> Burst:
+    """*calls* concurrent echoes of *payload*, round-robin over the echo servers."""
+
+    async def timed(i: int) -> float:
+        started = time.perf_counter()
+        reply = await echoes[i % len(echoes)](payload, timeout=30)
+        took = 1000 * (time.perf_counter() - started)
+        if reply != payload:
+            raise RuntimeError("the echo floor answered something else than its request")
+        return took
+
+    return Burst(list(await asyncio.gather(*(timed(i) for i in range(calls)))), 0)
+
+
 async def _naive(cluster: Cluster, loads: slow_rows.Loads, calls: int) -> Burst:
     async with naive_cache_aside(
-        cluster.redis.url,
+        cluster.redis_client(NAIVE_REDIS_CONNECTIONS),
         cluster.database_url,
         redis_connections=NAIVE_REDIS_CONNECTIONS,
         db_connections=NAIVE_DB_CONNECTIONS,
@@ -312,7 +358,7 @@ async def _steady(
 
 
 def _show(number: int, one: Run) -> None:
-    for name in ("stampede", "hits", "naive", "swr", "xfetch"):
+    for name in ("stampede", "hits", "echo", "naive", "swr", "xfetch"):
         phase = getattr(one, name)
         if isinstance(phase, Burst):
             extra = (
@@ -321,10 +367,14 @@ def _show(number: int, one: Run) -> None:
                 if name == "stampede"
                 else ""
             )
+            what = (
+                "echoes (no database)"
+                if name == "echo"
+                else f"Gets: {phase.loads} database load(s)"
+            )
             print(
-                f"  run {number}: {name:<9} {len(phase.latencies)} concurrent Gets: "
-                f"{phase.loads} database load(s), p50 {phase.p50:.0f} ms, "
-                f"p99 {phase.p99:.0f} ms{extra}",
+                f"  run {number}: {name:<9} {len(phase.latencies)} concurrent {what}, "
+                f"p50 {phase.p50:.0f} ms, p99 {phase.p99:.0f} ms{extra}",
                 flush=True,
             )
         else:
@@ -343,6 +393,7 @@ def _save(options: Options, runs: list[Run], calls: int) -> None:
     for name, label in (
         ("stampede", "stampede (expired key)"),
         ("hits", "hit burst (cached key)"),
+        ("echo", f"echo floor burst ({INSTANCES} echo servers)"),
         ("naive", "naive cache-aside"),
     ):
         pcts, ms = results.latency_distribution(
@@ -368,6 +419,11 @@ def _report(runs: list[Run], query: float, calls: int) -> None:
         "hit_p50_ms": statistics.median(b.p50 for b in hits),
         "hit_p99_ms": statistics.median(b.p99 for b in hits),
         "p99_over_hit_p99_ms": statistics.median(r.stampede.p99 - r.hits.p99 for r in runs),
+        "echo_burst_p50_ms": statistics.median(r.echo.p50 for r in runs),
+        "echo_burst_p99_ms": statistics.median(r.echo.p99 for r in runs),
+        "stampede_p99_over_hit_burst_p99_ms": statistics.median(
+            r.stampede.p99 - r.hits.p99 for r in runs
+        ),
         "naive_db_loads": max(b.loads for b in naive),
         "naive_p50_ms": statistics.median(b.p50 for b in naive),
         "naive_p99_ms": statistics.median(b.p99 for b in naive),
@@ -394,7 +450,8 @@ def _report(runs: list[Run], query: float, calls: int) -> None:
             f"stampede p99 <= query + 50 ms = {bound:.0f} ms",
             results["p99_ms"] <= bound,
             f"p99 {results['p99_ms']:.0f} ms; the same burst of cached hits: "
-            f"p99 {results['hit_p99_ms']:.0f} ms",
+            f"p99 {results['hit_p99_ms']:.0f} ms; of echo floor calls: "
+            f"p99 {results['echo_burst_p99_ms']:.0f} ms",
         ),
         ("swr_waits = 0", results["swr_waits"] == 0, f"{results['swr_waits']:.0f}"),
         ("xfetch_waits = 0", results["xfetch_waits"] == 0, f"{results['xfetch_waits']:.0f}"),
