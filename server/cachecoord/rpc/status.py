@@ -237,8 +237,7 @@ _SERVER_FAULTS = frozenset(
 def _finished(method: str, code: grpc.StatusCode) -> None:
     if telemetry.METRICS:
         instruments.requests.add(1, {"rpc.method": method, "rpc.grpc.status_code": code.value[0]})
-    if telemetry.TRACING:
-        span = trace.get_current_span()
+    if telemetry.TRACING and (span := trace.get_current_span()).is_recording():
         span.set_attribute("rpc.grpc.status_code", code.value[0])
         if code in _SERVER_FAULTS:
             span.set_status(trace.StatusCode.ERROR, code.name)
