@@ -6,7 +6,10 @@ the row to :meth:`Outbox.done`, which deletes finished rows in batches. Rows
 left behind (Redis down, instance killed between commit and cache delete) are
 applied by the drainer, on any instance: ``FOR UPDATE SKIP LOCKED`` keeps
 several instances from doing the same row twice. Re-applying an invalidation
-is harmless: it only drops a cache entry.
+is harmless: it only drops a cache entry. For the same reason the drainer's
+own commits do not wait for the WAL to reach disk (``synchronous_commit``
+off): a deletion lost in a crash only means one more harmless re-application,
+and a database whose disk is slow does not hold invalidations back.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ DELETE FROM cachecoord.outbox WHERE id IN (
     ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ) RETURNING namespace, key, version, reason
 """
+
+
+_NO_FLUSH_WAIT = "SET LOCAL synchronous_commit TO off"
 
 
 class Outbox:
@@ -84,6 +90,7 @@ class Outbox:
     async def drain(self) -> int:
         """Apply invalidations left behind for longer than the grace period."""
         async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(_NO_FLUSH_WAIT)
             # Only namespaces served here: in a rolling deploy another instance
             # may serve a namespace this one does not know yet.
             cur = await conn.execute(
@@ -110,9 +117,11 @@ class Outbox:
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             self._wake.clear()
             try:
-                await self._forget_done()
+                # Changes made by other programs first: they are waiting to be
+                # invalidated; finished rows only need to go eventually.
                 while await self.drain() == self._batch:
                     pass
+                await self._forget_done()
             except (RedisError, psycopg.Error, OSError) as err:
                 log.warning("outbox drain failed, will retry: %s", err)
 
@@ -121,7 +130,8 @@ class Outbox:
         if not ids:
             return
         try:
-            async with self._pool.connection() as conn:
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute(_NO_FLUSH_WAIT)
                 await conn.execute("DELETE FROM cachecoord.outbox WHERE id = ANY(%s)", (ids,))
         except psycopg.Error as err:
             # The drainer will re-apply them later; harmless.
