@@ -8,6 +8,7 @@ cached rows of other tests' databases are never in the way."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest_asyncio
 from strategy_support import unique_namespace
 
 from cachecoord.app import App, change_triggers
+from cachecoord.config import Duration
 from cachecoord.storage.keys import KeySpace
 from cachecoord_client import AsyncClient, Layer
 from conftest import Backend
@@ -135,6 +137,51 @@ async def test_update_in_sql_is_invalidated_while_instances_listen(
         return await name_of(client, users, "2") == "Alan Turing (SQL)"
 
     assert await eventually(sees_sql_update, seconds=2.0)
+
+
+async def test_update_in_sql_after_the_listener_lost_its_connection_is_invalidated_on_notify(
+    own_backend: Backend, users: str, tmp_path: Path
+) -> None:
+    settings = own_backend.settings(tmp_path, namespaces=NEAR.format(users=users))
+    # The drainer's own rounds a minute apart: only a notification can be quick.
+    settings = dataclasses.replace(
+        settings, postgres=dataclasses.replace(settings.postgres, outbox_interval=Duration(60_000))
+    )
+    app = App(settings)
+    await app.start()
+    try:
+        listener = app.listener
+        assert listener is not None
+        await asyncio.wait_for(listener.listening.wait(), 5)
+        await change_triggers(app.settings, users, "install")
+
+        async def lost() -> bool:
+            return not listener.listening.is_set()
+
+        async def listening_again() -> bool:
+            return listener.listening.is_set()
+
+        async with AsyncClient(f"127.0.0.1:{app.port}") as client:
+            await client.get(users, "2")
+            async with await psycopg.AsyncConnection.connect(
+                own_backend.dsn, autocommit=True
+            ) as conn:
+                cur = await conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND query = 'LISTEN cachecoord_outbox'"
+                )
+                assert [row[0] for row in await cur.fetchall()] == [True]
+                # The listener notices the loss, then connects and listens again.
+                assert await eventually(lost)
+                assert await eventually(listening_again)
+                await conn.execute("UPDATE users SET name = 'Alan Turing (relisten)' WHERE id = 2")
+
+            async def sees_sql_update() -> bool:
+                return await name_of(client, users, "2") == "Alan Turing (relisten)"
+
+            assert await eventually(sees_sql_update, seconds=2.0)
+    finally:
+        await app.stop()
 
 
 async def test_update_in_sql_while_every_instance_is_stopped_is_invalidated_at_start(
