@@ -20,6 +20,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from cachecoord.app import App
+from cachecoord.storage.keys import lock_key
 from cachecoord_client import AsyncClient, CacheCoordError, Lock
 from conftest import settings_for
 from local_servers import PostgresServer, RedisServer
@@ -282,3 +283,33 @@ async def test_fencing_tokens_keep_increasing_across_a_redis_restart(
         after = await client.acquire_lock(name, ttl_ms=10_000)
 
     assert after.fencing_token > before.fencing_token
+
+
+async def test_waiters_are_woken_when_the_subscription_drops(
+    own_redis: RedisServer, own_app: App, name: str
+) -> None:
+    """Release notices sent while the instance's subscription was down are
+    lost: when it subscribes again, every waiter tries again at once instead
+    of sleeping until the holder's TTL would have run out."""
+    async with AsyncClient(f"127.0.0.1:{own_app.port}") as client:
+        holder = await client.acquire_lock(name, ttl_ms=30_000)
+        started = time.monotonic()
+        waiter = asyncio.create_task(
+            client.acquire_lock(name, ttl_ms=10_000, wait_timeout_ms=20_000)
+        )
+        raw = aioredis.Redis.from_url(own_redis.url)
+        try:
+            await asyncio.sleep(0.1)  # let the waiter reach the server and start waiting
+            assert not waiter.done(), f"the waiter did not wait for the holder: {waiter}"
+            # The holder's lock goes without a release notice (as if the
+            # notice had been published while nobody listened)...
+            assert await raw.delete(lock_key(name)) == 1
+            # ...and the subscription drops.
+            assert await raw.client_kill_filter(_type="pubsub") == 1
+            got = await asyncio.wait_for(waiter, 10)
+        finally:
+            waiter.cancel()
+            await raw.aclose()
+    waited = time.monotonic() - started
+    assert waited < 5.0, f"waiter took {waited:.2f} s: woken by the holder's TTL, not the reset"
+    assert got.fencing_token > holder.fencing_token
