@@ -105,6 +105,22 @@ async def test_put_here_is_read_back_here_at_once(start: Start, users: str) -> N
     assert await name_of(client, users, "2") == "Alan M. Turing"
 
 
+async def test_near_cache_entries_expire_after_near_cache_ttl(
+    own_backend: Backend, users: str, tmp_path: Path
+) -> None:
+    short = NEAR.format(users=users).replace('near_cache_ttl = "60s"', 'near_cache_ttl = "300ms"')
+    app = App(own_backend.settings(tmp_path, namespaces=short))
+    await app.start()
+    try:
+        async with AsyncClient(f"127.0.0.1:{app.port}") as client:
+            await client.get(users, "1")
+            assert (await client.get(users, "1")).layer is Layer.NEAR
+            await asyncio.sleep(0.4)  # no invalidation meanwhile: only the TTL
+            assert (await client.get(users, "1")).layer is Layer.REDIS
+    finally:
+        await app.stop()
+
+
 async def test_killed_subscription_flushes_the_near_cache(
     start: Start, users: str, own_backend: Backend
 ) -> None:
