@@ -327,6 +327,40 @@ async def test_startup_refuses_write_behind_under_allkeys_eviction(
     assert "allkeys-lru" in str(error.value)
 
 
+async def test_values_waiting_for_postgresql_survive_eviction_under_memory_pressure(
+    tmp_path: Path, own_database: str
+) -> None:
+    """Under a volatile-* policy Redis evicts only keys that have a TTL. A
+    value still waiting for PostgreSQL has none, so memory pressure evicts
+    other keys but never an acknowledged write."""
+    small = RedisServer(
+        tmp_path / "redis",
+        extra_args=["--maxmemory", "8mb", "--maxmemory-policy", "volatile-lru"],
+    )
+    await asyncio.to_thread(small.start)
+    ns = unique_namespace("wb")
+    values = {f"k{i}": f"value {i}".encode() * 100 for i in range(50)}
+    try:
+        settings = settings_for(tmp_path, small.url, own_database, namespaces=write_behind(ns))
+        async with (
+            serving(settings) as (_, client),
+            entries_locked(own_database),  # nothing is flushed: every value stays waiting
+            redis_client(small.url) as r,
+        ):
+            for key, value in values.items():
+                await client.put(ns, key, value)
+            filler = b"x" * 10_000
+            for i in range(2_000):  # 20 MB of keys with a TTL into 8 MB
+                await r.set(f"filler:{i}", filler, ex=3600)
+            stats = await r.info("stats")
+            assert stats["evicted_keys"] > 1_000
+            for key, value in values.items():
+                got = await client.get(ns, key)
+                assert (got.found, got.value, got.layer) == (True, value, Layer.REDIS), key
+    finally:
+        await asyncio.to_thread(small.stop)
+
+
 # -- with a Redis of the test's own ------------------------------------------
 
 
