@@ -17,12 +17,14 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import grpc
 import psutil
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
+from strategy_support import ServeProcess, serve_config
 
 from cachecoord.app import App
 from cachecoord.storage import keys
@@ -37,7 +39,7 @@ from cachecoord_client import (
 )
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
-from local_servers import RedisServer
+from local_servers import PostgresServer, RedisServer, free_port
 
 ABORTED = grpc.StatusCode.ABORTED
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
@@ -118,12 +120,14 @@ async def seconds_until_acquired(
     return waited
 
 
-async def holding(client: AsyncClient, name: str) -> tuple[asyncio.Task[None], asyncio.Event]:
-    """A task holding *name* (TTL 30 s) until the event is set; returned once it holds it."""
+async def holding(
+    client: AsyncClient, name: str, ttl_ms: int = 30_000
+) -> tuple[asyncio.Task[None], asyncio.Event]:
+    """A task holding *name* until the event is set; returned once it holds it."""
     acquired, leave = asyncio.Event(), asyncio.Event()
 
     async def hold() -> None:
-        async with client.hold_lock(name, ttl_ms=30_000):
+        async with client.hold_lock(name, ttl_ms=ttl_ms):
             acquired.set()
             await leave.wait()
 
@@ -226,6 +230,46 @@ async def test_killed_client_process_frees_the_lock_within_a_second(
             await process.wait()
 
     assert waited < 1.0, f"released {waited:.2f} s after the kill (TTL 30 s)"
+
+
+async def test_a_lock_held_by_a_killed_instance_lasts_its_ttl_at_most(
+    client: AsyncClient,
+    redis_server: RedisServer,
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    name: str,
+) -> None:
+    """An instance SIGKILLed while it holds a lock for a HoldLock stream
+    releases nothing: the lock outlives it until its TTL runs out (renewals
+    stopped), no longer, and its client learns that the stream broke."""
+    target = f"127.0.0.1:{free_port()}"
+    config = serve_config(
+        tmp_path,
+        listen=target,
+        redis_url=redis_server.url,
+        postgres_url=postgres_server.dsn,
+        instance_id="doomed",
+        namespaces='[namespaces.unused]\nkind = "managed"\n',
+    )
+    doomed = ServeProcess(config, target, tmp_path / "doomed.log")
+    await doomed.start()
+    try:
+        async with AsyncClient(target) as on_doomed:
+            holder, leave = await holding(on_doomed, name, ttl_ms=2_000)
+            await asyncio.sleep(1.0)  # renewed at least once: the TTL alone would have ended
+            await assert_held(client, name)
+            await doomed.kill()
+            killed = time.monotonic()
+            got = await client.acquire_lock(name, ttl_ms=10_000, wait_timeout_ms=10_000)
+            waited = time.monotonic() - killed
+            leave.set()
+            with pytest.raises(CacheCoordError):
+                await holder
+    finally:
+        await doomed.terminate()
+    await client.release_lock(name, got.token)
+
+    assert 0.5 < waited < 3.0, f"acquired {waited:.2f} s after the kill (TTL 2 s)"
 
 
 async def test_lost_lock_is_reported_when_the_block_ends(
