@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import pytest_asyncio
-from strategy_support import unique_namespace
+from strategy_support import serving, unique_namespace
 
 from cachecoord.app import App, change_triggers
 from cachecoord.config import Duration
@@ -109,16 +109,11 @@ async def test_near_cache_entries_expire_after_near_cache_ttl(
     own_backend: Backend, users: str, tmp_path: Path
 ) -> None:
     short = NEAR.format(users=users).replace('near_cache_ttl = "60s"', 'near_cache_ttl = "300ms"')
-    app = App(own_backend.settings(tmp_path, namespaces=short))
-    await app.start()
-    try:
-        async with AsyncClient(f"127.0.0.1:{app.port}") as client:
-            await client.get(users, "1")
-            assert (await client.get(users, "1")).layer is Layer.NEAR
-            await asyncio.sleep(0.4)  # no invalidation meanwhile: only the TTL
-            assert (await client.get(users, "1")).layer is Layer.REDIS
-    finally:
-        await app.stop()
+    async with serving(own_backend.settings(tmp_path, namespaces=short)) as (_, client):
+        await client.get(users, "1")
+        assert (await client.get(users, "1")).layer is Layer.NEAR
+        await asyncio.sleep(0.4)  # no invalidation meanwhile: only the TTL
+        assert (await client.get(users, "1")).layer is Layer.REDIS
 
 
 async def test_killed_subscription_flushes_the_near_cache(
@@ -163,9 +158,7 @@ async def test_update_in_sql_after_the_listener_lost_its_connection_is_invalidat
     settings = dataclasses.replace(
         settings, postgres=dataclasses.replace(settings.postgres, outbox_interval=Duration(60_000))
     )
-    app = App(settings)
-    await app.start()
-    try:
+    async with serving(settings) as (app, client):
         listener = app.listener
         assert listener is not None
         await asyncio.wait_for(listener.listening.wait(), 5)
@@ -177,27 +170,22 @@ async def test_update_in_sql_after_the_listener_lost_its_connection_is_invalidat
         async def listening_again() -> bool:
             return listener.listening.is_set()
 
-        async with AsyncClient(f"127.0.0.1:{app.port}") as client:
-            await client.get(users, "2")
-            async with await psycopg.AsyncConnection.connect(
-                own_backend.dsn, autocommit=True
-            ) as conn:
-                cur = await conn.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND query = 'LISTEN cachecoord_outbox'"
-                )
-                assert [row[0] for row in await cur.fetchall()] == [True]
-                # The listener notices the loss, then connects and listens again.
-                assert await eventually(lost)
-                assert await eventually(listening_again)
-                await conn.execute("UPDATE users SET name = 'Alan Turing (relisten)' WHERE id = 2")
+        await client.get(users, "2")
+        async with await psycopg.AsyncConnection.connect(own_backend.dsn, autocommit=True) as conn:
+            cur = await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND query = 'LISTEN cachecoord_outbox'"
+            )
+            assert [row[0] for row in await cur.fetchall()] == [True]
+            # The listener notices the loss, then connects and listens again.
+            assert await eventually(lost)
+            assert await eventually(listening_again)
+            await conn.execute("UPDATE users SET name = 'Alan Turing (relisten)' WHERE id = 2")
 
-            async def sees_sql_update() -> bool:
-                return await name_of(client, users, "2") == "Alan Turing (relisten)"
+        async def sees_sql_update() -> bool:
+            return await name_of(client, users, "2") == "Alan Turing (relisten)"
 
-            assert await eventually(sees_sql_update, seconds=2.0)
-    finally:
-        await app.stop()
+        assert await eventually(sees_sql_update, seconds=2.0)
 
 
 async def test_update_in_sql_while_every_instance_is_stopped_is_invalidated_at_start(
