@@ -7,8 +7,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 
-from opentelemetry import trace
-
 from cachecoord import instruments, telemetry
 from cachecoord.config import ServerSettings
 from cachecoord.errors import InvalidArgument, NamespaceNotFound
@@ -149,8 +147,8 @@ def _observe(strategy: Strategy, entries: Sequence[Entry]) -> None:
     """Record where reads were served from: on the RPC's span (for one key)
     and in the hit/miss counters."""
     namespace = strategy.name
-    span = trace.get_current_span()
-    if telemetry.TRACING and len(entries) == 1 and span.is_recording():
+    span = instruments.request_span.get()
+    if span is not None and len(entries) == 1:
         entry = entries[0]
         span.set_attributes(
             {

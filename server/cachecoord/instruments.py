@@ -4,42 +4,48 @@ They are no-ops until telemetry.configure() installs the SDK; hot paths also
 check ``telemetry.TRACING`` / ``telemetry.METRICS`` so that, with telemetry
 off, they do no span or attribute work at all. With tracing on, a request the
 sampler leaves out costs one sampling decision: its server span does not
-record, and nothing below it creates a span (see :class:`ServerSpan`).
+record, and nothing below it creates a span or reads the trace context again
+(see :class:`ServerSpan` and :data:`request_span`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
-from contextvars import Token
+from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any
 
 from opentelemetry import context, metrics, propagate, trace
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, Context
 from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.util.types import Attributes
-
-from cachecoord import telemetry
 
 tracer = trace.get_tracer("cachecoord")
 meter = metrics.get_meter("cachecoord")
 
 _NO_SPAN = nullcontext()
 
+request_span: ContextVar[trace.Span | None] = ContextVar("cachecoord_request_span", default=None)
+"""The server span of the RPC being served, if the sampler kept it; else None
+(tracing off, request not sampled, or not inside an RPC). ``get()`` is one
+context-variable lookup: the hot path asks it, not the trace context, whether
+to record anything."""
+
 
 def span(name: str, **attributes: Any) -> AbstractContextManager[Any]:
-    """A child span of the current one when the current trace is sampled,
-    else nothing at all."""
-    if not telemetry.TRACING or not trace.get_current_span().get_span_context().trace_flags.sampled:
+    """A child span of the current one when the RPC's trace is sampled, else
+    nothing at all."""
+    if request_span.get() is None:
         return _NO_SPAN
     return tracer.start_as_current_span(name, attributes=attributes)
 
 
 class ServerSpan:
     """The server span of an RPC, current while the block runs; its parent is
-    the caller's span from the W3C ``traceparent`` in *carrier* (the gRPC
-    metadata), whatever language the caller is written in.
+    the caller's span from the W3C ``traceparent`` in *metadata* (the gRPC
+    invocation metadata), whatever language the caller is written in.
 
     When the sampler leaves the request out, the span does not record and the
     block also runs with instrumentation suppressed (the key the contrib Redis
@@ -48,18 +54,30 @@ class ServerSpan:
     its trace id. Exceptions are not recorded: the caller sets the status.
     """
 
-    __slots__ = ("_parent", "_span", "_token")
+    __slots__ = ("_parent", "_recording", "_span", "_token")
     _token: Token[Context]
+    _recording: Token[trace.Span | None] | None
 
-    def __init__(self, name: str, carrier: Mapping[str, str], attributes: Attributes) -> None:
-        self._parent = propagate.extract(carrier)
+    def __init__(
+        self, name: str, metadata: Iterable[tuple[str, str | bytes]], attributes: Attributes
+    ) -> None:
+        fields = _propagated_fields()
+        carrier = {
+            key: value for key, value in metadata if key in fields and isinstance(value, str)
+        }
+        # No trace context in the metadata: a root span (the propagator, with
+        # nothing to read, would return an empty context too).
+        self._parent = propagate.extract(carrier) if carrier else Context()
         self._span = tracer.start_span(
             name, context=self._parent, kind=trace.SpanKind.SERVER, attributes=attributes
         )
 
     def __enter__(self) -> trace.Span:
         current = trace.set_span_in_context(self._span, self._parent)
-        if not self._span.is_recording():
+        if self._span.is_recording():
+            self._recording = request_span.set(self._span)
+        else:
+            self._recording = None
             current = context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True, current)
         self._token = context.attach(current)
         return self._span
@@ -71,7 +89,22 @@ class ServerSpan:
         tb: TracebackType | None,
     ) -> None:
         context.detach(self._token)
+        if self._recording is not None:
+            request_span.reset(self._recording)
         self._span.end()
+
+
+_fields: tuple[TextMapPropagator | None, frozenset[str]] = (None, frozenset())
+
+
+def _propagated_fields() -> frozenset[str]:
+    """The metadata keys the global propagator reads (``traceparent``,
+    ``tracestate`` and ``baggage`` by default; ``OTEL_PROPAGATORS`` chooses)."""
+    global _fields
+    textmap = propagate.get_global_textmap()
+    if _fields[0] is not textmap:
+        _fields = (textmap, frozenset(textmap.fields))
+    return _fields[1]
 
 
 requests = meter.create_counter(

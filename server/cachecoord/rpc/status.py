@@ -237,18 +237,15 @@ _SERVER_FAULTS = frozenset(
 def _finished(method: str, code: grpc.StatusCode) -> None:
     if telemetry.METRICS:
         instruments.requests.add(1, {"rpc.method": method, "rpc.grpc.status_code": code.value[0]})
-    if telemetry.TRACING and (span := trace.get_current_span()).is_recording():
+    if (span := instruments.request_span.get()) is not None:
         span.set_attribute("rpc.grpc.status_code", code.value[0])
         if code in _SERVER_FAULTS:
             span.set_status(trace.StatusCode.ERROR, code.name)
 
 
 def _server_span(method: str, context: Context) -> instruments.ServerSpan:
-    carrier = {
-        key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)
-    }
     return instruments.ServerSpan(
         f"{SERVICE}/{method}",
-        carrier,
+        context.invocation_metadata() or (),
         {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method},
     )
