@@ -50,7 +50,7 @@ ttl = "1h"
 HOT_KEYS = 1_000
 CALLS = 3_000
 WARMUP = 500
-RUNS = 7
+RUNS = 15
 TARGET_1 = 0.95
 
 
