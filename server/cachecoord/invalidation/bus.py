@@ -24,6 +24,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from cachecoord import background
 from cachecoord.storage.redis_connection import reporting_closed_transports
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,7 @@ class Bus:
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await background.stop(task)
         await self._client.aclose()
 
     @staticmethod

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import psycopg
 
+from cachecoord import background
 from cachecoord.invalidation.triggers import CHANNEL
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,7 @@ class ChangeListener:
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await background.stop(task)
 
     async def _run(self) -> None:
         while True:

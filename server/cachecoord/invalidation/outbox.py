@@ -25,6 +25,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from redis.exceptions import RedisError
 
+from cachecoord import background
 from cachecoord.invalidation.messages import Invalidation
 from cachecoord.storage.redis_store import EntryStore
 
@@ -83,8 +84,7 @@ class Outbox:
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await background.stop(task)
         await self._forget_done()
 
     async def drain(self) -> int:

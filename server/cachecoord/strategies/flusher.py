@@ -33,7 +33,7 @@ from psycopg import AsyncConnection
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
-from cachecoord import instruments, telemetry
+from cachecoord import background, instruments, telemetry
 from cachecoord.errors import CacheCoordError
 from cachecoord.storage import envelope
 from cachecoord.storage.redis_store import queue_script
@@ -151,8 +151,7 @@ class Flusher:
             log.warning(
                 "write-behind %s: queue not drained at shutdown; left for others", self._ns.name
             )
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await background.stop(task)
 
     async def _run(self) -> None:
         backoff = 0.1
