@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
+from cachecoord import background
 from cachecoord.errors import LockNotHeld, Unavailable
 from cachecoord.model import LockGrant
 
@@ -103,8 +104,7 @@ class Hold:
 
     async def _let_go(self, renewal: asyncio.Task[None], grant: LockGrant) -> bool:
         """Stop renewing, then release the lock; False if it turned out to be lost."""
-        renewal.cancel()
-        await asyncio.wait([renewal])
+        await background.stop(renewal)
         if self._lost:
             return False
         try:
