@@ -14,8 +14,10 @@ NODE := clients/node
 NODE_SOURCES := $(shell find $(NODE)/src $(NODE)/examples $(NODE)/e2e -name '*.ts' 2>/dev/null)
 DIST_SOURCES := $(shell find server clients/python/src -name '*.py' -o -name '*.pyi' -o -name py.typed 2>/dev/null)
 WHEELHOUSE := build/wheelhouse
+UV_VERSION := 0.13.9
+UV := tools/uv/bin/uv
 
-.PHONY: run test check lint typecheck proto-lint proto-breaking proto-snapshot stubs stubs-check \
+.PHONY: run test check lock lock-check lint typecheck proto-lint proto-breaking proto-snapshot stubs stubs-check \
 	dockerfile-lint install tools debian-tools node-client dist down clean bench
 
 ## run: serve the example configuration on 127.0.0.1:50051 (reuses a reachable
@@ -41,7 +43,7 @@ bench: install
 
 ## check: lint, types, proto lint and breaking changes, generated-stub
 ## freshness (Python, TypeScript, Go), the Node.js client's types, Dockerfile lint
-check: lint typecheck proto-lint proto-breaking stubs-check node-client dockerfile-lint
+check: lock-check lint typecheck proto-lint proto-breaking stubs-check node-client dockerfile-lint
 
 lint: install
 	$(BIN)/ruff check .
@@ -76,11 +78,25 @@ dockerfile-lint: install
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e clients/python -e '.[dev]'
+# Exactly the set in uv.lock (the server, the client and the dev tools); fails
+# when pyproject.toml and the lock disagree (run `make lock`).
+$(VENV)/.installed: pyproject.toml uv.lock clients/python/pyproject.toml | $(UV)
+	$(UV) sync --locked --python $(PYTHON)
 	touch $@
+
+# uv itself, pinned, in a venv of its own (PyPI's uv wheel carries the binary).
+$(UV):
+	$(PYTHON) -m venv tools/uv
+	tools/uv/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+## lock: upgrade every locked dependency to the newest release pyproject.toml
+## allows (then run make test and commit uv.lock)
+lock: | $(UV)
+	$(UV) lock --upgrade
+
+## lock-check: fails when uv.lock does not match pyproject.toml
+lock-check: | $(UV)
+	$(UV) lock --check
 
 ## tools: buf and ts-proto (npm, pinned in tools/), Debian's Go stub plugins
 tools: $(BUF) debian-tools
@@ -134,4 +150,4 @@ down:
 	$(BIN)/python scripts/local_servers.py down --state-dir $(STATE)
 
 clean: down
-	rm -rf $(VENV) tools/node_modules $(NODE)/node_modules $(NODE)/dist dist build
+	rm -rf $(VENV) tools/uv tools/node_modules $(NODE)/node_modules $(NODE)/dist dist build

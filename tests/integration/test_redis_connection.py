@@ -2,7 +2,9 @@
 write on a connection whose transport was closed under it fails as
 redis-py's ConnectionError (Redis unreachable: UNAVAILABLE, retried by the
 background loops), not with uvloop's RuntimeError (which became INTERNAL in
-a Put while Redis was being killed)."""
+a Put while Redis was being killed). redis-py 8.2 does this itself, which is
+why cachecoord no longer wraps its connection classes: these tests fail if a
+locked redis-py stops doing it."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ async def _write_on_closed_transport(conn: AbstractConnection) -> None:
     assert conn._writer is not None
     conn._writer.transport.abort()
     await asyncio.sleep(0)
-    with pytest.raises(RedisConnectionError, match="handler is closed"):
+    with pytest.raises(RedisConnectionError):
         await conn.send_command("PING")
 
 
