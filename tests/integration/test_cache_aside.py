@@ -154,7 +154,7 @@ async def test_invalidate_drops_cached_copy_and_publishes(
         assert await client.invalidate("blobs", [key]) == 1
         message = await next_message(pubsub)
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
         await r.aclose()
     assert message is not None
     event = json.loads(message["data"])
@@ -185,7 +185,7 @@ async def test_write_is_published_with_its_version(
         version = await client.put("blobs", key, b"v")
         message = await next_message(pubsub)
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
         await r.aclose()
     assert message is not None
     event = json.loads(message["data"])

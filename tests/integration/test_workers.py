@@ -65,7 +65,7 @@ async def test_workers_share_the_port_and_stop_together(
     finally:
         parent.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(parent.wait(), 20)
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
         await listener.aclose()
     assert code == 0
 

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.asyncio.retry import Retry
 
 from cachecoord import background
 
@@ -119,7 +119,7 @@ class Bus:
             finally:
                 self.subscribed.clear()
                 self._reset()
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
             await asyncio.sleep(self._reconnect_delay)
 
     async def _listen(self, pubsub: redis.client.PubSub) -> None:
