@@ -12,6 +12,7 @@ import copy
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,8 +20,10 @@ from urllib.parse import urlsplit
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
+from kubelet_env import service as a_service
+from kubelet_env import service_links
 
-from cachecoord.config import load
+from cachecoord.config import Kind, load
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -40,6 +43,41 @@ def _manifests() -> list[tuple[str, Doc]]:
     for path in sorted(K8S.glob("*.yaml")):
         docs += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
     return docs
+
+
+def _kustomization() -> Doc:
+    kustomization: Doc = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    return kustomization
+
+
+def _configmap() -> Doc:
+    """The ConfigMap that kustomization.yaml generates (before its hash suffix)."""
+    (generator,) = _kustomization()["configMapGenerator"]
+    return {
+        "metadata": {"name": generator["name"]},
+        "data": {name: (K8S / name).read_text() for name in generator["files"]},
+    }
+
+
+def _pod_environ(container: Doc) -> dict[str, str]:
+    """The environment the server sees in a pod, as the kubelet builds it: the
+    image's ENV, the service links of every Service in the namespace (ours, and
+    backends a user may well call cachecoord-redis and cachecoord-postgres),
+    then the container's env (Secret values, literals, the pod name)."""
+    secret = _one("Secret")["stringData"]
+    services = [doc for _, doc in _manifests() if doc["kind"] == "Service"]
+    services += [a_service("cachecoord-redis", 6379), a_service("cachecoord-postgres", 5432)]
+    environ = {"CACHECOORD_SERVER_LISTEN": _image_env("CACHECOORD_SERVER_LISTEN")}
+    environ |= service_links(services)
+    for var in container["env"]:
+        source = var.get("valueFrom", {})
+        if "secretKeyRef" in source:
+            environ[var["name"]] = secret[source["secretKeyRef"]["key"]]
+        elif "fieldRef" in source:
+            environ[var["name"]] = "cachecoord-7d9f-abcde"
+        else:
+            environ[var["name"]] = var["value"]
+    return environ
 
 
 def _one(kind: str) -> Doc:
@@ -80,10 +118,21 @@ def test_schema_validation_rejects_a_misspelled_field() -> None:
         kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[-1], strict=True)
 
 
-def test_kustomization_lists_every_manifest() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    listed = set(kustomization["resources"])
-    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
+    listed = set(_kustomization()["resources"])
+    examples = {p.name for p in K8S.glob("*.example.yaml")}
+    assert examples == {"secret.example.yaml"}
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"} - examples
+
+
+def test_a_configuration_change_rolls_the_pods() -> None:
+    # The generated ConfigMap's name carries a hash of its content (kustomize's
+    # default), and the pods mount it by that name.
+    generator = _kustomization()["configMapGenerator"][0]
+    assert generator.get("options", {}).get("disableNameSuffixHash") is not True
+    for kind in ("Deployment", "Job"):
+        volumes = _one(kind)["spec"]["template"]["spec"]["volumes"]
+        assert {"name": "config", "configMap": {"name": generator["name"]}} in volumes, kind
 
 
 def test_probes_are_grpc_health_on_the_serving_port() -> None:
@@ -123,14 +172,15 @@ def test_backend_credentials_come_from_the_secret() -> None:
         ref = env[var]["valueFrom"]["secretKeyRef"]
         assert ref["name"] == secret["metadata"]["name"]
         assert ref["key"] in secret["stringData"]
-    config = _one("ConfigMap")["data"]["cachecoord.toml"]
-    assert "url" not in config, "backend URLs belong in the Secret, not the ConfigMap"
+    config = tomllib.loads(_configmap()["data"]["cachecoord.toml"])
+    for section in ("redis", "postgres"):
+        assert "url" not in config.get(section, {}), "backend URLs belong in the Secret"
 
 
 def test_configmap_is_a_valid_cachecoord_configuration(tmp_path: Path) -> None:
     deployment = _one("Deployment")["spec"]["template"]["spec"]
     container = _container()
-    configmap = _one("ConfigMap")
+    configmap = _configmap()
     # Mounted where the image looks for it.
     (volume,) = [v for v in deployment["volumes"] if "configMap" in v]
     assert volume["configMap"]["name"] == configmap["metadata"]["name"]
@@ -138,18 +188,10 @@ def test_configmap_is_a_valid_cachecoord_configuration(tmp_path: Path) -> None:
     (key,) = configmap["data"]
     assert f"{mount['mountPath']}/{key}" == _image_env("CACHECOORD_CONFIG")
 
-    # The pod's environment as the server sees it: the image's ENV, then the
-    # container's env (Secret values, literals, a pod name for the fieldRef).
-    secret = _one("Secret")["stringData"]
-    environ = {"CACHECOORD_SERVER_LISTEN": _image_env("CACHECOORD_SERVER_LISTEN")}
-    for var in container["env"]:
-        source = var.get("valueFrom", {})
-        if "secretKeyRef" in source:
-            environ[var["name"]] = secret[source["secretKeyRef"]["key"]]
-        elif "fieldRef" in source:
-            environ[var["name"]] = "cachecoord-7d9f-abcde"
-        else:
-            environ[var["name"]] = var["value"]
+    # Service links are off, and the server would ignore them anyway.
+    assert deployment["enableServiceLinks"] is False
+    environ = _pod_environ(container)
+    assert {"CACHECOORD_PORT", "CACHECOORD_REDIS_SERVICE_HOST"} <= environ.keys()
     path = tmp_path / key
     path.write_text(configmap["data"][key])
     settings = load(path, environ)
@@ -160,6 +202,20 @@ def test_configmap_is_a_valid_cachecoord_configuration(tmp_path: Path) -> None:
     pre_stop_s = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     grace_s = settings.server.shutdown_grace / 1000
     assert pre_stop_s + grace_s < deployment["terminationGracePeriodSeconds"]
+
+
+def test_a_job_installs_the_triggers_of_mapped_namespaces(tmp_path: Path) -> None:
+    job = _one("Job")["spec"]["template"]["spec"]
+    (container,) = job["containers"]
+    assert container["image"] == _container()["image"]
+    assert container["command"][:3] == ["cachecoord", "triggers", "install"]
+    assert job["enableServiceLinks"] is False
+    assert container["volumeMounts"][0]["mountPath"] == "/etc/cachecoord"
+    path = tmp_path / "cachecoord.toml"
+    path.write_text(_configmap()["data"]["cachecoord.toml"])
+    settings = load(path, _pod_environ(container))
+    (namespace,) = container["command"][3:]
+    assert settings.namespaces[namespace].kind is Kind.MAPPED
 
 
 def test_services_autoscaler_and_budget_select_the_deployment() -> None:

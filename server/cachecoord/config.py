@@ -312,11 +312,41 @@ def load(path: Path | None, environ: Mapping[str, str]) -> Settings:
     return settings
 
 
+# The variables the kubelet injects for each Service of the pod's namespace
+# (service links, on unless enableServiceLinks is false): for a Service named
+# cachecoord, CACHECOORD_SERVICE_HOST=10.0.0.11, CACHECOORD_PORT=tcp://10.0.0.11:50051,
+# CACHECOORD_PORT_50051_TCP_ADDR=10.0.0.11, ... Matched by name *and* value, so
+# that a misspelt setting is still refused.
+_IP = r"[0-9A-Fa-f.:]+"
+_PORT = r"[0-9]{1,5}"
+_PROTO = r"(?:TCP|UDP|SCTP)"
+_URL = rf"(?:tcp|udp|sctp)://\[?{_IP}\]?:{_PORT}"
+_SERVICE_LINKS = tuple(
+    (re.compile(rf"CACHECOORD_(?:[A-Z0-9_]+_)?{name}"), re.compile(value))
+    for name, value in (
+        ("SERVICE_HOST", _IP),
+        (r"SERVICE_PORT(?:_[A-Z0-9_]+)?", _PORT),
+        ("PORT", _URL),
+        (rf"PORT_{_PORT}_{_PROTO}", _URL),
+        (rf"PORT_{_PORT}_{_PROTO}_PROTO", r"tcp|udp|sctp"),
+        (rf"PORT_{_PORT}_{_PROTO}_PORT", _PORT),
+        (rf"PORT_{_PORT}_{_PROTO}_ADDR", _IP),
+    )
+)
+
+
+def _is_service_link(var: str, value: str) -> bool:
+    """Whether *var* is one of Kubernetes' service-link variables (not a setting)."""
+    return any(name.fullmatch(var) and shape.fullmatch(value) for name, shape in _SERVICE_LINKS)
+
+
 def _apply_env(sections: dict[str, dict[str, Any]], environ: Mapping[str, str]) -> dict[str, str]:
     """Apply the overrides; return ``section.key -> variable`` for messages."""
     from_env: dict[str, str] = {}
     for var, value in sorted(environ.items()):
         if not var.startswith("CACHECOORD_") or var in _ENV_IGNORED:
+            continue
+        if _is_service_link(var, value):
             continue
         canonical = _ENV_ALIASES.get(var, var)
         section, _, key = canonical.removeprefix("CACHECOORD_").lower().partition("_")

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
+from kubelet_env import service, service_links
 
 from cachecoord.config import (
     ConfigError,
@@ -585,3 +586,40 @@ def test_alias_and_canonical_variable_together_do_not_depend_on_order() -> None:
         except ConfigError as err:
             outcomes.append(f"error naming both: {'POSTGRES_URL' in str(err)}")
     assert outcomes[0] == outcomes[1]
+
+
+# Kubernetes service links
+
+
+def test_kubernetes_service_links_are_not_settings(tmp_path: Path) -> None:
+    # What the kubelet injects for Services named cachecoord (the chart's own),
+    # cachecoord-redis and cachecoord-postgres (a user's backends), IPv6 too.
+    links = service_links(
+        [
+            service("cachecoord", 50051, cluster_ip="10.96.0.11"),
+            service("cachecoord-redis", 6379, cluster_ip="fd00::6379"),
+            service("cachecoord-postgres", 5432, 9187),
+        ]
+    )
+    assert links["CACHECOORD_PORT"] == "tcp://10.96.0.11:50051"
+    assert "CACHECOORD_REDIS_PORT_6379_TCP_ADDR" in links
+    settings = load(write(tmp_path, MANAGED), {**links, "CACHECOORD_REDIS_URL": "redis://r:1/0"})
+    assert settings.redis.url == "redis://r:1/0"
+    assert settings.server == ServerSettings()
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("CACHECOORD_SERVER_LISTN", "0.0.0.0:50051"),  # misspelt setting
+        ("CACHECOORD_PORT", "50051"),  # not the shape the kubelet gives
+        ("CACHECOORD_SERVICE_HOST", "cachecoord.default.svc"),
+        ("CACHECOORD_PORT_50051_TCP_ADDR", "tcp://10.0.0.1:50051"),
+        ("CACHECOORD_SERVER_PORT", "50051"),
+    ],
+)
+def test_variables_shaped_unlike_service_links_are_still_refused(
+    tmp_path: Path, var: str, value: str
+) -> None:
+    with pytest.raises(ConfigError, match=var):
+        load(write(tmp_path, MANAGED), {var: value})
