@@ -47,8 +47,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(args.run(args))
 
 
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("cachecoord")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cachecoord", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"cachecoord {_version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the server")

@@ -10,12 +10,14 @@ import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from importlib.metadata import version
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from kubelet_env import service, service_links
 
 from cachecoord_client import AsyncClient
 from conftest import NAMESPACES
@@ -171,6 +173,8 @@ async def test_serve_becomes_healthy_serves_and_stops_on_sigterm(
 
     assert code == 0, server.output()
     assert stopped_in < 5, f"took {stopped_in:.1f} s to stop"
+    # Nothing a user would take for a problem, from start to stop.
+    assert "Warning" not in server.output(), server.output()
 
 
 async def test_health_of_the_service_itself_is_serving(
@@ -279,3 +283,26 @@ async def test_cli_variables_in_the_environment_do_not_stop_serve(
     async with serve(config, tmp_path, env) as server:
         await server.wait_serving(target)
         assert await server.terminate() == 0, server.output()
+
+
+async def test_kubernetes_service_links_do_not_stop_serve(
+    redis_server: RedisServer, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    # A pod of the Service cachecoord in a namespace that also runs
+    # cachecoord-redis, as the kubelet gives it when service links are on.
+    target = f"127.0.0.1:{free_port()}"
+    config = write_config(tmp_path, redis_server, postgres_server, listen=target)
+    links = service_links([service("cachecoord", 50051), service("cachecoord-redis", 6379)])
+    assert "CACHECOORD_PORT" in links
+    async with serve(config, tmp_path, server_env(**links)) as server:
+        await server.wait_serving(target)
+        assert await server.terminate() == 0, server.output()
+
+
+async def test_version_prints_the_installed_version() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        CLI, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), STARTUP_S)
+    assert proc.returncode == 0, err
+    assert out.decode().split() == ["cachecoord", version("cachecoord")]
