@@ -9,13 +9,18 @@
 
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
-RUN python -m venv /opt/cachecoord
-ENV PATH=/opt/cachecoord/bin:$PATH
+# Exactly the locked set (uv.lock), without the dev tools; the version of uv
+# is the one pyproject.toml requires.
+RUN pip install --no-cache-dir uv==0.13.9
+ENV UV_PROJECT_ENVIRONMENT=/opt/cachecoord \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy
+COPY pyproject.toml uv.lock README.md LICENSE /src/
 COPY clients/python /src/clients/python
-RUN pip install --no-cache-dir /src/clients/python
-COPY pyproject.toml README.md /src/
+RUN uv sync --locked --no-dev --no-editable --no-install-project
 COPY server /src/server
-RUN pip install --no-cache-dir /src
+RUN uv sync --locked --no-dev --no-editable
 
 FROM python:3.11-slim-bookworm
 RUN useradd --system --uid 10001 --no-create-home cachecoord

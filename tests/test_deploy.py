@@ -9,6 +9,8 @@ cachecoord itself loads."""
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
 import subprocess
 import sys
@@ -324,3 +326,51 @@ def test_dockerfile_health_check_runs_the_grpc_health_script() -> None:
     assert re.search(
         r'^HEALTHCHECK .*\\\n\s+CMD \["python", "/opt/cachecoord/healthcheck\.py"', DOCKERFILE, re.M
     )
+
+
+def _copy_from_head(source: str, context: Path) -> None:
+    """*source* (a file or folder) as committed, into the build *context*."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "HEAD", source], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(context)], input=archive.stdout, check=True)
+
+
+INSTALLED = """import importlib.metadata as m, json
+print(json.dumps({d.metadata["Name"].lower().replace("_", "-"): d.version
+                  for d in m.distributions()}))"""
+
+
+def test_image_installs_exactly_the_locked_set_without_the_dev_tools(tmp_path: Path) -> None:
+    # The Dockerfile's build stage without Docker: its COPY sources into a
+    # context, then its `uv sync` lines, with the uv version it installs.
+    uv_version = re.search(r"pip install --no-cache-dir uv==(\S+)", DOCKERFILE)
+    assert uv_version, "the Dockerfile installs no pinned uv"
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["uv"]["required-version"] == f"=={uv_version.group(1)}"
+    uv = ROOT / "tools" / "uv" / "bin" / "uv"
+    assert uv.exists(), "run `make install`"
+    build = DOCKERFILE.split("\nFROM ", 2)[1]
+    context = tmp_path / "src"
+    context.mkdir()
+    for sources in re.findall(r"^COPY (?!--from)(.+) /src/\S*$", build, re.M):
+        for source in sources.split():
+            _copy_from_head(source, context)
+    venv = tmp_path / "venv"
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env["UV_PROJECT_ENVIRONMENT"] = str(venv)
+    syncs = re.findall(r"^RUN (uv sync .+)$", build, re.M)
+    assert syncs, "the Dockerfile does not install with uv sync"
+    for sync in syncs:
+        assert "--locked" in sync.split(), sync
+        argv = [str(uv), *sync.split()[1:], "--python", sys.executable, "--quiet"]
+        subprocess.run(argv, cwd=context, env=env, check=True, timeout=300)
+    listing = subprocess.run(
+        [venv / "bin" / "python", "-c", INSTALLED], capture_output=True, text=True, check=True
+    )
+    installed = json.loads(listing.stdout)
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    locked = {package["name"]: package["version"] for package in lock["package"]}
+    assert {name: locked.get(name) for name in installed} == installed
+    assert not {"pytest", "mypy", "ruff"} & installed.keys()
+    assert {"cachecoord", "cachecoord-client", "redis", "grpcio", "psycopg"} <= installed.keys()
