@@ -212,10 +212,10 @@ export interface InvalidateResponse {
 
 /** AcquireLockRequest asks for a distributed lock. */
 export interface AcquireLockRequest {
-  /** Lock name (1 to 512 bytes of UTF-8). */
+  /** Lock name (1 to 512 bytes of UTF-8, no NUL character). */
   name: string;
   /**
-   * Time to live of the lock in milliseconds (1 to 86400000); the lock is
+   * Time to live of the lock in milliseconds (100 to 86400000); the lock is
    * released automatically when it elapses without ExtendLock.
    */
   ttlMs: bigint;
@@ -279,15 +279,18 @@ export interface HoldLockRequest {
     | //
     /** Any later message: release the lock and end the stream. */
     { $case: "release"; value: HoldLockRequest_Release }
+    | //
+    /** The first message of a stream that takes over a handed-off lock. */
+    { $case: "resume"; value: HoldLockRequest_Resume }
     | undefined;
 }
 
 /** Acquire names the lock to hold. */
 export interface HoldLockRequest_Acquire {
-  /** Lock name (1 to 512 bytes of UTF-8). */
+  /** Lock name (1 to 512 bytes of UTF-8, no NUL character). */
   name: string;
   /**
-   * Time to live of the lock in milliseconds (1 to 86400000). The server
+   * Time to live of the lock in milliseconds (100 to 86400000). The server
    * renews the lock every ttl_ms / 3 while the stream is open, so the TTL
    * only matters when the server itself stops (the lock then expires).
    */
@@ -297,6 +300,21 @@ export interface HoldLockRequest_Acquire {
    * with ABORTED if the lock is held.
    */
   waitTimeoutMs: bigint;
+}
+
+/**
+ * Resume holds on to a lock this client already holds, after the server
+ * ended its previous stream with `handoff`. The server answers `acquired`
+ * with the same token and fencing token and renews the lock again, or
+ * sends `lost` and ends with ABORTED when the token no longer holds it.
+ */
+export interface HoldLockRequest_Resume {
+  /** Lock name, as in the Acquire that took the lock. */
+  name: string;
+  /** The token of `acquired`. */
+  token: string;
+  /** Time to live of the lock in milliseconds, as in Acquire. */
+  ttlMs: bigint;
 }
 
 /**
@@ -325,6 +343,9 @@ export interface HoldLockResponse {
     | //
     /** Sent at most once, last, when the lock was lost while held. */
     { $case: "lost"; value: HoldLockResponse_Lost }
+    | //
+    /** Sent at most once, last: resume the hold on a new stream. */
+    { $case: "handoff"; value: HoldLockResponse_Handoff }
     | undefined;
 }
 
@@ -341,10 +362,27 @@ export interface HoldLockResponse_Acquired {
 
 /**
  * Lost says that the lock is no longer held by this stream: its renewal
- * found another holder or no lock, or Redis was unreachable for a whole
- * TTL. The stream then ends with ABORTED; stop using the resource.
+ * found another holder or no lock, or could not be confirmed (Redis
+ * unreachable) before the lock's TTL, minus a safety margin, ran out.
+ * The stream then ends with ABORTED; stop using the resource.
  */
 export interface HoldLockResponse_Lost {
+}
+
+/**
+ * Handoff says that the server is ending this stream without releasing
+ * the lock (its connection is about to be closed: max_connection_age,
+ * drain, shutdown). The lock stays held, unrenewed, for valid_for_ms; the
+ * client keeps it by opening a new stream that starts with `resume`
+ * within that time. The stream then ends OK.
+ */
+export interface HoldLockResponse_Handoff {
+  /**
+   * How long the lock is certainly still held, counted from when the
+   * server sent this event (a safety margin for clock drift already
+   * subtracted).
+   */
+  validForMs: bigint;
 }
 
 /** WatchRequest subscribes to invalidation events. */
@@ -2070,6 +2108,9 @@ export const HoldLockRequest: MessageFns<HoldLockRequest> = {
       case "release":
         HoldLockRequest_Release.encode(message.kind.value, writer.uint32(26).fork()).join();
         break;
+      case "resume":
+        HoldLockRequest_Resume.encode(message.kind.value, writer.uint32(34).fork()).join();
+        break;
     }
     return writer;
   },
@@ -2111,6 +2152,14 @@ export const HoldLockRequest: MessageFns<HoldLockRequest> = {
             message.kind = { $case: "release", value: HoldLockRequest_Release.decode(reader, reader.uint32()) };
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.kind = { $case: "resume", value: HoldLockRequest_Resume.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2133,6 +2182,8 @@ export const HoldLockRequest: MessageFns<HoldLockRequest> = {
         ? { $case: "keepAlive", value: HoldLockRequest_KeepAlive.fromJSON(object.keep_alive) }
         : isSet(object.release)
         ? { $case: "release", value: HoldLockRequest_Release.fromJSON(object.release) }
+        : isSet(object.resume)
+        ? { $case: "resume", value: HoldLockRequest_Resume.fromJSON(object.resume) }
         : undefined,
     };
   },
@@ -2145,6 +2196,8 @@ export const HoldLockRequest: MessageFns<HoldLockRequest> = {
       obj.keepAlive = HoldLockRequest_KeepAlive.toJSON(message.kind.value);
     } else if (message.kind?.$case === "release") {
       obj.release = HoldLockRequest_Release.toJSON(message.kind.value);
+    } else if (message.kind?.$case === "resume") {
+      obj.resume = HoldLockRequest_Resume.toJSON(message.kind.value);
     }
     return obj;
   },
@@ -2170,6 +2223,12 @@ export const HoldLockRequest: MessageFns<HoldLockRequest> = {
       case "release": {
         if (object.kind?.value !== undefined && object.kind?.value !== null) {
           message.kind = { $case: "release", value: HoldLockRequest_Release.fromPartial(object.kind.value) };
+        }
+        break;
+      }
+      case "resume": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "resume", value: HoldLockRequest_Resume.fromPartial(object.kind.value) };
         }
         break;
       }
@@ -2291,6 +2350,110 @@ export const HoldLockRequest_Acquire: MessageFns<HoldLockRequest_Acquire> = {
   },
 };
 
+function createBaseHoldLockRequest_Resume(): HoldLockRequest_Resume {
+  return { name: "", token: "", ttlMs: 0n };
+}
+
+export const HoldLockRequest_Resume: MessageFns<HoldLockRequest_Resume> = {
+  encode(message: HoldLockRequest_Resume, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.token !== "") {
+      writer.uint32(18).string(message.token);
+    }
+    if (message.ttlMs !== 0n) {
+      if (BigInt.asIntN(64, message.ttlMs) !== message.ttlMs) {
+        throw new globalThis.Error("value provided for field message.ttlMs of type int64 too large");
+      }
+      writer.uint32(24).int64(message.ttlMs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): HoldLockRequest_Resume {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseHoldLockRequest_Resume();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.token = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.ttlMs = reader.int64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): HoldLockRequest_Resume {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      token: isSet(object.token) ? globalThis.String(object.token) : "",
+      ttlMs: isSet(object.ttlMs) ? BigInt(object.ttlMs) : isSet(object.ttl_ms) ? BigInt(object.ttl_ms) : 0n,
+    };
+  },
+
+  toJSON(message: HoldLockRequest_Resume): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.token !== "") {
+      obj.token = message.token;
+    }
+    if (message.ttlMs !== 0n) {
+      obj.ttlMs = message.ttlMs.toString();
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<HoldLockRequest_Resume>, I>>(base?: I): HoldLockRequest_Resume {
+    return HoldLockRequest_Resume.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<HoldLockRequest_Resume>, I>>(object: I): HoldLockRequest_Resume {
+    const message = createBaseHoldLockRequest_Resume();
+    message.name = object.name ?? "";
+    message.token = object.token ?? "";
+    message.ttlMs = (object.ttlMs !== undefined && object.ttlMs !== null) ? BigInt(object.ttlMs) : 0n;
+    return message;
+  },
+};
+
 function createBaseHoldLockRequest_KeepAlive(): HoldLockRequest_KeepAlive {
   return {};
 }
@@ -2408,6 +2571,9 @@ export const HoldLockResponse: MessageFns<HoldLockResponse> = {
       case "lost":
         HoldLockResponse_Lost.encode(message.kind.value, writer.uint32(18).fork()).join();
         break;
+      case "handoff":
+        HoldLockResponse_Handoff.encode(message.kind.value, writer.uint32(26).fork()).join();
+        break;
     }
     return writer;
   },
@@ -2441,6 +2607,14 @@ export const HoldLockResponse: MessageFns<HoldLockResponse> = {
             message.kind = { $case: "lost", value: HoldLockResponse_Lost.decode(reader, reader.uint32()) };
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.kind = { $case: "handoff", value: HoldLockResponse_Handoff.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2459,6 +2633,8 @@ export const HoldLockResponse: MessageFns<HoldLockResponse> = {
         ? { $case: "acquired", value: HoldLockResponse_Acquired.fromJSON(object.acquired) }
         : isSet(object.lost)
         ? { $case: "lost", value: HoldLockResponse_Lost.fromJSON(object.lost) }
+        : isSet(object.handoff)
+        ? { $case: "handoff", value: HoldLockResponse_Handoff.fromJSON(object.handoff) }
         : undefined,
     };
   },
@@ -2469,6 +2645,8 @@ export const HoldLockResponse: MessageFns<HoldLockResponse> = {
       obj.acquired = HoldLockResponse_Acquired.toJSON(message.kind.value);
     } else if (message.kind?.$case === "lost") {
       obj.lost = HoldLockResponse_Lost.toJSON(message.kind.value);
+    } else if (message.kind?.$case === "handoff") {
+      obj.handoff = HoldLockResponse_Handoff.toJSON(message.kind.value);
     }
     return obj;
   },
@@ -2488,6 +2666,12 @@ export const HoldLockResponse: MessageFns<HoldLockResponse> = {
       case "lost": {
         if (object.kind?.value !== undefined && object.kind?.value !== null) {
           message.kind = { $case: "lost", value: HoldLockResponse_Lost.fromPartial(object.kind.value) };
+        }
+        break;
+      }
+      case "handoff": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "handoff", value: HoldLockResponse_Handoff.fromPartial(object.kind.value) };
         }
         break;
       }
@@ -2638,6 +2822,84 @@ export const HoldLockResponse_Lost: MessageFns<HoldLockResponse_Lost> = {
   },
   fromPartial<I extends Exact<DeepPartial<HoldLockResponse_Lost>, I>>(_: I): HoldLockResponse_Lost {
     const message = createBaseHoldLockResponse_Lost();
+    return message;
+  },
+};
+
+function createBaseHoldLockResponse_Handoff(): HoldLockResponse_Handoff {
+  return { validForMs: 0n };
+}
+
+export const HoldLockResponse_Handoff: MessageFns<HoldLockResponse_Handoff> = {
+  encode(message: HoldLockResponse_Handoff, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.validForMs !== 0n) {
+      if (BigInt.asIntN(64, message.validForMs) !== message.validForMs) {
+        throw new globalThis.Error("value provided for field message.validForMs of type int64 too large");
+      }
+      writer.uint32(8).int64(message.validForMs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): HoldLockResponse_Handoff {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseHoldLockResponse_Handoff();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.validForMs = reader.int64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): HoldLockResponse_Handoff {
+    return {
+      validForMs: isSet(object.validForMs)
+        ? BigInt(object.validForMs)
+        : isSet(object.valid_for_ms)
+        ? BigInt(object.valid_for_ms)
+        : 0n,
+    };
+  },
+
+  toJSON(message: HoldLockResponse_Handoff): unknown {
+    const obj: any = {};
+    if (message.validForMs !== 0n) {
+      obj.validForMs = message.validForMs.toString();
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<HoldLockResponse_Handoff>, I>>(base?: I): HoldLockResponse_Handoff {
+    return HoldLockResponse_Handoff.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<HoldLockResponse_Handoff>, I>>(object: I): HoldLockResponse_Handoff {
+    const message = createBaseHoldLockResponse_Handoff();
+    message.validForMs = (object.validForMs !== undefined && object.validForMs !== null)
+      ? BigInt(object.validForMs)
+      : 0n;
     return message;
   },
 };
@@ -3253,7 +3515,12 @@ export const CacheCoordServiceService = {
    * ends the stream with ABORTED when the lock stays held for
    * wait_timeout_ms. If the lock is lost while held (its renewal failed), the
    * server sends `lost` and ends the stream with ABORTED. The stream ends OK
-   * only when the lock was held until it was released.
+   * when the lock was held until it was released, or after `handoff`.
+   * A server that is about to close the stream's connection (before
+   * max_connection_age's grace ends, when draining, on SIGTERM) does not
+   * release the lock: it sends `handoff` and ends the stream OK, and the
+   * client holds on with a new stream whose first message is `resume` (same
+   * token, same fencing token) before `handoff.valid_for_ms` runs out.
    */
   holdLock: {
     path: "/cachecoord.v1.CacheCoordService/HoldLock" as const,
@@ -3315,7 +3582,12 @@ export interface CacheCoordServiceServer extends UntypedServiceImplementation {
    * ends the stream with ABORTED when the lock stays held for
    * wait_timeout_ms. If the lock is lost while held (its renewal failed), the
    * server sends `lost` and ends the stream with ABORTED. The stream ends OK
-   * only when the lock was held until it was released.
+   * when the lock was held until it was released, or after `handoff`.
+   * A server that is about to close the stream's connection (before
+   * max_connection_age's grace ends, when draining, on SIGTERM) does not
+   * release the lock: it sends `handoff` and ends the stream OK, and the
+   * client holds on with a new stream whose first message is `resume` (same
+   * token, same fencing token) before `handoff.valid_for_ms` runs out.
    */
   holdLock: handleBidiStreamingCall<HoldLockRequest, HoldLockResponse>;
 }
@@ -3480,7 +3752,12 @@ export interface CacheCoordServiceClient extends Client {
    * ends the stream with ABORTED when the lock stays held for
    * wait_timeout_ms. If the lock is lost while held (its renewal failed), the
    * server sends `lost` and ends the stream with ABORTED. The stream ends OK
-   * only when the lock was held until it was released.
+   * when the lock was held until it was released, or after `handoff`.
+   * A server that is about to close the stream's connection (before
+   * max_connection_age's grace ends, when draining, on SIGTERM) does not
+   * release the lock: it sends `handoff` and ends the stream OK, and the
+   * client holds on with a new stream whose first message is `resume` (same
+   * token, same fencing token) before `handoff.valid_for_ms` runs out.
    */
   holdLock(): ClientDuplexStream<HoldLockRequest, HoldLockResponse>;
   holdLock(options: Partial<CallOptions>): ClientDuplexStream<HoldLockRequest, HoldLockResponse>;

@@ -419,9 +419,9 @@ class AcquireLockRequest(_message.Message):
     TTL_MS_FIELD_NUMBER: _builtins.int
     WAIT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Lock name (1 to 512 bytes of UTF-8)."""
+    """Lock name (1 to 512 bytes of UTF-8, no NUL character)."""
     ttl_ms: _builtins.int
-    """Time to live of the lock in milliseconds (1 to 86400000); the lock is
+    """Time to live of the lock in milliseconds (100 to 86400000); the lock is
     released automatically when it elapses without ExtendLock.
     """
     wait_timeout_ms: _builtins.int
@@ -577,9 +577,9 @@ class HoldLockRequest(_message.Message):
         TTL_MS_FIELD_NUMBER: _builtins.int
         WAIT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
         name: _builtins.str
-        """Lock name (1 to 512 bytes of UTF-8)."""
+        """Lock name (1 to 512 bytes of UTF-8, no NUL character)."""
         ttl_ms: _builtins.int
-        """Time to live of the lock in milliseconds (1 to 86400000). The server
+        """Time to live of the lock in milliseconds (100 to 86400000). The server
         renews the lock every ttl_ms / 3 while the stream is open, so the TTL
         only matters when the server itself stops (the lock then expires).
         """
@@ -597,6 +597,38 @@ class HoldLockRequest(_message.Message):
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
         _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "ttl_ms", b"ttl_ms", "wait_timeout_ms", b"wait_timeout_ms"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Resume(_message.Message):
+        """Resume holds on to a lock this client already holds, after the server
+        ended its previous stream with `handoff`. The server answers `acquired`
+        with the same token and fencing token and renews the lock again, or
+        sends `lost` and ends with ABORTED when the token no longer holds it.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        NAME_FIELD_NUMBER: _builtins.int
+        TOKEN_FIELD_NUMBER: _builtins.int
+        TTL_MS_FIELD_NUMBER: _builtins.int
+        name: _builtins.str
+        """Lock name, as in the Acquire that took the lock."""
+        token: _builtins.str
+        """The token of `acquired`."""
+        ttl_ms: _builtins.int
+        """Time to live of the lock in milliseconds, as in Acquire."""
+        def __init__(
+            self,
+            *,
+            name: _builtins.str = ...,
+            token: _builtins.str = ...,
+            ttl_ms: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "token", b"token", "ttl_ms", b"ttl_ms"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -639,6 +671,7 @@ class HoldLockRequest(_message.Message):
     ACQUIRE_FIELD_NUMBER: _builtins.int
     KEEP_ALIVE_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def acquire(self) -> Global___HoldLockRequest.Acquire:
         """The first message of the stream, and only the first."""
@@ -651,18 +684,23 @@ class HoldLockRequest(_message.Message):
     def release(self) -> Global___HoldLockRequest.Release:
         """Any later message: release the lock and end the stream."""
 
+    @_builtins.property
+    def resume(self) -> Global___HoldLockRequest.Resume:
+        """The first message of a stream that takes over a handed-off lock."""
+
     def __init__(
         self,
         *,
         acquire: Global___HoldLockRequest.Acquire | None = ...,
         keep_alive: Global___HoldLockRequest.KeepAlive | None = ...,
         release: Global___HoldLockRequest.Release | None = ...,
+        resume: Global___HoldLockRequest.Resume | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "keep_alive", b"keep_alive", "kind", b"kind", "release", b"release"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "keep_alive", b"keep_alive", "kind", b"kind", "release", b"release", "resume", b"resume"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "keep_alive", b"keep_alive", "kind", b"kind", "release", b"release"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "keep_alive", b"keep_alive", "kind", b"kind", "release", b"release", "resume", b"resume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["acquire", "keep_alive", "release"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["acquire", "keep_alive", "release", "resume"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -703,8 +741,9 @@ class HoldLockResponse(_message.Message):
     @_typing.final
     class Lost(_message.Message):
         """Lost says that the lock is no longer held by this stream: its renewal
-        found another holder or no lock, or Redis was unreachable for a whole
-        TTL. The stream then ends with ABORTED; stop using the resource.
+        found another holder or no lock, or could not be confirmed (Redis
+        unreachable) before the lock's TTL, minus a safety margin, ran out.
+        The stream then ends with ABORTED; stop using the resource.
         """
 
         DESCRIPTOR: _descriptor.Descriptor
@@ -718,8 +757,37 @@ class HoldLockResponse(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class Handoff(_message.Message):
+        """Handoff says that the server is ending this stream without releasing
+        the lock (its connection is about to be closed: max_connection_age,
+        drain, shutdown). The lock stays held, unrenewed, for valid_for_ms; the
+        client keeps it by opening a new stream that starts with `resume`
+        within that time. The stream then ends OK.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        VALID_FOR_MS_FIELD_NUMBER: _builtins.int
+        valid_for_ms: _builtins.int
+        """How long the lock is certainly still held, counted from when the
+        server sent this event (a safety margin for clock drift already
+        subtracted).
+        """
+        def __init__(
+            self,
+            *,
+            valid_for_ms: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["valid_for_ms", b"valid_for_ms"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ACQUIRED_FIELD_NUMBER: _builtins.int
     LOST_FIELD_NUMBER: _builtins.int
+    HANDOFF_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def acquired(self) -> Global___HoldLockResponse.Acquired:
         """Sent once, when the lock is taken."""
@@ -728,17 +796,22 @@ class HoldLockResponse(_message.Message):
     def lost(self) -> Global___HoldLockResponse.Lost:
         """Sent at most once, last, when the lock was lost while held."""
 
+    @_builtins.property
+    def handoff(self) -> Global___HoldLockResponse.Handoff:
+        """Sent at most once, last: resume the hold on a new stream."""
+
     def __init__(
         self,
         *,
         acquired: Global___HoldLockResponse.Acquired | None = ...,
         lost: Global___HoldLockResponse.Lost | None = ...,
+        handoff: Global___HoldLockResponse.Handoff | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acquired", b"acquired", "kind", b"kind", "lost", b"lost"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquired", b"acquired", "handoff", b"handoff", "kind", b"kind", "lost", b"lost"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquired", b"acquired", "kind", b"kind", "lost", b"lost"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquired", b"acquired", "handoff", b"handoff", "kind", b"kind", "lost", b"lost"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["acquired", "lost"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["acquired", "lost", "handoff"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
