@@ -130,18 +130,27 @@ $(NODE)/dist/.built: $(NODE)/node_modules/.installed $(NODE)/tsconfig.json $(NOD
 	touch $@
 
 ## dist: wheels and sdists of both distributions in dist/ (built with the
-## venv's setuptools, offline), and the client wheel's dependencies, as
-## installed in the venv, in build/wheelhouse/ (for the offline install test)
+## venv's setuptools, offline), and the wheels of the client's dependencies in
+## build/wheelhouse/, twice: as installed in the venv, and the oldest versions
+## the client declares (for tests/integration/test_client_wheel.py)
 dist: dist/.built
+
+# "grpcio==1.63.2 protobuf==5.26.1": the lower bounds of the client's dependencies.
+CLIENT_OLDEST := import re, tomllib; \
+	deps = tomllib.load(open('clients/python/pyproject.toml', 'rb'))['project']['dependencies']; \
+	print(*(re.sub(r'>=([^,;]+).*', r'==\1', d) for d in deps))
 
 dist/.built: pyproject.toml clients/python/pyproject.toml README.md clients/python/README.md \
 		$(DIST_SOURCES) | install
 	rm -rf dist
 	$(BIN)/python -m build --no-isolation --outdir dist clients/python >/dev/null
 	$(BIN)/python -m build --no-isolation --outdir dist . >/dev/null
-	deps="$$($(BIN)/pip list --format=freeze 2>/dev/null | grep -iE '^(grpcio|protobuf)==')" && \
-	{ $(BIN)/pip download --quiet --no-index --find-links $(WHEELHOUSE) --dest $(WHEELHOUSE) $$deps 2>/dev/null || \
-	  $(BIN)/pip download --quiet --only-binary=:all: --dest $(WHEELHOUSE) $$deps; }
+	newest="$$($(BIN)/pip list --format=freeze 2>/dev/null | grep -iE '^(grpcio|protobuf)==')" && \
+	oldest="$$($(BIN)/python -c "$(CLIENT_OLDEST)")" && \
+	for deps in "$$newest" "$$oldest"; do \
+	  $(BIN)/pip download --quiet --no-index --find-links $(WHEELHOUSE) --dest $(WHEELHOUSE) $$deps 2>/dev/null || \
+	  $(BIN)/pip download --quiet --only-binary=:all: --dest $(WHEELHOUSE) $$deps || exit 1; \
+	done
 	ls dist
 	touch $@
 

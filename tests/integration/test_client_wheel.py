@@ -1,16 +1,21 @@
 """The released client wheel on its own: `make dist` builds dist/*.whl and
-puts the wheels of grpcio and protobuf in build/wheelhouse/; this test
-installs only the client wheel (and those, offline) into a fresh venv and
-talks to the session server from it, so a wheel that lacks a module, a stub
-or a dependency fails here rather than for its users."""
+puts the wheels of grpcio and protobuf in build/wheelhouse/, both the versions
+the repository locks and the oldest the client declares; this test installs
+only the client wheel with one of those sets (offline) into a fresh venv and
+talks to the session server from it (Get, Put, compare-and-set, a Watch event,
+a lock), so a wheel that lacks a module, a stub or a dependency, or stubs that
+do not import under the oldest declared grpcio and protobuf, fail here rather
+than for its users."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import tomllib
 import uuid
+from importlib.metadata import version as installed_version
 from pathlib import Path
 
 import pytest
@@ -28,13 +33,18 @@ SCRIPT = """
 import sys
 
 import cachecoord_client
-from cachecoord_client import Client, VersionConflict
+import google.protobuf
+import grpc
+from cachecoord_client import Client, VersionConflict, WatchEventKind
 
 target, key = sys.argv[1], sys.argv[2]
 print("module", cachecoord_client.__file__)
-with Client(target) as client:
+print("runtime", grpc.__version__, google.protobuf.__version__)
+with Client(target) as client, client.watch(["blobs"], key_prefix=key, timeout=20) as events:
     user = client.get("users", "1")
     assert user.found and b"Ada Lovelace" in user.value, user
+    first = next(events)
+    assert first.kind is WatchEventKind.RESET, first
     version = client.put("blobs", key, b"from the wheel", expected_version=0)
     got = client.get("blobs", key)
     assert got.value == b"from the wheel" and got.version == version, got
@@ -44,6 +54,10 @@ with Client(target) as client:
         pass
     else:
         raise SystemExit("a stale expected_version was accepted")
+    for event in events:
+        if event.kind is WatchEventKind.INVALIDATION and event.key == key:
+            assert event.version == version, event
+            break
     lock = client.acquire_lock(key + "-lock", ttl_ms=5_000)
     client.release_lock(lock.name, lock.token)
 print("ok", version)
@@ -78,9 +92,27 @@ def _client_version() -> str:
     return version
 
 
+def _runtimes(which: str) -> dict[str, str]:
+    """grpcio's and protobuf's versions: the lower bounds the client declares
+    ("oldest", as make dist reads them), or those of this venv ("locked")."""
+    pyproject = tomllib.loads((ROOT / "clients" / "python" / "pyproject.toml").read_text())
+    pins = {}
+    for requirement in pyproject["project"]["dependencies"]:
+        match = re.fullmatch(r"([\w-]+)>=([\w.]+)(,<[\w.]+)?", requirement)
+        assert match, f"{requirement!r}: no lower bound (make dist fetches the lower bounds)"
+        name, lowest = match.group(1, 2)
+        pins[name] = lowest if which == "oldest" else installed_version(name)
+    assert set(pins) == {"grpcio", "protobuf"}, pins
+    return pins
+
+
+@pytest.mark.parametrize("runtimes", ["oldest", "locked"])
 @pytest.mark.timeout(4 * STEP_S)
-async def test_client_wheel_alone_talks_to_the_server(app: App, tmp_path: Path) -> None:
+async def test_client_wheel_alone_talks_to_the_server(
+    app: App, tmp_path: Path, runtimes: str
+) -> None:
     version = _client_version()
+    pins = _runtimes(runtimes)
     venv = tmp_path / "venv"
     python = venv / "bin" / "python"
     # No pip in the venv: the suite's pip installs into it (pip --python).
@@ -96,12 +128,14 @@ async def test_client_wheel_alone_talks_to_the_server(app: App, tmp_path: Path) 
         "--find-links",
         WHEELHOUSE,
         f"cachecoord-client=={version}",
+        *(f"{name}=={pinned}" for name, pinned in pins.items()),
         cwd=tmp_path,
     )
     listed = json.loads(await _run(*pip, "list", "--format=json", cwd=tmp_path))
     installed = {p["name"].lower().replace("_", "-"): p["version"] for p in listed}
     assert installed["cachecoord-client"] == version
     assert set(installed) <= ALLOWED, installed
+    assert {name: installed[name] for name in pins} == pins
 
     script = tmp_path / "talk.py"
     script.write_text(SCRIPT)
@@ -110,4 +144,5 @@ async def test_client_wheel_alone_talks_to_the_server(app: App, tmp_path: Path) 
     output = await _run(python, "-I", script, f"127.0.0.1:{app.port}", key, cwd=tmp_path)
     module = Path(output.split("module ", 1)[1].split()[0])
     assert module.is_relative_to(venv), f"imported {module}, not the wheel's copy in {venv}"
+    assert f"runtime {pins['grpcio']} {pins['protobuf']}\n" in output, output
     assert "\nok " in output, output
