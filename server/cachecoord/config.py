@@ -93,6 +93,14 @@ class ServerSettings:
     max_connection_age: Duration = Duration(300_000)
     """Clients reconnect after this long (grpc.max_connection_age_ms), so load
     spreads over instances added behind a load balancer."""
+    max_connection_age_grace: Duration = Duration(30_000)
+    """Calls still open on a connection past max_connection_age get this long
+    before it is closed under them (grpc.max_connection_age_grace_ms): Watch
+    streams then reconnect (with a RESET); HoldLock streams hand their lock
+    off to a new stream every half of this, before that can happen."""
+    lock_first_message_timeout: Duration = Duration(10_000)
+    """A HoldLock stream whose first message (acquire or resume) does not come
+    within this long ends with INVALID_ARGUMENT."""
     reuse_port: bool = False
     """Share the port with other processes (SO_REUSEPORT); set by --workers."""
     watch_heartbeat: Duration = Duration(10_000)
@@ -485,6 +493,10 @@ def _check(settings: Settings, source: str) -> None:
         fail("server.watch_backlog", "must be between 1 and 1000000")
     if server.default_deadline <= 0:
         fail("server.default_deadline", "must be positive")
+    if server.max_connection_age_grace < 200:
+        fail("server.max_connection_age_grace", 'must be at least "200ms"')
+    if server.lock_first_message_timeout <= 0:
+        fail("server.lock_first_message_timeout", "must be positive")
     if not settings.redis.url.startswith(("redis://", "rediss://", "unix://")):
         fail("redis.url", "must start with redis://, rediss:// or unix://")
     if settings.redis.cluster:

@@ -8,12 +8,18 @@ it keeps increasing across a Redis restart that lost the counter, as long as
 the Redis host's clock does not step back by more than the time since the
 last acquisition. Waiters sleep until a release notice (pub/sub) or the
 holder's TTL, never in a busy loop.
+
+An acquisition whose caller is gone before it ends (its deadline passed or
+it was cancelled while the script ran) releases what the script took, so no
+lock is left that nobody holds a token for; one that cannot finish within
+the caller's deadline does not start (design 4.3).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import time
 from collections import defaultdict
@@ -24,7 +30,13 @@ from redis.exceptions import RedisError
 
 from cachecoord import instruments, telemetry
 from cachecoord.coordination.hold import Hold
-from cachecoord.errors import InvalidArgument, LockNotAcquired, LockNotHeld, Unavailable
+from cachecoord.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    LockNotAcquired,
+    LockNotHeld,
+    Unavailable,
+)
 from cachecoord.model import LockGrant
 from cachecoord.storage import keys
 
@@ -55,8 +67,29 @@ end
 return 0
 """
 
+# KEYS[1] lock, KEYS[2] fencing counter; ARGV[1] token, ARGV[2] ttl ms.
+# Returns {1, fencing token of the holder} after resetting the TTL, or {0}
+# when the token no longer holds the lock. The counter holds the token of the
+# last acquisition, which is this holder's as long as its token holds the lock.
+RESUME = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, redis.call('GET', KEYS[2]) or '0'}
+end
+return {0}
+"""
+
 MAX_TTL_MS = 86_400_000
+MIN_TTL_MS = 100
+"""Shortest accepted ``ttl_ms``: a renewal every third of it must fit in a
+Redis round trip with room to spare, and a handed-off hold must be resumable."""
 MAX_NAME_BYTES = 512
+ROUND_TRIP_BUDGET = 0.005
+"""Seconds an acquisition needs at least: a Redis round trip and the answer's
+way back. A caller with less deadline left is answered DEADLINE_EXCEEDED at
+once, so it never takes a lock it could not be told about."""
+
+log = logging.getLogger(__name__)
 
 
 class Locks:
@@ -66,13 +99,28 @@ class Locks:
         self._acquire = client.register_script(ACQUIRE)
         self._release = client.register_script(RELEASE)
         self._extend = client.register_script(EXTEND)
+        self._resume = client.register_script(RESUME)
         self._waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+        self._orphan_releases: set[asyncio.Task[None]] = set()
 
-    async def acquire(self, name: str, ttl_ms: int, wait_timeout_ms: int) -> LockGrant:
-        """Take the lock, waiting up to *wait_timeout_ms* for its holder to let go."""
+    async def acquire(
+        self,
+        name: str,
+        ttl_ms: int,
+        wait_timeout_ms: int,
+        *,
+        caller_deadline: float | None = None,
+    ) -> LockGrant:
+        """Take the lock, waiting up to *wait_timeout_ms* for its holder to let go.
+
+        *caller_deadline* (``time.monotonic()`` seconds) is when the caller
+        stops listening: an acquisition that would end after it is not
+        started, or is undone.
+        """
         _check(name, ttl_ms)
         if wait_timeout_ms < 0:
             raise InvalidArgument(f"wait_timeout_ms must not be negative (got {wait_timeout_ms})")
+        _before(caller_deadline, name)
         token = secrets.token_urlsafe(18)
         deadline = time.monotonic() + wait_timeout_ms / 1000
         released = asyncio.Event()
@@ -80,7 +128,7 @@ class Locks:
         # attempt and the wait is not missed.
         self._waiters[name].add(released)
         try:
-            return await self._acquire_loop(
+            grant = await self._acquire_loop(
                 name, token, ttl_ms, wait_timeout_ms, deadline, released
             )
         finally:
@@ -88,6 +136,14 @@ class Locks:
             waiters.discard(released)
             if not waiters:
                 del self._waiters[name]
+        if caller_deadline is not None and caller_deadline - time.monotonic() < (
+            ROUND_TRIP_BUDGET / 2
+        ):
+            # The answer would arrive after the caller gave up: nobody would
+            # ever hold this token, so let go now rather than after the TTL.
+            self.release_in_background(name, token)
+            raise DeadlineExceeded(f"lock {name!r} was taken too late for the caller's deadline")
+        return grant
 
     async def _acquire_loop(
         self,
@@ -101,10 +157,7 @@ class Locks:
         started = time.monotonic()
         while True:
             released.clear()
-            with _redis_errors():
-                got, value = await self._acquire(
-                    keys=[keys.lock_key(name), keys.fencing_key(name)], args=[token, ttl_ms]
-                )
+            got, value = await self._attempt(name, token, ttl_ms)
             if got:
                 if telemetry.METRICS:
                     instruments.lock_wait.record((time.monotonic() - started) * 1000)
@@ -118,9 +171,47 @@ class Locks:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(released.wait(), min(remaining, holder_ms / 1000 + 0.005))
 
+    async def _attempt(self, name: str, token: str, ttl_ms: int) -> tuple[int, int]:
+        """Run the acquire script once; if the caller goes away while it runs
+        (deadline, cancellation), whatever it takes is released."""
+        attempt = asyncio.ensure_future(
+            self._acquire(keys=[keys.lock_key(name), keys.fencing_key(name)], args=[token, ttl_ms])
+        )
+        try:
+            with _redis_errors():
+                got, value = await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            attempt.add_done_callback(lambda done: self._release_if_taken(done, name, token))
+            raise
+        return int(got), int(value)
+
+    def _release_if_taken(self, attempt: asyncio.Future[list[int]], name: str, token: str) -> None:
+        if attempt.cancelled() or attempt.exception() is not None:
+            return  # not taken, or unknown: then the lock ends with its TTL
+        if attempt.result()[0]:
+            self.release_in_background(name, token)
+
+    def release_in_background(self, name: str, token: str) -> None:
+        """Release the lock if *token* still holds it, in a task of its own
+        (for a caller that is gone, or a holder that lost track of it)."""
+
+        async def release() -> None:
+            try:
+                await self.release(name, token)
+            except LockNotHeld:
+                pass
+            except Unavailable as err:
+                log.warning("could not release lock %r (%s); it expires with its TTL", name, err)
+            else:
+                log.info("released lock %r, which its holder or caller had given up", name)
+
+        task = asyncio.create_task(release(), name=f"lock-release[{name}]")
+        self._orphan_releases.add(task)
+        task.add_done_callback(self._orphan_releases.discard)
+
     async def release(self, name: str, token: str) -> None:
         """Release the lock if *token* holds it."""
-        _check(name, 1)
+        _check_name(name)
         with _redis_errors():
             released = await self._release(
                 keys=[keys.lock_key(name)], args=[token, keys.LOCK_CHANNEL, name]
@@ -136,14 +227,30 @@ class Locks:
         if not extended:
             raise LockNotHeld(f"lock {name!r} is not held by this token (expired or released)")
 
-    def hold(self, name: str, ttl_ms: int, wait_timeout_ms: int) -> Hold:
+    async def resume(self, name: str, token: str, ttl_ms: int) -> LockGrant:
+        """Reset the TTL of a lock *token* holds and return its grant (same
+        fencing token); LockNotHeld if the token no longer holds it."""
+        _check(name, ttl_ms)
+        if not token:
+            raise InvalidArgument("resume: token must not be empty")
+        with _redis_errors():
+            result = await self._resume(
+                keys=[keys.lock_key(name), keys.fencing_key(name)], args=[token, ttl_ms]
+            )
+        if not result[0]:
+            raise LockNotHeld(f"lock {name!r} is not held by this token any more")
+        return LockGrant(token=token, fencing_token=int(result[1]))
+
+    def hold(self, name: str, ttl_ms: int, wait_timeout_ms: int, *, resume_token: str = "") -> Hold:
         """Hold the lock for the duration of an ``async with`` block.
 
         The lock is renewed every third of *ttl_ms* while the block runs and
         released when it exits, also when it is cancelled; *ttl_ms* then only
-        bounds how long the lock outlives a crashed instance. See `Hold`.
+        bounds how long the lock outlives a crashed instance. With
+        *resume_token*, the block takes over a lock that token holds instead
+        of acquiring it. See `Hold`.
         """
-        return Hold(self, name, ttl_ms, wait_timeout_ms)
+        return Hold(self, name, ttl_ms, wait_timeout_ms, resume_token=resume_token)
 
     def on_release_notice(self, name: str) -> None:
         """Called by the bus for every release published by any instance."""
@@ -167,10 +274,28 @@ def _redis_errors() -> Iterator[None]:
         ) from err
 
 
-def _check(name: str, ttl_ms: int) -> None:
+def _before(caller_deadline: float | None, name: str) -> None:
+    """Refuse to start what cannot finish before the caller's deadline."""
+    if caller_deadline is not None and caller_deadline - time.monotonic() < ROUND_TRIP_BUDGET:
+        raise DeadlineExceeded(
+            f"too little of the deadline is left to take lock {name!r} "
+            f"(at least {ROUND_TRIP_BUDGET * 1000:.0f} ms are needed)"
+        )
+
+
+def _check_name(name: str) -> None:
+    """Lock names follow the rules of keys."""
     if not name:
         raise InvalidArgument("lock name must not be empty")
     if len(name.encode()) > MAX_NAME_BYTES:
         raise InvalidArgument(f"lock name is longer than {MAX_NAME_BYTES} bytes")
-    if not 0 < ttl_ms <= MAX_TTL_MS:
-        raise InvalidArgument(f"ttl_ms must be between 1 and {MAX_TTL_MS} (got {ttl_ms})")
+    if "\x00" in name:
+        raise InvalidArgument("lock name must not contain NUL characters")
+
+
+def _check(name: str, ttl_ms: int) -> None:
+    _check_name(name)
+    if not MIN_TTL_MS <= ttl_ms <= MAX_TTL_MS:
+        raise InvalidArgument(
+            f"ttl_ms must be between {MIN_TTL_MS} and {MAX_TTL_MS} (got {ttl_ms})"
+        )

@@ -12,6 +12,7 @@ serves all of its services.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cachecoord.config import ServerSettings, TlsSettings
 from cachecoord.rpc import registration
+from cachecoord.rpc.servicer import CacheCoordServicer
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
 
 SERVICE_NAME = registration.SERVICE.full_name
@@ -48,6 +50,18 @@ class StartupError(RuntimeError):
     """The server could not start; the message says why."""
 
 
+class _DrainingHealth(HealthServicer):  # type: ignore[misc]  # untyped in grpcio-health
+    """grpc.health.v1 that also tells *on_drain* when the server starts draining."""
+
+    def __init__(self, on_drain: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_drain = on_drain
+
+    async def enter_graceful_shutdown(self) -> None:
+        self._on_drain()
+        await super().enter_graceful_shutdown()
+
+
 def build(
     servicer: pb_grpc.CacheCoordServiceServicer,
     settings: ServerSettings,
@@ -61,13 +75,20 @@ def build(
         # port would silently share it. Only `serve --workers N` asks for it.
         ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ("grpc.max_connection_age_ms", settings.max_connection_age),
-        ("grpc.max_connection_age_grace_ms", 30_000),
+        ("grpc.max_connection_age_grace_ms", settings.max_connection_age_grace),
         ("grpc.max_receive_message_length", settings.max_value_bytes + 1_048_576),
         *KEEPALIVE,
     ]
     server = grpc.aio.server(options=options)
     registration.add_to_server(servicer, server)
     health_servicer = HealthServicer()
+    if isinstance(servicer, CacheCoordServicer):
+        # A HoldLock stream outlives no connection: it hands its lock off
+        # before the connection's grace can run out, and when the server
+        # drains (reported through health, which the shutdown does first).
+        servicer.handoffs.every = settings.max_connection_age_grace / 2000
+        servicer.hold_first_message_timeout = settings.lock_first_message_timeout / 1000
+        health_servicer = _DrainingHealth(servicer.handoffs.drain)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from cachecoord.cache import Cache
-from cachecoord.coordination.hold import LockLost
+from cachecoord.coordination.hold import Handoffs, LockLost
 from cachecoord.coordination.locks import Locks
-from cachecoord.errors import InvalidArgument
+from cachecoord.errors import InvalidArgument, Unavailable
 from cachecoord.invalidation.watch import EventKind, WatchEvent
 from cachecoord.model import Entry, Layer
 from cachecoord.rpc.auth import Authorizer
@@ -47,6 +49,10 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
         self.watch_heartbeat = watch_heartbeat
         # Read by the decorators of rpc/status.py before each handler; None: auth off.
         self.authorizer = authorizer
+        # HoldLock streams: how long the first message may take, and when
+        # holds are handed off (rpc/server.py sets both from the settings).
+        self.hold_first_message_timeout = 10.0
+        self.handoffs = Handoffs(every=15.0)
 
     @rpc(_timeout)
     async def Get(self, request: pb.GetRequest, context: Context) -> pb.GetResponse:
@@ -104,7 +110,17 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
     async def AcquireLock(
         self, request: pb.AcquireLockRequest, context: Context
     ) -> pb.AcquireLockResponse:
-        grant = await self.locks.acquire(request.name, request.ttl_ms, request.wait_timeout_ms)
+        remaining = context.time_remaining()
+        grant = await self.locks.acquire(
+            request.name,
+            request.ttl_ms,
+            request.wait_timeout_ms,
+            caller_deadline=(
+                time.monotonic() + remaining
+                if remaining is not None and remaining < 86400
+                else None
+            ),
+        )
         return pb.AcquireLockResponse(token=grant.token, fencing_token=grant.fencing_token)
 
     @rpc(_timeout)
@@ -136,16 +152,32 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
     async def HoldLock(  # type: ignore[override]
         self, requests: AsyncIterator[pb.HoldLockRequest], context: Context
     ) -> None:
-        acquire = await _first_acquire(requests)
+        first = await _first_message(requests, self.hold_first_message_timeout)
+        if self.handoffs.draining:
+            raise Unavailable("this instance is shutting down; hold the lock through another")
+        if first.WhichOneof("kind") == "resume":
+            resume = first.resume
+            hold = self.locks.hold(resume.name, resume.ttl_ms, 0, resume_token=resume.token)
+        else:
+            acquire = first.acquire
+            hold = self.locks.hold(acquire.name, acquire.ttl_ms, acquire.wait_timeout_ms)
         try:
-            async with self.locks.hold(
-                acquire.name, acquire.ttl_ms, acquire.wait_timeout_ms
-            ) as grant:
+            async with hold as grant:
                 acquired = pb.HoldLockResponse.Acquired(
                     token=grant.token, fencing_token=grant.fencing_token
                 )
                 await context.write(pb.HoldLockResponse(acquired=acquired))
-                await _until_released(requests)
+                try:
+                    async with self.handoffs.window():
+                        await _until_released(requests)
+                except TimeoutError:
+                    # The connection may be closed soon (rpc/server.py): keep
+                    # the lock for the client to resume on a new stream.
+                    hold.hand_off()
+            if hold.handed_off:
+                valid_for_ms = int(hold.handed_off_for * 1000)
+                handoff = pb.HoldLockResponse.Handoff(valid_for_ms=valid_for_ms)
+                await context.write(pb.HoldLockResponse(handoff=handoff))
         except LockLost:
             await context.write(pb.HoldLockResponse(lost=pb.HoldLockResponse.Lost()))
             raise
@@ -183,15 +215,24 @@ def _entry(entry: Entry) -> pb.Entry:
     )
 
 
-async def _first_acquire(
-    requests: AsyncIterator[pb.HoldLockRequest],
-) -> pb.HoldLockRequest.Acquire:
-    first = await anext(requests, None)
-    if first is None or first.WhichOneof("kind") != "acquire":
+async def _first_message(
+    requests: AsyncIterator[pb.HoldLockRequest], within: float
+) -> pb.HoldLockRequest:
+    """The stream's `acquire` or `resume`, which must come within *within* seconds."""
+    try:
+        async with asyncio.timeout(within):
+            first = await anext(requests, None)
+    except TimeoutError:
         raise InvalidArgument(
-            "the first HoldLock message must be `acquire` (name, ttl_ms, wait_timeout_ms)"
+            f"no HoldLock message came within {within:.3f} s of the stream's start "
+            "(server.lock_first_message_timeout); the first must be `acquire` or `resume`"
+        ) from None
+    if first is None or first.WhichOneof("kind") not in ("acquire", "resume"):
+        raise InvalidArgument(
+            "the first HoldLock message must be `acquire` (name, ttl_ms, wait_timeout_ms) "
+            "or `resume` (name, token, ttl_ms)"
         )
-    return first.acquire
+    return first
 
 
 async def _until_released(requests: AsyncIterator[pb.HoldLockRequest]) -> None:
@@ -200,5 +241,5 @@ async def _until_released(requests: AsyncIterator[pb.HoldLockRequest]) -> None:
         kind = request.WhichOneof("kind")
         if kind == "release":
             return
-        if kind == "acquire":
-            raise InvalidArgument("HoldLock: `acquire` may only be the first message of the stream")
+        if kind in ("acquire", "resume"):
+            raise InvalidArgument(f"HoldLock: `{kind}` may only be the first message of the stream")
