@@ -21,7 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 # Public as grpc_health.v1.health.aio.HealthServicer, which mypy cannot see.
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from cachecoord.config import ServerSettings, TlsSettings
 from cachecoord.rpc import registration
@@ -80,6 +81,7 @@ def build(
         *KEEPALIVE,
     ]
     server = grpc.aio.server(options=options)
+    # Our service first: the generic handlers are asked in this order.
     registration.add_to_server(servicer, server)
     health_servicer = HealthServicer()
     if isinstance(servicer, CacheCoordServicer):
@@ -89,14 +91,17 @@ def build(
         servicer.handoffs.every = settings.max_connection_age_grace / 2000
         servicer.hold_first_message_timeout = settings.lock_first_message_timeout / 1000
         health_servicer = _DrainingHealth(servicer.handoffs.drain)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
+    generic = registration.GenericOnly(server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, generic)
+    names = (
+        SERVICE_NAME,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    # What reflection.enable_server_reflection does for a grpc.aio server.
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        ReflectionServicer(names),
+        generic,
     )
     try:
         if tls is not None and tls.enabled:
