@@ -258,9 +258,11 @@ class Harness:
         sample_every: int = 0,
         server: Server | None = None,
         channels: int = 1,
+        concurrency: int | None = None,
     ) -> Sample:
         """Send serialized *rpc* requests to cachecoord (the stack's main server, or
-        *server*): *warmup*, then *measured*, over *channels* channels per client."""
+        *server*): *warmup*, then *measured*, over *channels* channels per client,
+        *concurrency* calls in flight per client (default: ``--conc``)."""
         chosen = server or self.stack.servers[0]
         sample = self._measure(
             self.meter(chosen),
@@ -271,6 +273,7 @@ class Harness:
             settle=settle,
             sample_every=sample_every,
             channels=channels,
+            concurrency=concurrency,
         )
         self.stack.check_alive()
         return sample
@@ -298,6 +301,7 @@ class Harness:
         settle: Callable[[], None] | None = None,
         sample_every: int = 0,
         channels: int = 1,
+        concurrency: int | None = None,
     ) -> Sample:
         workers = self._workers
         parts = zip(split(warmup, len(workers)), split(measured, len(workers)), strict=True)
@@ -308,7 +312,7 @@ class Harness:
                     path,
                     warm,
                     main,
-                    self.options.concurrency,
+                    concurrency or self.options.concurrency,
                     sample_every=sample_every,
                     channels=channels,
                 )

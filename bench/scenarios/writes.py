@@ -7,6 +7,12 @@ that the warm-up has already written once, so the measured Puts are updates.
 A write-behind Put's CPU window stays open until its queue is drained, so the
 flush is counted; its rate is what clients see (acknowledged Puts per second).
 
+Then the latency that write-behind is for: Puts on write-through and on
+write-behind at a closed loop of LATENCY_CONC calls in flight (one client
+process), far from saturation, so the p50 is the time one Put takes rather
+than time spent queueing behind others; the write-behind phase's CPU again
+includes flushing its queue.
+
 Last in each run: 10,000 Puts spread over 10 hot keys of the write-behind
 namespace, and the number of rows PostgreSQL wrote for them once the queue is
 drained (median over runs: it depends on how the flushes fall, so it varies).
@@ -19,7 +25,7 @@ import statistics
 
 from bench import messages
 from bench.harness import Harness, Options
-from bench.report import Phase, Report, rps
+from bench.report import FLOOR, Phase, Report, cpu_us, rps
 from bench.write_behind import Queues, RowWrites
 from cachecoord_client import Client
 
@@ -51,6 +57,8 @@ HOT_KEYS = 10
 HOT_PUTS = 10_000
 HOT_PREFIX = "hot-"
 HOT = Phase("put_write_behind_hot", f"Put write-behind {HOT_KEYS} keys")
+LATENCY_CONC = 4
+LATENCY_CALLS = 1_500
 
 
 def run(options: Options) -> None:
@@ -69,6 +77,8 @@ def run(options: Options) -> None:
                 )
                 for strategy in STRATEGIES:
                     _measure_puts(harness, report, queues, strategy, number)
+                for strategy in ("write-through", BEHIND):
+                    _measure_puts(harness, report, queues, strategy, number, LATENCY_CONC)
                 row_writes.append(_measure_coalescing(harness, report, queues, counter, number))
             _check_flushed(harness, report, counter.stored())
             if dead := queues.dead_letters():
@@ -80,6 +90,14 @@ def run(options: Options) -> None:
         "write_behind_over_write_through_ratio",
         report.paired("put_write_behind", "put_write_through", rps),
     )
+    at_4 = f"_c{LATENCY_CONC}"
+    report.result(
+        "write_behind_p50_over_write_through_p50",
+        report.paired(
+            "put_write_behind" + at_4, "put_write_through" + at_4, lambda s: s.latency_ms(50)
+        ),
+    )
+    report.result("write_behind_cpu_ratio", report.paired("put_write_behind" + at_4, FLOOR, cpu_us))
     report.result("db_row_writes", statistics.median(row_writes))
     report.result("db_row_writes_puts", options.size(HOT_PUTS))
     report.note(
@@ -96,26 +114,38 @@ def run(options: Options) -> None:
 
 
 def _measure_puts(
-    harness: Harness, report: Report, queues: Queues, strategy: str, number: int
+    harness: Harness,
+    report: Report,
+    queues: Queues,
+    strategy: str,
+    number: int,
+    concurrency: int | None = None,
 ) -> None:
+    """Puts on *strategy*'s namespace at ``--conc`` calls in flight, or at
+    *concurrency* (a separate phase, with fewer calls)."""
     options = harness.options
     keys = [f"k{i}" for i in range(options.size(KEYS))]
 
     def request(i: int) -> bytes:
         return messages.put(strategy, keys[i % len(keys)], messages.value(options.payload, i))
 
-    calls = options.size(CALLS)
-    first = (number + 1) * len(keys) + number * calls  # every Put writes a distinct value
+    calls = options.size(LATENCY_CALLS if concurrency else CALLS)
+    # Every Put writes a distinct value: the latency phases count from far above.
+    first = (number + 1) * len(keys) + number * calls + (10**6 if concurrency else 0)
     sample = harness.measure(
         "Put",
         [request(i) for i in range(len(keys))],
         [request(first + i) for i in range(calls)],
         settle=queues.wait_drained if strategy == BEHIND else None,
         sample_every=50,
+        concurrency=concurrency,
     )
     messages.check_put(sample.replies)
     name = "put_" + strategy.replace("-", "_")
-    report.add(Phase(name, f"Put {strategy}"), sample)
+    label = f"Put {strategy}"
+    if concurrency:
+        name, label = f"{name}_c{concurrency}", f"{label}, {concurrency} in flight"
+    report.add(Phase(name, label), sample)
 
 
 def _measure_coalescing(
