@@ -12,8 +12,11 @@ Failures: if PostgreSQL is down, entries stay pending and are retried with
 backoff. An entry PostgreSQL rejects (a constraint, a bad type) is retried
 alone, with backoff, and after ``max_attempts`` moved to the dead-letter
 stream with its error; the other entries of its batch are committed, so one
-bad entry never blocks the queue. Entries pending on an instance that died
-are claimed by another after ``claim_idle``.
+bad entry never blocks the queue. Its acknowledged version must not silently
+give way to the older one PostgreSQL holds: the key moves on to a new, higher
+version holding PostgreSQL's row (see REVERT), announced with reason
+``rejected``. Entries pending on an instance that died are claimed by another
+after ``claim_idle``.
 """
 
 from __future__ import annotations
@@ -56,16 +59,37 @@ end
 return 0
 """
 
-# A dead-lettered write never reaches PostgreSQL: drop its cached value (if it
-# is still the cached one), so reads serve what PostgreSQL holds.
-DISCARD = """
+# A dead-lettered write never reaches PostgreSQL. If it is still the key's
+# latest write (or Redis lost the key), the key moves on to a *new* version,
+# numbered like every write-behind write (max(previous + 1, Redis clock in
+# µs)), holding the row PostgreSQL has: dropping the value instead would make
+# reads fall back to PostgreSQL's older version, and versions go backwards.
+# The value is queued like a write (kind 'r': its flush only moves
+# PostgreSQL's version of the key up to it), so it stays dirty (no TTL) until
+# PostgreSQL's version has caught up, and a compare-and-set against the
+# rejected version fails. Any in-flight fill is cancelled (lease deleted).
+# KEYS: value, lease, queue. ARGV: rejected version, tag (v|n), PostgreSQL's
+# row, fresh ms, channel, namespace, key, origin.
+# Returns the new version, or 0 if a newer write replaced the rejected one.
+REVERT = """
 local current = redis.call('GET', KEYS[1])
-if current and string.match(current, '^(%d+):') == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
-  return 1
+local previous = tonumber(ARGV[1])
+if current then
+  local cached = tonumber(string.match(current, '^(%d+):'))
+  if cached ~= previous then return 0 end
 end
-return 0
+local now = redis.call('TIME')
+local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local version = string.format('%.0f', math.max(previous + 1, clock))
+local fresh_until = string.format('%.0f', math.floor(clock / 1000) + tonumber(ARGV[4]))
+redis.call('SET', KEYS[1], version .. ':' .. fresh_until .. ':0:' .. string.upper(ARGV[2]) ..
+  ARGV[3])
+redis.call('DEL', KEYS[2])
+redis.call('XADD', KEYS[3], '*', 'k', ARGV[7], 'v', version, 't', 'r', 'p', '', 'c', '')
+redis.call('PUBLISH', ARGV[5], '{"namespace":' .. cjson.encode(ARGV[6]) .. ',"key":' ..
+  cjson.encode(ARGV[7]) .. ',"version":' .. version .. ',"reason":"rejected","origin":' ..
+  cjson.encode(ARGV[8]) .. '}')
+return tonumber(version)
 """
 
 _ADVANCE = """
@@ -95,7 +119,7 @@ class Queued:
     id: str
     key: str
     version: int
-    kind: str  # "v" value, "n" deletion
+    kind: str  # "v" value, "n" deletion, "r" revert (a new version of the row PostgreSQL has)
     payload: bytes
     traceparent: str = ""
 
@@ -122,7 +146,7 @@ class Flusher:
         self._keys = strategy.store.keys
         self._consumer = consumer
         self._settle = self._client.register_script(SETTLE)
-        self._discard = self._client.register_script(DISCARD)
+        self._revert = self._client.register_script(REVERT)
         self._errors_key = f"cc:wb:{{{strategy.name}}}:errors"
         self._task: asyncio.Task[None] | None = None
         self._draining = False
@@ -159,12 +183,17 @@ class Flusher:
         while True:
             try:
                 started = time.monotonic()
-                batch = await self._next_batch()
-                if not batch:
+                batch, given_up = await self._next_batch()
+                if not batch and not given_up:
                     if self._draining:
                         return
                     continue
-                await self._flush(batch)
+                if batch:
+                    await self._flush(batch)
+                # After the batch: older writes of a given-up key that were
+                # retried with it are in PostgreSQL before its revert reads it.
+                for entry, error in given_up:
+                    await self._dead_letter(entry, error)
                 backoff = 0.1
                 if len(batch) < self._settings.flush_batch and not self._draining:
                     # Let writes gather for a whole interval: Puts to one key
@@ -179,14 +208,15 @@ class Flusher:
 
     # -- reading -------------------------------------------------------------
 
-    async def _next_batch(self) -> list[Queued]:
+    async def _next_batch(self) -> tuple[list[Queued], list[tuple[Queued, str]]]:
+        """Entries to flush, and entries to give up on (with their error)."""
         if time.monotonic() >= self._next_reclaim:
             self._next_reclaim = time.monotonic() + self._settings.retry_after / 2000
             if telemetry.METRICS:
                 await self._sample_queues()
-            reclaimed = await self._reclaim()
-            if reclaimed:
-                return reclaimed
+            reclaimed, given_up = await self._reclaim()
+            if reclaimed or given_up:
+                return reclaimed, given_up
         replies: Any
         block = None if self._draining else self._settings.flush_interval
         try:
@@ -217,13 +247,13 @@ class Flusher:
             if "NOGROUP" not in str(err):
                 raise
             await self._create_groups()  # first start, or Redis lost its data
-            return []
+            return [], []
         return [
             Queued.parse(queue.decode(), entry_id, fields)
             for queue, entries in replies or []
             for entry_id, fields in entries
             if fields
-        ]
+        ], []
 
     async def _sample_queues(self) -> None:
         """Queue length and the age of the oldest queued write, for the gauges."""
@@ -245,12 +275,14 @@ class Flusher:
             with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
                 await self._client.xgroup_create(queue, GROUP, id="0", mkstream=True)
 
-    async def _reclaim(self) -> list[Queued]:
+    async def _reclaim(self) -> tuple[list[Queued], list[tuple[Queued, str]]]:
         """Entries due for another attempt: this consumer's failed ones after
-        their backoff, and those of a consumer that stopped after claim_idle.
-        Entries out of attempts go to the dead-letter stream instead."""
+        their backoff, and those of a consumer that stopped after claim_idle;
+        and the entries PostgreSQL rejected that are out of attempts, with
+        their error, for the dead-letter stream."""
         retry_ms = self._settings.retry_after
         due: list[Queued] = []
+        given_up: list[tuple[Queued, str]] = []
         for queue in self._keys.queues:
             try:
                 pending = await self._client.xpending_range(
@@ -286,12 +318,36 @@ class Flusher:
                     # for as long as it takes: it is an acknowledged write.
                     error: Any = await self._client.hget(self._errors_key, entry.id)
                     if error:
-                        await self._dead_letter(entry, error.decode())
+                        given_up.append((entry, error.decode()))
                         continue
                 due.append(entry)
-        return due
+        return due, given_up
 
     async def _dead_letter(self, entry: Queued, reason: str) -> None:
+        """Move *entry* to the dead-letter stream; first move its key on to a
+        new version of PostgreSQL's row, if the entry is still its latest write
+        (REVERT). Acknowledged last: if this stops half-way, the entry is
+        given up on again, and REVERT does nothing the second time."""
+        async with self._ns.pool.connection() as conn:
+            row = (await self._ns.table.load(conn, [entry.key]))[entry.key]
+        keys = self._keys
+        reverted = int(
+            await self._revert(
+                keys=[keys.value(entry.key), keys.lease(entry.key), keys.queue(entry.key)],
+                args=[
+                    entry.version,
+                    "n" if row.value is None else "v",
+                    row.value or b"",
+                    self._settings.ttl,
+                    keys.channel,
+                    self._ns.name,
+                    entry.key,
+                    self._ns.origin,
+                ],
+            )
+        )
+        if reverted:
+            self._ns.changed_here(entry.key, reverted)
         await self._client.xadd(
             self._keys.dead_letters,
             {
@@ -302,20 +358,20 @@ class Flusher:
                 "error": reason,
                 "queue": entry.queue,
                 "id": entry.id,
+                "reverted_to": reverted,
             },
         )
         await self._acknowledge([entry])
-        await self._discard(
-            keys=[self._keys.value(entry.key)],
-            args=[entry.version, self._keys.channel, self._ns.message(entry.key, 0, "invalidate")],
-        )
         log.error(
-            "write-behind %s: key %r version %d dead-lettered after %d attempts: %s",
+            "write-behind %s: key %r version %d dead-lettered after %d attempts: %s; %s",
             self._ns.name,
             entry.key,
             entry.version,
             self._settings.max_attempts,
             reason,
+            f"the key is now at version {reverted}, holding PostgreSQL's row"
+            if reverted
+            else "a newer write of the key replaced it",
         )
 
     # -- flushing ------------------------------------------------------------
@@ -409,6 +465,8 @@ class Flusher:
         for row in rows:
             if row.key not in advanced:
                 continue  # PostgreSQL already holds a newer version: a replay
+            if row.kind == "r":
+                continue  # a revert: the row stays as it is; its version moved up
             if row.kind == "n":
                 await table.delete(conn, row.key)
                 continue
@@ -435,7 +493,7 @@ class Flusher:
         settings = self._settings
         pipe = self._client.pipeline(transaction=False)
         for row in rows:
-            ttl: int = settings.ttl if row.kind == "v" else settings.negative_ttl
+            ttl: int = settings.negative_ttl if row.kind == "n" else settings.ttl
             ttl = max(1, round(ttl * (1 + settings.ttl_jitter * (2 * random.random() - 1))))
             row_now = stored.get(row.key)
             replacement = (

@@ -10,7 +10,9 @@ a value past its freshness but inside ``stale_window`` is served at once,
 marked stale, while one reader refreshes it in the background; and a hot key
 is refreshed early with probability given by XFetch (Vattani et al., VLDB
 2015): when ``now - load_time * beta * ln(rand) >= fresh_until``. If Redis is
-unreachable, reads are answered from PostgreSQL.
+unreachable, reads are answered from PostgreSQL, except in a write-behind
+namespace: there Redis holds acknowledged writes PostgreSQL may not have yet,
+so those reads answer UNAVAILABLE rather than an older row as if it were fresh.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.exceptions import RedisError
 
 from cachecoord import instruments, telemetry
-from cachecoord.config import NamespaceSettings
+from cachecoord.config import NamespaceSettings, StrategyName
 from cachecoord.coordination.single_flight import SingleFlight
 from cachecoord.errors import Unavailable
 from cachecoord.instruments import span
@@ -66,6 +68,9 @@ class Reader:
         self.table = table
         self.store = store
         self.pool = pool
+        # Write-behind: PostgreSQL may lag the acknowledged writes, and only
+        # Redis (value and queue) knows whether a key has an unflushed one.
+        self._postgres_may_lag = settings.strategy is StrategyName.WRITE_BEHIND
         self._loads: SingleFlight[str, Entry] = SingleFlight(f"load-{settings.name}")
         self._refreshes: SingleFlight[str, None] = SingleFlight(f"refresh-{settings.name}")
         self._fill_waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
@@ -93,6 +98,7 @@ class Reader:
             with span("cache.redis", **{"cache.namespace": self.settings.name}):
                 raw = await self.store.get(key)
         except RedisError as err:
+            self._check_postgres_can_answer(err)
             log.debug("redis get failed, reading PostgreSQL: %s", err)
             return await self._load_uncached(key)
         stale: Entry | None = None
@@ -132,7 +138,8 @@ class Reader:
         redis_up = True
         try:
             raws = await self.store.get_many(unique)
-        except RedisError:
+        except RedisError as err:
+            self._check_postgres_can_answer(err)
             raws, redis_up = [None] * len(unique), False
         misses = []
         stale: dict[str, Entry] = {}
@@ -154,6 +161,17 @@ class Reader:
                     raise
                 entries.update(stale)  # stale-if-error for every key that needed it
         return entries
+
+    def _check_postgres_can_answer(self, err: RedisError) -> None:
+        """Redis could not be read: raise Unavailable if PostgreSQL may be
+        behind acknowledged writes (write-behind), instead of serving its older
+        row as fresh. A miss *seen* in Redis is fine: an unflushed value is
+        never evicted nor invalidated, so there is none for that key."""
+        if self._postgres_may_lag:
+            raise Unavailable(
+                f"Redis cannot be read, and namespace {self.settings.name!r} is write-behind: "
+                f"PostgreSQL may not have its acknowledged writes yet; retry ({err})"
+            ) from err
 
     def on_fill(self, key: str) -> None:
         """Another reader filled *key*: wake whoever waits for it here."""
