@@ -9,16 +9,24 @@ psycopg.sql and values are always bound parameters.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import psycopg
 from psycopg import AsyncConnection, sql
 
 from cachecoord.config import ConfigError, NamespaceSettings
 from cachecoord.errors import InvalidArgument
 from cachecoord.model import Row
+from cachecoord.storage.key_forms import (
+    SAMPLES,
+    SUPPORTED,
+    Canonical,
+    NotAKey,
+    UnsupportedKeyType,
+    canonical_form,
+)
 
 
 class Table(Protocol):
@@ -98,11 +106,7 @@ class ManagedTable:
         return cur.rowcount > 0
 
 
-_INTEGER_RANGES = {
-    "smallint": 2**15,
-    "integer": 2**31,
-    "bigint": 2**63,
-}
+_INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,11 +118,13 @@ class MappedTable:
     key_column: str
     key_type: str
     writable_columns: frozenset[str]
+    canonical: Canonical
     merges_rows = True
 
     @classmethod
     async def introspect(cls, conn: AsyncConnection, ns: NamespaceSettings) -> MappedTable:
-        """Read the table's columns; refuse a missing table or a non-unique key."""
+        """Read the table's columns; refuse a missing table, a non-unique key,
+        or a key column type without a canonical form (key_forms.py)."""
         where = f"namespaces.{ns.name}"
         cur = await conn.execute("SELECT to_regclass(%s)::oid", (ns.table,))
         found = await cur.fetchone()
@@ -129,23 +135,36 @@ class MappedTable:
             """SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '',
                       EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid
                               AND i.indisunique AND i.indnkeyatts = 1
-                              AND i.indkey[0] = a.attnum AND i.indpred IS NULL)
+                              AND i.indkey[0] = a.attnum AND i.indpred IS NULL),
+                      coalesce((SELECT c.collisdeterministic FROM pg_collation c
+                                WHERE c.oid = a.attcollation), true)
                FROM pg_attribute a
                WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped""",
             (oid,),
         )
-        columns = {name: (kind, generated, unique) async for name, kind, generated, unique in cur}
+        columns = {
+            name: (kind, generated, unique, det) async for name, kind, generated, unique, det in cur
+        }
         if ns.key_column not in columns:
             raise ConfigError(
                 f"{where}.key_column: table {ns.table!r} has no column {ns.key_column!r}; "
                 f"columns: {', '.join(columns)}"
             )
-        key_type, _, unique = columns[ns.key_column]
+        key_type, _, unique, deterministic = columns[ns.key_column]
         if not unique:
             raise ConfigError(
                 f"{where}.key_column: column {ns.key_column!r} of {ns.table!r} must be the "
                 "primary key or have a unique index (one row per key)"
             )
+        try:
+            canonical = canonical_form(key_type, deterministic=deterministic)
+        except UnsupportedKeyType as err:
+            raise ConfigError(
+                f"{where}.key_column: column {ns.key_column!r} of {ns.table!r} has type "
+                f"{key_type}, whose keys cachecoord cannot hold to one spelling per row: {err}. "
+                f"Key column types it can: {SUPPORTED}"
+            ) from None
+        await _check_canonical_form(conn, where, ns.key_column, key_type, canonical)
         cur = await conn.execute(
             "SELECT n.nspname, c.relname FROM pg_class c "
             "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s",
@@ -158,26 +177,21 @@ class MappedTable:
             table=sql.Identifier(*schema_table),
             key_column=ns.key_column,
             key_type=key_type,
-            writable_columns=frozenset(name for name, (_, gen, _) in columns.items() if not gen),
+            writable_columns=frozenset(name for name, (_, gen, *_) in columns.items() if not gen),
+            canonical=canonical,
         )
 
     def check_key(self, key: str) -> None:
         # Keys must be in the column type's canonical text form: "01" and "1"
         # name one row, but would be two cache entries, and only one of them
-        # would be invalidated when the row changes.
-        canonical = key
+        # would be invalidated when the row changes (key_forms.py).
         try:
-            if self.key_type in _INTEGER_RANGES:
-                number = int(key)
-                if not -_INTEGER_RANGES[self.key_type] <= number < _INTEGER_RANGES[self.key_type]:
-                    raise ValueError
-                canonical = str(number)
-            elif self.key_type == "uuid":
-                canonical = str(uuid.UUID(key))
-        except ValueError:
+            canonical = self.canonical(key)
+        except ValueError as err:
+            why = f" ({err})" if isinstance(err, NotAKey) else ""
             raise InvalidArgument(
                 f"key {key!r} is not a valid {self.key_type} for column {self.key_column} "
-                f"of namespace {self.namespace!r}"
+                f"of namespace {self.namespace!r}{why}"
             ) from None
         if canonical != key:
             raise InvalidArgument(
@@ -213,7 +227,7 @@ class MappedTable:
                 f"the value's {self.key_column!r} ({given!r}) differs from the key {key!r}; "
                 "omit it or make them equal"
             )
-        row[self.key_column] = int(key) if self.key_type in _INTEGER_RANGES else key
+        row[self.key_column] = int(key) if self.key_type in _INTEGER_TYPES else key
         return json.dumps(row)
 
     async def load(self, conn: AsyncConnection, keys: Sequence[str]) -> dict[str, Row]:
@@ -286,3 +300,29 @@ class MappedTable:
     def _type(self) -> sql.Composable:
         # format_type() output comes from the catalog, not from a request.
         return sql.SQL(self.key_type)
+
+
+async def _check_canonical_form(
+    conn: AsyncConnection, where: str, column: str, key_type: str, canonical: Canonical
+) -> None:
+    """Refuse to start if PostgreSQL writes a sample key's value otherwise
+    than key_forms.py says it does (a setting or version we do not know)."""
+    query = sql.SQL("SELECT to_jsonb(%s::{type}) #>> '{{}}'").format(type=sql.SQL(key_type))
+    for sample in SAMPLES:
+        try:
+            ours = canonical(sample)
+        except ValueError:
+            continue
+        try:
+            async with conn.transaction():
+                cur = await conn.execute(query, (sample,))
+                found = await cur.fetchone()
+            theirs = None if found is None else found[0]
+        except psycopg.DataError as err:
+            theirs = f"an error: {err}"
+        if theirs != ours:
+            raise ConfigError(
+                f"{where}.key_column: column {column!r} has type {key_type}, and PostgreSQL "
+                f"writes the key {sample!r} as {theirs!r}, not {ours!r} as cachecoord expects; "
+                "its keys cannot be checked for their canonical form"
+            )
