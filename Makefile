@@ -10,6 +10,12 @@ GENERATED := clients/python/src/cachecoord_client/proto clients/node/src/gen cli
 RELEASED_PROTOS := protos/released/cachecoord-v1.txtpb
 # Debian packages of the Go stub plugins (package name = command name).
 DEBIAN_PLUGINS := protoc-gen-go protoc-gen-go-grpc
+# Debian's Go toolchain and the Go sources the Go client builds with in GOPATH
+# mode (tests/integration/test_go_client.py; no Go module proxy is reachable).
+# golang/protobuf 1.5 is named: grpc-dev's first alternative is 1.3, and
+# grpc-go 1.33 needs 1.4 or newer (its go.mod).
+DEBIAN_GO := golang-go golang-google-grpc-dev golang-google-protobuf-dev \
+	golang-github-golang-protobuf-1-5-dev
 NODE := clients/node
 NODE_SOURCES := $(shell find $(NODE)/src $(NODE)/examples $(NODE)/e2e -name '*.ts' 2>/dev/null)
 DIST_SOURCES := $(shell find server clients/python/src -name '*.py' -o -name '*.pyi' -o -name py.typed 2>/dev/null)
@@ -98,17 +104,21 @@ lock: | $(UV)
 lock-check: | $(UV)
 	$(UV) lock --check
 
-## tools: buf and ts-proto (npm, pinned in tools/), Debian's Go stub plugins
+## tools: buf and ts-proto (npm, pinned in tools/), Debian's Go stub plugins,
+## Go toolchain and Go sources (for the Go client's test)
 tools: $(BUF) debian-tools
 
 $(BUF): tools/package.json tools/package-lock.json
 	cd tools && npm ci --silent --no-audit --no-fund
 	touch $@
 
-# Installs the plugins only when a command is missing (CI runs as root; a
-# developer without root gets the apt-get line to run).
+# Installs the plugins and the Go packages only when one is missing (CI runs
+# as root; a developer without root gets the apt-get line to run).
 debian-tools:
 	@missing=""; for p in $(DEBIAN_PLUGINS); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	for p in $(DEBIAN_GO); do \
+	  dpkg-query -W -f '$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "missing:$$missing; run: sudo apt-get install$$missing"; exit 1; fi; \
 	  echo "apt-get install$$missing"; log=$$(mktemp); \

@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	cachecoordv1 "github.com/cachecoord/cachecoord/clients/go/cachecoordv1"
 )
@@ -21,7 +20,10 @@ func main() {
 	if len(os.Args) > 1 {
 		target = os.Args[1]
 	}
-	conn, err := grpc.Dial(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	// Plaintext; for TLS use grpc.WithTransportCredentials(credentials.NewTLS(...)).
+	// (grpc.WithInsecure, not credentials/insecure: the latter needs grpc-go
+	// 1.34, and Debian bookworm ships 1.33.3.)
+	conn, err := grpc.Dial(target, grpc.WithInsecure())
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "cachecoord: %v\n", err)
 		os.Exit(1)
