@@ -264,8 +264,11 @@ async def test_a_lost_stream_bypasses_memory_until_the_watch_is_back(
         LocalCache(client, namespaces=["blobs"], max_backoff=0.2) as local,
     ):
         await local.put("blobs", key, b"v")
-        await local.get("blobs", key)
+        # A Get in flight when the Put's own event arrives is not kept: read
+        # until one is.
+        await poll(lambda: local.get("blobs", key), lambda _: len(local) == 1, within=2)
         assert len(local) == 1
+        before = gets[key]
 
         link.cut()  # the stream breaks
 
@@ -277,4 +280,4 @@ async def test_a_lost_stream_bypasses_memory_until_the_watch_is_back(
         served = [await local.get("blobs", key) for _ in range(3)]
 
     assert {v.value for v in served} == {b"v"}
-    assert gets[key] == 2, "read before the cut and once after; then from memory again"
+    assert gets[key] == before + 1, "read once after the cut; then from memory again"

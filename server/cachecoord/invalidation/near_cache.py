@@ -3,15 +3,32 @@
 Entries are dropped by invalidation messages from any instance, expire after
 ``near_cache_ttl`` whatever happens, and the whole cache is flushed whenever
 the pub/sub subscription drops (messages sent meanwhile are lost: Redis'
-client-side caching rule). A value read from Redis is only kept if no
-invalidation arrived while it was being read, so a slow reader cannot put back
-a value that was invalidated under it.
+client-side caching rule).
+
+What may be kept, and for how long:
+
+- only a value that Redis confirmed current: read from Redis, or loaded from
+  PostgreSQL and filled under a lease that was still there (the fill's
+  compare-and-set proves no write came between the lease and the fill). A
+  row whose fill was refused, or that was never filled (Redis down, lease
+  wait given up), is answered but not kept;
+- only if no invalidation of its key (nor a flush) arrived since its read
+  began (:meth:`begin` .. :meth:`finish`, per key): a slow read cannot put
+  back a value that was invalidated under it, and a message that arrives
+  while the read is in flight cannot be overtaken by it;
+- for ``near_cache_ttl`` (or the value's own TTL, if shorter) counted from
+  when its read *began*, not from when it was kept: a value is never served
+  longer than ``near_cache_ttl`` after it was read.
+
+Invalidations are applied here before they are passed on to Watch streams
+(see app.py), so an event tells that this instance no longer answers the
+older version.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from cachecoord.model import Entry, Layer
 
@@ -23,8 +40,13 @@ class NearCache:
         self._max_entries = max_entries
         self._max_ttl = max_ttl_ms / 1000
         self._entries: OrderedDict[str, tuple[float, Entry]] = OrderedDict()
-        self.epoch = 0
-        """Changes on every invalidation and flush; see :meth:`put`."""
+        # Every invalidation and flush takes the next sequence number. A read
+        # may keep its answer only if nothing concerning its key is newer than
+        # the number it began at.
+        self._seq = 0
+        self._flushed = 0  # the last flush or whole-namespace invalidation
+        self._reading: Counter[str] = Counter()  # keys with a read in flight
+        self._changed: dict[str, int] = {}  # their last invalidation
 
     def get(self, key: str) -> Entry | None:
         item = self._entries.get(key)
@@ -37,31 +59,54 @@ class NearCache:
         self._entries.move_to_end(key)
         return entry
 
-    def put(self, entry: Entry, epoch: int) -> None:
-        """Keep *entry* (read from Redis or PostgreSQL when :attr:`epoch` was
-        *epoch*) unless something was invalidated since, or it is stale."""
-        if epoch != self.epoch or entry.stale:
+    @property
+    def epoch(self) -> int:
+        """Changes on every invalidation and flush."""
+        return self._seq
+
+    def begin(self, key: str) -> int:
+        """A read of *key* begins; returns the number :meth:`finish` takes."""
+        self._reading[key] += 1
+        return self._seq
+
+    def finish(self, key: str, began: int, entry: Entry | None, read_at: float | None) -> None:
+        """The read of *key* begun at *began* ended with *entry*, confirmed
+        current by Redis at monotonic time *read_at* (None: not confirmed, or
+        the read failed). Keep it if nothing invalidated the key meanwhile."""
+        missed = max(self._flushed, self._changed.get(key, 0))
+        self._reading[key] -= 1
+        if not self._reading[key]:
+            del self._reading[key]
+            self._changed.pop(key, None)
+        if entry is None or read_at is None or entry.stale or missed > began:
             return
         ttl = self._max_ttl if entry.ttl_ms <= 0 else min(self._max_ttl, entry.ttl_ms / 1000)
+        expires = read_at + ttl
+        if expires <= time.monotonic():
+            return
         near = Entry(entry.key, entry.value, entry.version, Layer.NEAR, False, entry.ttl_ms)
-        self._entries[entry.key] = (time.monotonic() + ttl, near)
+        self._entries[entry.key] = (expires, near)
         self._entries.move_to_end(entry.key)
         if len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)
 
     def invalidate(self, key: str | None, version: int) -> None:
         """A change of *key* (None: every key) to *version* happened somewhere."""
-        self.epoch += 1
+        self._seq += 1
         if key is None:
+            self._flushed = self._seq
             self._entries.clear()
             return
+        if key in self._reading:
+            self._changed[key] = self._seq
         item = self._entries.get(key)
         if item is not None and (version == 0 or item[1].version < version):
             del self._entries[key]
 
     def flush(self) -> None:
         """Forget everything: invalidations may have been missed."""
-        self.epoch += 1
+        self._seq += 1
+        self._flushed = self._seq
         self._entries.clear()
 
     def __len__(self) -> int:

@@ -83,8 +83,10 @@ class Strategy(abc.ABC):
             self.reader.near.invalidate(message.key, message.version)
 
     def changed_here(self, key: str | None, version: int) -> None:
-        """This instance changed *key*: forget it locally now, not when our own
-        message comes back, so a Get right after a Put here sees the Put."""
+        """This instance changed *key* (Redis has the change): forget it locally
+        now, not when our own message comes back, so a Get right after a Put
+        here sees the Put. Called after the Redis update, so that a Get that
+        read the old copy from Redis before it cannot keep it here."""
         if self.reader.near is not None:
             self.reader.near.invalidate(key, version)
         if telemetry.METRICS:
@@ -137,16 +139,18 @@ class Strategy(abc.ABC):
 
     async def invalidate(self, keys: Sequence[str]) -> int:
         messages = {key: self.message(key, 0, "invalidate") for key in keys}
-        for key in keys:
-            self.changed_here(key, 0)
         try:
             return await self.store.invalidate(messages)
         except RedisError as err:
             raise Unavailable(f"Redis is unavailable, nothing was invalidated: {err}") from err
+        finally:
+            for key in keys:  # after Redis: see CacheAside.after_commit
+                self.changed_here(key, 0)
 
     async def invalidate_all(self) -> int:
-        self.changed_here(None, 0)
         try:
             return await self.store.drop_namespace(self.message(None, 0, "invalidate"))
         except RedisError as err:
             raise Unavailable(f"Redis is unavailable, nothing was invalidated: {err}") from err
+        finally:
+            self.changed_here(None, 0)

@@ -38,11 +38,15 @@ class CacheAside(Strategy):
         self, key: str, recorded: RecordedWrite, stored: bytes | None, ttl_ms: int | None
     ) -> None:
         """Bring Redis up to date with a committed write (here: drop the entry)."""
-        self.changed_here(key, recorded.version)
         reason = "put" if stored is not None else "delete"
         try:
             await self.store.invalidate({key: self.message(key, recorded.version, reason)})
         except RedisError as err:
             log.warning("invalidation of %s/%s left to the outbox: %s", self.name, key, err)
             return
+        finally:
+            # After Redis: a Get here that read the old copy from Redis before
+            # the drop may not keep it in the near cache, nor serve it after
+            # the answer (our own message may come back after the answer).
+            self.changed_here(key, recorded.version)
         self.outbox.done(recorded.outbox_id)

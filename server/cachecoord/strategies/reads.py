@@ -4,7 +4,10 @@ Redis first; on a miss, PostgreSQL under a *lease*: only the reader holding
 ``...:lease`` loads and fills, and its fill is a compare-and-set that fails if
 any write or invalidation happened since (they delete the lease). Stampedes
 are stopped in layers: concurrent misses in one instance share one load
-(single-flight); readers on other instances wait for the holder's fill, woken
+(single-flight; a reader takes a shared result only if it joined before the
+read that proves the result current, see coordination/single_flight.py, so
+a Get that starts after a write was acknowledged never takes a row read
+before it); readers on other instances wait for the holder's fill, woken
 by its fill notice (with a bounded poll as fallback), up to ``lease_wait``;
 a value past its freshness but inside ``stale_window`` is served at once,
 marked stale, while one reader refreshes it in the background; and a hot key
@@ -26,6 +29,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from contextlib import suppress
+from dataclasses import dataclass
 from functools import partial
 
 from psycopg import AsyncConnection
@@ -34,7 +38,7 @@ from redis.exceptions import RedisError
 
 from cachecoord import instruments, telemetry
 from cachecoord.config import NamespaceSettings, StrategyName
-from cachecoord.coordination.single_flight import SingleFlight
+from cachecoord.coordination.single_flight import Shared, SingleFlight
 from cachecoord.errors import Unavailable
 from cachecoord.instruments import span
 from cachecoord.invalidation.messages import Invalidation
@@ -49,6 +53,25 @@ log = logging.getLogger(__name__)
 
 # The fallback poll for another reader's fill backs off up to this.
 _MAX_POLL = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """An answer, and what is known of how current it is."""
+
+    entry: Entry
+    as_of: int = 0
+    """A tick of the reader's load flight taken just before the read that
+    produced *entry* (an SQL query, a Redis read, or a lease fill that Redis
+    accepted): *entry* reflects every write acknowledged before that tick
+    (see coordination/single_flight.py)."""
+    confirmed_at: float | None = None
+    """Monotonic time at which the read began, if Redis confirmed *entry*
+    current (a Redis read, or an accepted fill): the near cache may keep it
+    for near_cache_ttl from then. None: not to be kept."""
+
+
+_REFRESHED: Shared[None] = Shared(None, 0)
 
 
 class Reader:
@@ -71,7 +94,7 @@ class Reader:
         # Write-behind: PostgreSQL may lag the acknowledged writes, and only
         # Redis (value and queue) knows whether a key has an unflushed one.
         self._postgres_may_lag = settings.strategy is StrategyName.WRITE_BEHIND
-        self._loads: SingleFlight[str, Entry] = SingleFlight(f"load-{settings.name}")
+        self._loads: SingleFlight[str, Read] = SingleFlight(f"load-{settings.name}")
         self._refreshes: SingleFlight[str, None] = SingleFlight(f"refresh-{settings.name}")
         self._fill_waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
         self.near = (
@@ -83,59 +106,86 @@ class Reader:
     async def get(self, key: str) -> Entry:
         near = self.near
         if near is None:
-            return await self._get(key)
+            return (await self._get(key)).entry
         with span("cache.near", **{"cache.namespace": self.settings.name}):
             entry = near.get(key)
         if entry is not None:
             return entry
-        epoch = near.epoch
-        entry = await self._get(key)
-        near.put(entry, epoch)
-        return entry
+        began, read = near.begin(key), None
+        try:
+            read = await self._get(key)
+        finally:
+            if read is None:
+                near.finish(key, began, None, None)
+            else:
+                near.finish(key, began, read.entry, read.confirmed_at)
+        return read.entry
 
-    async def _get(self, key: str) -> Entry:
-        try:
-            with span("cache.redis", **{"cache.namespace": self.settings.name}):
-                raw = await self.store.get(key)
-        except RedisError as err:
-            self._check_postgres_can_answer(err)
-            log.debug("redis get failed, reading PostgreSQL: %s", err)
-            return await self._load_uncached(key)
-        stale: Entry | None = None
-        if raw is not None:
-            entry, reload = self._hit(key, raw)
-            if not reload:
-                return entry
-            stale = entry
-        if key in self._loads and telemetry.METRICS:
-            instruments.coalesced.add(1, {"cache.namespace": self.settings.name})
-        try:
-            return await self._loads.run(key, partial(self._miss, key, stale is not None))
-        except Unavailable:
-            if stale is None:
-                raise
-            return stale  # stale-if-error: PostgreSQL is down, this is all there is
+    async def _get(self, key: str) -> Read:
+        """Redis, else a load shared with the concurrent misses of this
+        instance: taken only if it can serve this read (see single_flight.py),
+        otherwise this read starts over (at most once: the load it finds then
+        started after this read's miss)."""
+        ticket = 0
+        while True:
+            started = time.monotonic()
+            try:
+                with span("cache.redis", **{"cache.namespace": self.settings.name}):
+                    raw = await self.store.get(key)
+            except RedisError as err:
+                self._check_postgres_can_answer(err)
+                log.debug("redis get failed, reading PostgreSQL: %s", err)
+                return Read(await self._load_uncached(key))
+            stale: Entry | None = None
+            if raw is not None:
+                entry, reload = self._hit(key, raw)
+                if not reload:
+                    return Read(entry, 0, started)
+                stale = entry
+            ticket = ticket or self._loads.tick()
+            if key in self._loads and telemetry.METRICS:
+                instruments.coalesced.add(1, {"cache.namespace": self.settings.name})
+            try:
+                read = await self._loads.run(
+                    key, partial(self._miss, key, stale is not None), ticket
+                )
+            except Unavailable:
+                if stale is None:
+                    raise
+                return Read(stale)  # stale-if-error: PostgreSQL is down, this is all there is
+            if read is not None:
+                return read
 
     async def batch_get(self, keys: Sequence[str]) -> list[Entry]:
         entries: dict[str, Entry] = {}
         near = self.near
-        epoch = 0
         if near is not None:
-            epoch = near.epoch
             for key in keys:
                 if (entry := near.get(key)) is not None:
                     entries[key] = entry
         unique = [key for key in dict.fromkeys(keys) if key not in entries]
-        if unique:
-            entries.update(await self._batch_get(unique))
-            if near is not None:
+        if not unique:
+            return [entries[key] for key in keys]
+        if near is None:
+            reads = await self._batch_get(unique)
+        else:
+            began, reads = {key: near.begin(key) for key in unique}, {}
+            try:
+                reads = await self._batch_get(unique)
+            finally:
                 for key in unique:
-                    near.put(entries[key], epoch)
+                    read = reads.get(key)
+                    if read is None:
+                        near.finish(key, began[key], None, None)
+                    else:
+                        near.finish(key, began[key], read.entry, read.confirmed_at)
+        entries.update((key, read.entry) for key, read in reads.items())
         return [entries[key] for key in keys]
 
-    async def _batch_get(self, unique: list[str]) -> dict[str, Entry]:
-        entries: dict[str, Entry] = {}
+    async def _batch_get(self, unique: list[str]) -> dict[str, Read]:
+        entries: dict[str, Read] = {}
         redis_up = True
+        started = time.monotonic()
         try:
             raws = await self.store.get_many(unique)
         except RedisError as err:
@@ -152,14 +202,15 @@ class Reader:
                 misses.append(key)
                 stale[key] = entry
             else:
-                entries[key] = entry
+                entries[key] = Read(entry, 0, started)
         if misses:
             try:
                 entries.update(await self._load_misses(misses, redis_up, reload=bool(stale)))
             except Unavailable:
                 if len(stale) < len(misses):
                     raise
-                entries.update(stale)  # stale-if-error for every key that needed it
+                # stale-if-error for every key that needed it
+                entries.update((key, Read(entry)) for key, entry in stale.items())
         return entries
 
     def _check_postgres_can_answer(self, err: RedisError) -> None:
@@ -224,7 +275,7 @@ class Reader:
         # and faster for keys that take long to load.
         return now_ms - max(load_ms, 1) * beta * math.log(1.0 - random.random()) >= fresh_until_ms
 
-    async def _refresh(self, key: str, seen_version: int, seen_fresh_until: int) -> None:
+    async def _refresh(self, key: str, seen_version: int, seen_fresh_until: int) -> Shared[None]:
         """Reload *key* in the background if no other reader is doing it, nor
         has done it since this reader saw the entry."""
         token = secrets.token_hex(8)
@@ -233,41 +284,51 @@ class Reader:
                 {key: token}, self.settings.lease, even_if_cached=True
             )
             if taken[key] is not True:
-                return
+                return _REFRESHED
             raw = await self.store.get(key)
             if raw is not None:
                 now = envelope.decode(raw)
                 if (now.version, now.fresh_until_ms) != (seen_version, seen_fresh_until):
-                    return  # refreshed (or rewritten) by someone else meanwhile
-            rows, load_ms = await self._load([key])
+                    return _REFRESHED  # refreshed (or rewritten) by someone else meanwhile
+            rows, load_ms, _ = await self._load([key])
             _, stored, px = self.fresh(key, rows[key], load_ms)
             await self.store.fill_many({key: (token, stored, px, self._notice(key, rows[key]))})
         except Exception as err:  # a background refresh must never surface
             log.warning("refresh of %s/%s failed: %s", self.settings.name, key, err)
+        return _REFRESHED
 
     # -- misses --------------------------------------------------------------
 
-    async def _miss(self, key: str, reload: bool = False) -> Entry:
-        entries = await self._load_misses([key], redis_up=True, reload=reload)
-        return entries[key]
+    async def _miss(self, key: str, reload: bool = False) -> Shared[Read]:
+        read = (await self._load_misses([key], redis_up=True, reload=reload))[key]
+        return Shared(read, read.as_of)
 
     async def _load_misses(
         self, keys: list[str], redis_up: bool, reload: bool = False
-    ) -> dict[str, Entry]:
+    ) -> dict[str, Read]:
         """One SQL query for all *keys*; fill those whose lease this reader got.
         Keys leased by another reader are waited for first (single key only);
-        keys filled meanwhile are served as they are now (unless *reload*)."""
+        keys filled meanwhile are served as they are now (unless *reload*).
+
+        Each answer says from when it is known current (:class:`Read`): a
+        value found in Redis from the Redis read; a row from the SQL query,
+        or, if its fill was accepted, from the fill (no write came between
+        the lease and the fill: every write deletes the lease). Only values
+        that Redis confirmed (found there, or filled) may be kept by the near
+        cache, and they count their age from when this load began."""
         tokens = {key: secrets.token_hex(8) for key in keys}
         leased: dict[str, bool] = {}
-        found: dict[str, Entry] = {}
+        found: dict[str, Read] = {}
+        began = time.monotonic()
         if redis_up:
+            mark = self._loads.tick()
             with suppress(RedisError):
                 taken = await self.store.take_leases(
                     tokens, self.settings.lease, even_if_cached=reload
                 )
                 for key, outcome in taken.items():
                     if isinstance(outcome, bytes):
-                        found[key] = self._hit(key, outcome)[0]
+                        found[key] = Read(self._hit(key, outcome)[0], mark, began)
                     else:
                         leased[key] = outcome
         if found:
@@ -278,25 +339,30 @@ class Reader:
             filled = await self._await_fill(keys[0])
             if filled is not None:
                 return {keys[0]: filled}
-        rows, load_ms = await self._load(keys)
+        rows, load_ms, mark = await self._load(keys)
         entries, fills = {}, {}
         for key in keys:
             entry, stored, px = self.fresh(key, rows[key], load_ms)
             entries[key] = entry
             if leased.get(key):
                 fills[key] = (tokens[key], stored, px, self._notice(key, rows[key]))
+        filled_mark, accepted = self._loads.tick(), {}
         try:
             with span("cache.fill", **{"cache.namespace": self.settings.name}):
-                await self.store.fill_many(fills)
+                accepted = await self.store.fill_many(fills)
         except RedisError as err:
             log.debug("fill failed: %s", err)
-        return {**entries, **found}
+        reads = {
+            key: Read(entry, filled_mark, began) if accepted.get(key) else Read(entry, mark)
+            for key, entry in entries.items()
+        }
+        return {**reads, **found}
 
-    async def _await_fill(self, key: str) -> Entry | None:
+    async def _await_fill(self, key: str) -> Read | None:
         with span("cache.lease_wait", **{"cache.namespace": self.settings.name}):
             return await self._wait_for_fill(key)
 
-    async def _wait_for_fill(self, key: str) -> Entry | None:
+    async def _wait_for_fill(self, key: str) -> Read | None:
         """Wait up to lease_wait for the lease holder's fill, woken by its
         notice; the poll only covers a lost notice."""
         filled = asyncio.Event()
@@ -312,12 +378,13 @@ class Reader:
                     await asyncio.wait_for(filled.wait(), min(poll, remaining))
                 filled.clear()
                 poll = min(poll * 2, _MAX_POLL)
+                mark, read_at = self._loads.tick(), time.monotonic()
                 try:
                     raw = await self.store.get(key)
                 except RedisError:
                     return None
                 if raw is not None:
-                    return self._hit(key, raw)[0]
+                    return Read(self._hit(key, raw)[0], mark, read_at)
             return None
         finally:
             waiters.discard(filled)
@@ -325,21 +392,25 @@ class Reader:
                 del self._fill_waiters[key]
 
     async def _load_uncached(self, key: str) -> Entry:
-        rows, _ = await self._load([key])
+        rows, _, _ = await self._load([key])
         row = rows[key]
         return Entry(key, row.value, row.version, Layer.DATABASE)
 
-    async def _load(self, keys: Sequence[str]) -> tuple[dict[str, Row], int]:
+    async def _load(self, keys: Sequence[str]) -> tuple[dict[str, Row], int, int]:
+        """The rows of *keys*, the query's time (ms), and a tick of the load
+        flight taken just before the query: its snapshot reflects every write
+        committed before that tick."""
         with span("cache.load", **{"cache.namespace": self.settings.name, "cache.keys": len(keys)}):
             async with database_errors(), self.pool.connection() as conn:
                 # Only the query is timed: XFetch needs what a reload costs,
                 # not how long this request waited for a connection.
+                mark = self._loads.tick()
                 started = time.monotonic()
                 rows = await self.table.load(conn, keys)
                 load_ms = (time.monotonic() - started) * 1000
         if telemetry.METRICS:
             instruments.load_duration.record(load_ms, {"cache.namespace": self.settings.name})
-        return rows, round(load_ms)
+        return rows, round(load_ms), mark
 
 
 def _now_ms() -> int:

@@ -22,7 +22,6 @@ class WriteThrough(CacheAside):
     async def after_commit(
         self, key: str, recorded: RecordedWrite, stored: bytes | None, ttl_ms: int | None
     ) -> None:
-        self.changed_here(key, recorded.version)
         _, cached, px = self.reader.fresh(
             key, Row(stored, recorded.version), load_ms=0, ttl_ms=ttl_ms
         )
@@ -38,4 +37,6 @@ class WriteThrough(CacheAside):
         except RedisError as err:
             log.warning("cache write of %s/%s left to the outbox: %s", self.name, key, err)
             return
+        finally:
+            self.changed_here(key, recorded.version)  # after Redis: see CacheAside
         self.outbox.done(recorded.outbox_id)
