@@ -31,6 +31,7 @@ from cachecoord_client import (
     AsyncClient,
     CacheCoordError,
     Layer,
+    LocalCache,
     Unavailable,
     VersionConflict,
     WatchEvent,
@@ -129,7 +130,7 @@ async def test_dead_lettered_write_moves_the_key_to_a_higher_version_of_the_data
     """profiles.score has CHECK (score >= 0): a Put of -1 is acknowledged at
     V2, then rejected at every flush and dead-lettered. The key must not fall
     back to V1: it moves to V3 > V2 holding PostgreSQL's row, announced to
-    Watch with reason `rejected`; a compare-and-set with V2 fails naming V3,
+    Watch (and LocalCache) with reason `rejected`; a compare-and-set with V2 fails naming V3,
     and PostgreSQL's version of the key follows to V3."""
     key = new_user_id()
     v1 = await client.put("profiles", key, b'{"name": "kept", "score": 1}')
@@ -138,13 +139,19 @@ async def test_dead_lettered_write_moves_the_key_to_a_higher_version_of_the_data
         == v1
     )
 
-    async with client.watch(["profiles"], key_prefix=key) as events:
+    async with (
+        client.watch(["profiles"], key_prefix=key) as events,
+        LocalCache(client, namespaces=["profiles"]) as local,
+    ):
         assert (await next_event(events)).kind is WatchEventKind.RESET
         v2 = await client.put("profiles", key, b'{"score": -1}')
-        served = await client.get("profiles", key)
+        served = await local.get("profiles", key)  # and kept in memory
         dead = await poll(lambda: dead_letters(redis_server.url, "profiles", key), bool, within=10)
         got = await client.get("profiles", key)
         rejected = await event_with_reason(events, key, "rejected")
+        remembered = await poll(
+            lambda: local.get("profiles", key), lambda v: v.version != v2, within=2
+        )
 
     assert (served.version, json.loads(served.value)["score"]) == (v2, -1)
     assert [int(entry[b"v"]) for entry in dead] == [v2]
@@ -152,6 +159,7 @@ async def test_dead_lettered_write_moves_the_key_to_a_higher_version_of_the_data
     assert json.loads(got.value) == {"id": int(key), "name": "kept", "score": 1}
     assert rejected is not None, "no Watch event with reason rejected"
     assert rejected.version == got.version
+    assert (remembered.version, remembered.value) == (got.version, got.value)
     with pytest.raises(VersionConflict) as conflict:
         await client.put("profiles", key, b'{"score": 2}', expected_version=v2)
     assert str(got.version) in conflict.value.details
