@@ -189,6 +189,31 @@ async def test_a_get_in_flight_while_its_key_changes_is_not_kept(
         assert (await local.get("blobs", key)).version == new
 
 
+async def test_an_entry_counts_its_age_from_when_its_get_began(
+    app: App, client: AsyncClient, monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    """max_age is 300 ms; the Get's answer takes 400 ms to come back. It is
+    answered, but not kept: it was read longer than max_age ago."""
+    assert app.cache is not None
+    get: Get = app.cache.get
+    release = asyncio.Event()
+
+    async def slow_get(namespace: str, k: str) -> Entry:
+        entry = await get(namespace, k)
+        if k == key:
+            await release.wait()
+        return entry
+
+    monkeypatch.setattr(app.cache, "get", slow_get)
+    await client.put("blobs", key, b"v")
+    async with LocalCache(client, namespaces=["blobs"], max_age=0.3) as local:
+        reading = asyncio.create_task(local.get("blobs", key))
+        await asyncio.sleep(0.4)
+        release.set()
+        assert (await reading).value == b"v"
+        assert len(local) == 0, "kept past max_age after its read began"
+
+
 async def test_local_writes_drop_the_key_at_once(client: AsyncClient, key: str) -> None:
     async with LocalCache(client, namespaces=["blobs"]) as local:
         await local.put("blobs", key, b"v1")

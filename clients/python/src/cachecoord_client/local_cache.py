@@ -10,6 +10,13 @@ A Get that was in flight while its key was invalidated (or a RESET came)
 returns its answer to its caller but is not stored: it may have read the
 value from before the change, whose event already went by. This is the near
 cache's rule on the server (cachecoord.invalidation.near_cache), per key.
+An entry's ``max_age`` counts from when the Get that read it began.
+
+The rule this gives: a read that starts after the event of a write arrived
+never returns the value from before that write. Memory cannot hold it (the
+event evicted it, and no Get begun before the event stores its answer), and
+the server sent the event only once it could no longer answer the older
+version itself (its near cache evicted, no older load shared).
 
 Keep one client per server instance (a channel connects to one instance by
 default): an event says that *its* instance has applied the change, and a
@@ -153,7 +160,7 @@ class LocalCache:
             return held[1]
         if held is not None:
             del self._entries[k]  # too old
-        start = self._seq
+        start, began = self._seq, time.monotonic()
         self._in_flight[k] += 1
         try:
             value = await self._client.get(namespace, key, timeout=timeout)
@@ -164,7 +171,7 @@ class LocalCache:
                 del self._in_flight[k]
                 self._changed.pop(k, None)
         if missed <= start and self._live.is_set() and namespace in self._namespaces:
-            self._store(k, value)
+            self._store(k, value, began)
         return value
 
     async def put(
@@ -206,7 +213,9 @@ class LocalCache:
         finally:
             self._invalidate((namespace, key), 0)
 
-    def _store(self, k: _Key, value: Value) -> None:
+    def _store(self, k: _Key, value: Value, began: float) -> None:
+        """Keep *value*, read by a Get that began at *began* (monotonic): its
+        age counts from then, not from when its answer came back."""
         if value.stale:
             return  # served while the server could not refresh it: not worth keeping
         held = self._entries.get(k)
@@ -216,7 +225,9 @@ class LocalCache:
             del self._entries[k]
             return
         age = self._max_age if value.ttl_ms <= 0 else min(self._max_age, value.ttl_ms / 1000)
-        self._entries[k] = (time.monotonic() + age, value)
+        if began + age <= time.monotonic():
+            return  # read too long ago already
+        self._entries[k] = (began + age, value)
         self._entries.move_to_end(k)
         if len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)
