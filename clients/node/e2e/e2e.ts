@@ -12,6 +12,7 @@ import { credentials, Metadata, status, type ClientReadableStream } from "@grpc/
 import {
   CacheCoordServiceClient,
   type HoldLockRequest,
+  HoldLockRequest_Acquire,
   type HoldLockResponse,
   type WatchResponse,
   traceparent,
@@ -203,7 +204,11 @@ async function run(client: CacheCoordServiceClient): Promise<Record<string, unkn
   const hold = client.holdLock(metadata(), options());
   const held = new StreamReader<HoldLockResponse>(hold);
   const acquire: HoldLockRequest = {
-    kind: { $case: "acquire", value: { name, ttlMs: 10_000n, waitTimeoutMs: 2_000n } },
+    kind: {
+      $case: "acquire",
+      // fromPartial: the fields left out take their defaults.
+      value: HoldLockRequest_Acquire.fromPartial({ name, ttlMs: 10_000n, waitTimeoutMs: 2_000n }),
+    },
   };
   hold.write(acquire);
   const acquired = await held.next();
