@@ -39,15 +39,20 @@ def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 async def cachecoord(
-    app: App, command: str, *args: str, stdin: bytes = b"", env: Mapping[str, str] | None = None
+    app: App,
+    command: str,
+    *args: str,
+    stdin: bytes = b"",
+    env: Mapping[str, str] | None = None,
+    target: str | None = None,
 ) -> Result:
     """Run ``cachecoord COMMAND --target <app> ARGS...`` to completion, with the
-    CACHECOORD_* variables of *env* only."""
+    CACHECOORD_* variables of *env* only (*target* instead of the app's)."""
     proc = await asyncio.create_subprocess_exec(
         CLI,
         command,
         "--target",
-        f"127.0.0.1:{app.port}",
+        target or f"127.0.0.1:{app.port}",
         *args,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
@@ -56,6 +61,29 @@ async def cachecoord(
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(stdin), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return Result(proc.returncode, out.decode(), err.decode())
+
+
+async def operator(command: str, *args: str, config: Path) -> Result:
+    """Run an operator command, ``cachecoord COMMAND ARGS... --config CONFIG``
+    (they read Redis and PostgreSQL directly: no --target)."""
+    proc = await asyncio.create_subprocess_exec(
+        CLI,
+        *command.split(),
+        *args,
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=cli_env(),
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:
         if proc.returncode is None:
             proc.kill()

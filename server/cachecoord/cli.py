@@ -2,16 +2,23 @@
 
     cachecoord serve --config FILE
     cachecoord get NAMESPACE KEY
+    cachecoord batch-get NAMESPACE KEY...
     cachecoord put NAMESPACE KEY VALUE [--expected-version N] [--ttl-ms N]
     cachecoord delete NAMESPACE KEY
     cachecoord invalidate NAMESPACE [KEY...] [--all]
+    cachecoord watch NAMESPACE... [--key-prefix P] [--count N]
+    cachecoord health [SERVICE]
     cachecoord lock NAME [--ttl-ms N] [--wait-ms N] -- COMMAND...
+    cachecoord queue status [NAMESPACE...] --config FILE
+    cachecoord dead-letters list|replay|drop NAMESPACE [ID...] --config FILE
 
 Client commands reach ``--target`` (default ``$CACHECOORD_TARGET`` or
 127.0.0.1:50051), over TLS with ``--tls`` or ``--tls-ca FILE`` (mutual TLS
 with ``--tls-cert``/``--tls-key``), with the bearer token of
 ``$CACHECOORD_TOKEN`` or ``--token-file FILE`` (never an argument: the process
 list would show it); they print human-readable text, or JSON with ``--json``.
+Operator commands (``queue``, ``dead-letters``) read Redis and PostgreSQL
+directly, at the URLs of the server's ``--config``.
 """
 
 from __future__ import annotations
@@ -26,12 +33,28 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
+from cachecoord import cli_operator, exit_codes
+from cachecoord.cli_output import value_fields
 from cachecoord.config import ConfigError, load
-from cachecoord_client import CacheCoordError, Client
+from cachecoord_client import CacheCoordError, Client, WatchEventKind
+from cachecoord_client.errors import from_rpc_error
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(exit_codes.USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class UsageError(Exception):
+    """Options that cannot go together, or a file an option names that cannot be read."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -44,7 +67,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv, command = argv[:at], argv[at + 1 :]
     args = _parser().parse_args(argv)
     args.command = command
-    sys.exit(args.run(args))
+    try:
+        code = args.run(args)
+    except UsageError as err:
+        print(f"cachecoord: {err}", file=sys.stderr)
+        code = exit_codes.USAGE
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
 
 
 def _version() -> str:
@@ -54,18 +84,28 @@ def _version() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cachecoord", description=__doc__.split("\n")[0])
+    parser = _Parser(
+        prog="cachecoord",
+        description=__doc__.split("\n")[0],
+        epilog=exit_codes.epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"cachecoord {_version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the server")
     serve.add_argument("--config", type=Path, default=os.environ.get("CACHECOORD_CONFIG"))
-    serve.add_argument("--log-level", default=os.environ.get("CACHECOORD_LOG_LEVEL", "INFO"))
+    serve.add_argument(
+        "--log-level",
+        type=_one_of("log level", _LOG_LEVELS, str.upper),
+        default=os.environ.get("CACHECOORD_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO (default), WARNING, ERROR or CRITICAL",
+    )
     serve.add_argument(
         "--log-format",
-        choices=["text", "json"],
+        type=_one_of("log format", ("text", "json"), str.lower),
         default=os.environ.get("CACHECOORD_LOG_FORMAT", "text"),
-        help="json: one JSON object per line, with trace and span ids",
+        help="text (default), or json: one JSON object per line, with trace and span ids",
     )
     serve.add_argument(
         "--workers",
@@ -75,9 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=_serve)
 
-    client = argparse.ArgumentParser(add_help=False)
+    client = _Parser(add_help=False)
     client.add_argument("--target", default=os.environ.get("CACHECOORD_TARGET", "127.0.0.1:50051"))
-    client.add_argument("--json", action="store_true", help="print JSON")
+    client.add_argument(
+        "--json", action="store_true", help="print JSON (errors too, on stderr); see README CLI"
+    )
     client.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
     client.add_argument("--tls", action="store_true", help="TLS, trusting the system's CAs")
     client.add_argument("--tls-ca", type=Path, help="TLS, trusting this CA certificate (PEM)")
@@ -91,6 +133,11 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("namespace")
     get.add_argument("key")
     get.set_defaults(run=_get)
+
+    batch_get = commands.add_parser("batch-get", parents=[client], help="read many keys")
+    batch_get.add_argument("namespace")
+    batch_get.add_argument("keys", nargs="+", metavar="key")
+    batch_get.set_defaults(run=_batch_get)
 
     put = commands.add_parser("put", parents=[client], help="write a key")
     put.add_argument("namespace")
@@ -112,6 +159,22 @@ def _parser() -> argparse.ArgumentParser:
     invalidate.add_argument("--all", action="store_true", help="every key of the namespace")
     invalidate.set_defaults(run=_invalidate)
 
+    watch = commands.add_parser(
+        "watch", parents=[client], help="print the invalidation events of namespaces"
+    )
+    watch.add_argument("namespaces", nargs="+", metavar="namespace")
+    watch.add_argument("--key-prefix", default="", help="only keys starting with this")
+    watch.add_argument("--count", type=int, help="stop after this many events")
+    watch.set_defaults(run=_watch)
+
+    health = commands.add_parser(
+        "health", parents=[client], help="ask the grpc.health.v1 service; exit 0 when SERVING"
+    )
+    health.add_argument("service", nargs="?", default="", help="service name ('' the server)")
+    health.set_defaults(run=_health)
+
+    cli_operator.add_commands(commands)
+
     triggers = commands.add_parser(
         "triggers", help="install or remove the change triggers of a mapped namespace"
     )
@@ -126,6 +189,22 @@ def _parser() -> argparse.ArgumentParser:
     lock.add_argument("--wait-ms", type=int, default=10_000, help="how long to wait for it")
     lock.set_defaults(run=_lock)
     return parser
+
+
+def _one_of(what: str, choices: Sequence[str], normal: Any) -> Any:
+    """An argparse type: *normal*(value) if among *choices*, else a usage error.
+    (A type, not ``choices``, so that a default from the environment is checked too.)"""
+
+    def check(value: str) -> str:
+        normalized: str = normal(value)
+        if normalized not in choices:
+            raise argparse.ArgumentTypeError(
+                f"invalid {what} {value!r}: choose from {', '.join(choices)}"
+            )
+        return normalized
+
+    check.__name__ = what
+    return check
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -185,16 +264,20 @@ def _triggers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client(args: argparse.Namespace) -> Client:
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
     if (args.tls_cert is None) != (args.tls_key is None):
-        raise SystemExit("cachecoord: --tls-cert and --tls-key go together")
-    credentials = None
-    if args.tls or args.tls_ca or args.tls_cert:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=_read(args.tls_ca, "--tls-ca"),
-            private_key=_read(args.tls_key, "--tls-key"),
-            certificate_chain=_read(args.tls_cert, "--tls-cert"),
-        )
+        raise UsageError("--tls-cert and --tls-key go together")
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(args.tls_ca, "--tls-ca"),
+        private_key=_read(args.tls_key, "--tls-key"),
+        certificate_chain=_read(args.tls_cert, "--tls-cert"),
+    )
+
+
+def _client(args: argparse.Namespace) -> Client:
+    credentials = _credentials(args)
     token = os.environ.get("CACHECOORD_TOKEN")
     if args.token_file is not None:
         token = (_read(args.token_file, "--token-file") or b"").decode().strip()
@@ -203,7 +286,7 @@ def _client(args: argparse.Namespace) -> Client:
             args.target, default_timeout=args.timeout, credentials=credentials, token=token or None
         )
     except ValueError as err:
-        raise SystemExit(f"cachecoord: {err}") from None
+        raise UsageError(str(err)) from None
 
 
 def _read(path: Path | None, option: str) -> bytes | None:
@@ -212,7 +295,18 @@ def _read(path: Path | None, option: str) -> bytes | None:
     try:
         return path.read_bytes()
     except OSError as err:
-        raise SystemExit(f"cachecoord: {option}: cannot read {path}: {err.strerror}") from None
+        raise UsageError(f"{option}: cannot read {path}: {err.strerror}") from None
+
+
+def failed(args: argparse.Namespace, err: CacheCoordError) -> int:
+    """Report a failed RPC on stderr (as JSON with ``--json``); its exit code."""
+    code = exit_codes.for_status(err.code)
+    if getattr(args, "json", False):
+        doc = {"error": err.code.name, "code": err.code.value[0], "message": err.details}
+        print(json.dumps(doc), file=sys.stderr)
+    else:
+        print(f"cachecoord: {err.code.name}: {err.details}", file=sys.stderr)
+    return code
 
 
 def _call(args: argparse.Namespace, action: Any) -> int:
@@ -220,11 +314,7 @@ def _call(args: argparse.Namespace, action: Any) -> int:
         with _client(args) as client:
             result = action(client)
     except CacheCoordError as err:
-        if args.json:
-            print(json.dumps({"error": err.code.name, "message": err.details}))
-        else:
-            print(f"cachecoord: {err.code.name}: {err.details}", file=sys.stderr)
-        return 1
+        return failed(args, err)
     if args.json:
         print(json.dumps(result[0]))
     else:
@@ -239,21 +329,39 @@ def _show(value: bytes) -> str:
         return "base64:" + base64.b64encode(value).decode()
 
 
+def _entry(found: bool, value: bytes, version: int, layer: str, stale: bool, ttl_ms: int) -> Any:
+    if not found:
+        return {"found": False}
+    fields = {"version": version, "layer": layer, "stale": stale, "ttl_ms": ttl_ms}
+    return {"found": True, **value_fields(value), **fields}
+
+
 def _get(args: argparse.Namespace) -> int:
     def action(client: Client) -> tuple[Any, str]:
         got = client.get(args.namespace, args.key)
+        doc = _entry(got.found, got.value, got.version, got.layer.value, got.stale, got.ttl_ms)
         if not got.found:
-            return {"found": False}, "(not found)"
-        doc = {
-            "found": True,
-            "value": _show(got.value),
-            "version": got.version,
-            "layer": got.layer.value,
-            "stale": got.stale,
-            "ttl_ms": got.ttl_ms,
-        }
+            return doc, "(not found)"
         stale = ", stale" if got.stale else ""
         return doc, f"{_show(got.value)}\n(version {got.version}, from {got.layer.value}{stale})"
+
+    return _call(args, action)
+
+
+def _batch_get(args: argparse.Namespace) -> int:
+    def action(client: Client) -> tuple[Any, str]:
+        entries = client.batch_get(args.namespace, args.keys)
+        docs = [
+            {"key": e.key, **_entry(e.found, e.value, e.version, e.layer.value, e.stale, e.ttl_ms)}
+            for e in entries
+        ]
+        lines = [
+            f"{e.key}\t{_show(e.value)}\t(version {e.version}, from {e.layer.value})"
+            if e.found
+            else f"{e.key}\t(not found)"
+            for e in entries
+        ]
+        return {"entries": docs}, "\n".join(lines)
 
     return _call(args, action)
 
@@ -289,6 +397,66 @@ def _invalidate(args: argparse.Namespace) -> int:
         return {"invalidated": count}, f"{count} cached entr{'y' if count == 1 else 'ies'} dropped"
 
     return _call(args, action)
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """Print events as they come, one a line, until ``--count`` invalidations
+    (or Ctrl-C); no deadline (``--timeout`` does not apply to the stream)."""
+    seen = 0
+    try:
+        with (
+            _client(args) as client,
+            client.watch(args.namespaces, key_prefix=args.key_prefix) as events,
+        ):
+            for event in events:
+                if args.json:
+                    doc: dict[str, Any] = {"kind": event.kind.value, "reason": event.reason}
+                    if event.kind is WatchEventKind.INVALIDATION:
+                        doc.update(
+                            namespace=event.namespace,
+                            key=event.key,
+                            all_keys=event.all_keys,
+                            version=event.version,
+                            origin=event.origin,
+                        )
+                    print(json.dumps(doc), flush=True)
+                elif event.kind is WatchEventKind.INVALIDATION:
+                    key = "(all keys)" if event.all_keys else event.key
+                    print(
+                        f"{event.namespace}\t{key}\tversion {event.version}\t{event.reason}"
+                        f"\tfrom {event.origin}",
+                        flush=True,
+                    )
+                elif event.kind is WatchEventKind.RESET:
+                    print(f"(reset: {event.reason})", flush=True)
+                if event.kind is WatchEventKind.INVALIDATION:
+                    seen += 1
+                    if args.count is not None and seen >= args.count:
+                        break
+    except CacheCoordError as err:
+        return failed(args, err)
+    return exit_codes.OK
+
+
+def _health(args: argparse.Namespace) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    credentials = _credentials(args)
+    channel = (
+        grpc.insecure_channel(args.target)
+        if credentials is None
+        else grpc.secure_channel(args.target, credentials)
+    )
+    try:
+        with channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+    except grpc.RpcError as err:
+        return failed(args, from_rpc_error(err))
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(json.dumps({"status": status}) if args.json else status)
+    return exit_codes.OK if status == "SERVING" else exit_codes.FAILURE
 
 
 def _lock(args: argparse.Namespace) -> int:
