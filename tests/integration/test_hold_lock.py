@@ -11,13 +11,19 @@ client merely dropped (grpc #43462), so both are measured here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import os
+import signal
 import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -27,6 +33,7 @@ import redis.asyncio as aioredis
 from strategy_support import ServeProcess, serve_config
 
 from cachecoord.app import App
+from cachecoord.config import Duration
 from cachecoord.storage import keys
 from cachecoord_client import (
     AsyncClient,
@@ -36,9 +43,12 @@ from cachecoord_client import (
     Lock,
     LockLost,
     LockNotAcquired,
+    Unavailable,
+    WatchEventKind,
 )
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
+from conftest import settings_for
 from local_servers import PostgresServer, RedisServer, free_port
 
 ABORTED = grpc.StatusCode.ABORTED
@@ -628,3 +638,268 @@ async def settled_task_count(baseline: int, within: float = 5.0) -> int:
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.2)  # and it stays there
     return len(asyncio.all_tasks())
+
+
+# Connection recycling, Redis freezes and losses (issue 18): an instance of
+# this test's own, on a Redis of its own (frozen with SIGSTOP), that closes
+# every connection after half a second and kills what is left on it one
+# second later.
+
+RECYCLING = {"max_connection_age": 500, "max_connection_age_grace": 1_000}
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@asynccontextmanager
+async def own_instance(
+    redis_server: RedisServer, postgres: PostgresServer, tmp: Path, **server: int
+) -> AsyncIterator[App]:
+    settings = settings_for(tmp, redis_server.url, postgres.dsn)
+    durations: dict[str, Any] = {key: Duration(value) for key, value in server.items()}
+    instance = App(replace(settings, server=replace(settings.server, **durations)))
+    await instance.start()
+    try:
+        yield instance
+    finally:
+        await instance.stop()
+
+
+@pytest_asyncio.fixture
+async def recycling(
+    own_redis: RedisServer, postgres_server: PostgresServer, tmp_path: Path
+) -> AsyncIterator[App]:
+    async with own_instance(own_redis, postgres_server, tmp_path, **RECYCLING) as instance:
+        yield instance
+
+
+@contextmanager
+def frozen(server: RedisServer) -> Iterator[None]:
+    """Redis stops answering (its process is stopped) until the block ends."""
+    pid = server.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def refused_throughout(client: AsyncClient, name: str, until: asyncio.Event) -> int:
+    """Try to take *name* every 50 ms until *until* is set; the number of tries
+    (each refused: the test fails at the first one that gets the lock)."""
+    tries = 0
+    while not until.is_set():
+        with contextlib.suppress(LockNotAcquired, Unavailable, DeadlineExceeded):
+            got = await client.acquire_lock(name, ttl_ms=10_000, timeout=2)
+            raise AssertionError(f"a second client got the held lock {name!r}: {got}")
+        tries += 1
+        await asyncio.sleep(0.05)
+    return tries
+
+
+async def test_a_hold_outlives_many_connection_ages_and_nobody_else_gets_it(
+    recycling: App, name: str
+) -> None:
+    """The server closes the holder's connection every 0.5 s and kills its
+    streams 1 s later: the hold is handed off and resumed each time, the
+    token and fencing token unchanged, and the competitor is refused all
+    along. (Without the hand-off the kill releases the lock and the
+    competitor takes it.)"""
+    target = f"127.0.0.1:{recycling.port}"
+    done = asyncio.Event()
+    async with AsyncClient(target) as holder_client, AsyncClient(target) as other:
+        async with holder_client.hold_lock(name, ttl_ms=2_000) as lock:
+            competitor = asyncio.create_task(refused_throughout(other, name, done))
+            await asyncio.sleep(5)  # ten connection ages, five grace periods
+            done.set()
+            tries = await competitor
+            assert not lock.lost
+            lock.check()
+        after = await other.acquire_lock(name, ttl_ms=1_000)
+    assert tries > 40
+    assert after.fencing_token > lock.fencing_token
+
+
+async def test_a_sync_hold_outlives_many_connection_ages(recycling: App, name: str) -> None:
+    target = f"127.0.0.1:{recycling.port}"
+    done = asyncio.Event()
+
+    def hold() -> Lock:
+        with Client(target) as sync, sync.hold_lock(name, ttl_ms=2_000) as lock:
+            time.sleep(4)
+            assert not lock.lost
+        return lock
+
+    async with AsyncClient(target) as other:
+        holder = asyncio.create_task(asyncio.to_thread(hold))
+        await asyncio.sleep(0.3)
+        competitor = asyncio.create_task(refused_throughout(other, name, done))
+        lock = await holder
+        done.set()
+        await competitor
+        after = await other.acquire_lock(name, ttl_ms=1_000)
+    assert after.fencing_token > lock.fencing_token
+
+
+async def test_a_hold_is_resumed_on_another_instance_when_its_own_drains(
+    redis_server: RedisServer, postgres_server: PostgresServer, tmp_path: Path, name: str
+) -> None:
+    """SIGTERM (App.stop, which `cachecoord serve` runs on it) hands every
+    hold off; the client resumes it on the next instance it reaches, and
+    the lock stays held, renewed there, past its TTL."""
+    async with (
+        own_instance(redis_server, postgres_server, tmp_path) as second,
+        AsyncClient(f"127.0.0.1:{second.port}") as other,
+    ):
+        first = App(settings_for(tmp_path, redis_server.url, postgres_server.dsn))
+        await first.start()
+        # pick_first: the first address while it answers, then the second.
+        target = f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}"
+        try:
+            async with AsyncClient(target) as client, client.hold_lock(name, ttl_ms=1_500) as lock:
+                await assert_held(other, name)
+                await first.stop()  # drains: hands the hold off, refuses its resume
+                await asyncio.sleep(2.0)  # past the TTL: held only if resumed elsewhere
+                await assert_held(other, name)
+                lock.check()
+        finally:
+            await first.stop()
+        after = await other.acquire_lock(name, ttl_ms=1_000)  # released when the block ended
+    assert after.fencing_token > lock.fencing_token
+
+
+async def test_a_redis_freeze_shorter_than_the_ttl_does_not_lose_a_held_lock(
+    recycling: App, own_redis: RedisServer, name: str
+) -> None:
+    """Redis stops answering for 2 s (renewals time out after 1 s) while a
+    lock with a 4 s TTL is held: renewals are retried until one gets through,
+    and the lock is never lost or taken by anyone else."""
+    raw = aioredis.Redis.from_url(own_redis.url, protocol=2)
+    try:
+        async with AsyncClient(f"127.0.0.1:{recycling.port}") as client:
+            async with client.hold_lock(name, ttl_ms=4_000) as lock:
+                await asyncio.sleep(1.5)  # renewed once
+                with frozen(own_redis):
+                    await asyncio.sleep(2.0)
+                await asyncio.sleep(3.0)  # renewed again, and past the last good renewal's TTL
+                assert await raw.get(keys.lock_key(name)) == lock.token.encode()
+                lock.check()
+            assert not await raw.exists(keys.lock_key(name))
+    finally:
+        await raw.aclose()
+
+
+async def test_the_block_is_interrupted_within_a_second_of_a_loss(
+    client: AsyncClient, redis: aioredis.Redis, name: str
+) -> None:
+    lost_at = 0.0
+    blocked = asyncio.Event()
+
+    async def hold() -> None:
+        nonlocal lost_at
+        async with client.hold_lock(name, ttl_ms=600) as lock:
+            blocked.set()
+            await asyncio.sleep(30)  # the work: it must not run on without the lock
+        raise AssertionError(f"the block ran on after losing {lock}")
+
+    holder = asyncio.create_task(hold())
+    await asyncio.wait_for(blocked.wait(), 5)
+    await redis.set(keys.lock_key(name), "someone-else")  # another holder, as after expiry
+    lost_at = time.monotonic()
+    with pytest.raises(LockLost):
+        await asyncio.wait_for(holder, 5)
+    interrupted = time.monotonic() - lost_at
+    await redis.delete(keys.lock_key(name))
+
+    assert interrupted < 1.0, f"the block learnt of the loss {interrupted:.2f} s later"
+
+
+async def test_the_sync_holder_is_told_within_a_second_of_a_loss(
+    target: str, redis: aioredis.Redis, name: str
+) -> None:
+    told = threading.Event()
+    acquired = threading.Event()
+
+    def hold() -> float:
+        seen = 0.0
+
+        def work(sync: Client) -> None:
+            nonlocal seen
+            with sync.hold_lock(name, ttl_ms=600) as lock:
+                acquired.set()
+                assert told.wait(5)
+                assert lock.wait_lost(5)
+                seen = time.monotonic()
+                assert lock.lost
+                lock.check()  # raises LockLost
+
+        with Client(target) as sync, pytest.raises(LockLost):
+            work(sync)
+        return seen
+
+    holder = asyncio.create_task(asyncio.to_thread(hold))
+    assert await asyncio.to_thread(acquired.wait, 5)
+    await redis.set(keys.lock_key(name), "someone-else")
+    lost_at = time.monotonic()
+    told.set()
+    seen = await holder
+    await redis.delete(keys.lock_key(name))
+
+    assert seen - lost_at < 1.0, f"told {seen - lost_at:.2f} s after the loss"
+
+
+async def test_a_stream_without_a_first_message_ends_with_invalid_argument(
+    own_redis: RedisServer, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    async with (
+        own_instance(
+            own_redis, postgres_server, tmp_path, lock_first_message_timeout=300
+        ) as instance,
+        grpc.aio.insecure_channel(f"127.0.0.1:{instance.port}") as channel,
+    ):
+        call: HoldCall = pb_grpc.CacheCoordServiceStub(channel).HoldLock(None)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(call.read(), 5)
+    assert ended.value.code() is INVALID_ARGUMENT
+
+
+async def test_a_resume_with_a_token_that_no_longer_holds_the_lock_is_lost(
+    stub: pb_grpc.CacheCoordServiceAsyncStub, client: AsyncClient, name: str
+) -> None:
+    lock = await client.acquire_lock(name, ttl_ms=10_000)
+    await client.release_lock(name, lock.token)
+    call: HoldCall = stub.HoldLock(None)
+    resume = pb.HoldLockRequest.Resume(name=name, token=lock.token, ttl_ms=10_000)
+    await call.write(pb.HoldLockRequest(resume=resume))
+
+    event = await asyncio.wait_for(call.read(), 5)
+    assert isinstance(event, pb.HoldLockResponse)
+    assert event.WhichOneof("kind") == "lost"
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await call.read()
+    assert ended.value.code() is ABORTED
+
+
+async def test_a_resuming_watch_gets_a_reset_and_later_events_across_recycling(
+    recycling: App,
+) -> None:
+    key = uuid.uuid4().hex
+    async with (
+        AsyncClient(f"127.0.0.1:{recycling.port}") as client,
+        client.watch(["blobs"], resume=True) as events,
+    ):
+        kinds: list[tuple[WatchEventKind, str]] = []
+        deadline = time.monotonic() + 5
+        while ("reconnecting" not in [r for _, r in kinds]) and time.monotonic() < deadline:
+            event = await asyncio.wait_for(anext(events), 5)
+            kinds.append((event.kind, event.reason))
+        assert (WatchEventKind.RESET, "reconnecting") in kinds, kinds
+        await client.invalidate("blobs", [key])
+        while True:
+            event = await asyncio.wait_for(anext(events), 5)
+            if event.kind is WatchEventKind.INVALIDATION and event.key == key:
+                break

@@ -7,8 +7,8 @@ an exception, or cancelled because its client went away. A lock that
 outlives its holder blocks every other acquirer for a whole TTL, so the
 release runs in a task of its own that a second cancellation of the holder
 cannot cut short. A holder that calls `Hold.hand_off` before leaving keeps
-the lock instead: the hold renews it once more and stops, and its client
-resumes it elsewhere before it expires.
+the lock instead: the hold stops renewing it, and its client resumes it
+elsewhere before it expires.
 
 A renewal that fails for any reason but "not held by this token" (a
 timeout, a reset connection, an open breaker) is retried with backoff for as
@@ -101,8 +101,8 @@ class Hold:
         return max(0.0, self._valid_until - safety_margin(self._ttl_ms) - time.monotonic())
 
     def hand_off(self) -> None:
-        """Leave the block without releasing the lock: it is renewed once
-        more, then left to its TTL for the client to resume it elsewhere."""
+        """Leave the block without releasing the lock: it is left to what
+        remains of its TTL, for the client to resume it elsewhere."""
         self._handing_off = True
 
     async def __aenter__(self) -> LockGrant:
@@ -165,30 +165,15 @@ class Hold:
         if self._lost:
             return False
         if self._handing_off:
-            kept = await self._renew_once(grant)
-            self._lost = not kept
-            return kept
+            # No last renewal: with Redis slow it could outlast the grace the
+            # connection has left. The client's resume renews it at once.
+            self._lost = self.handed_off_for <= 0
+            return not self._lost
         try:
             await self._locks.release(self._name, grant.token)
         except LockNotHeld:
             return False
         return True
-
-    async def _renew_once(self, grant: LockGrant) -> bool:
-        """A last renewal before a hand-off, so the next holder gets a whole
-        TTL to resume in; if Redis does not answer, the lock keeps what is
-        left of its TTL. False if the lock turned out to be lost."""
-        attempt = time.monotonic()
-        try:
-            async with asyncio.timeout(self.handed_off_for):
-                await self._locks.extend(self._name, grant.token, self._ttl_ms)
-        except LockNotHeld:
-            return False
-        except (TimeoutError, Exception) as err:
-            log.warning("could not renew lock %r before handing it off (%r)", self._name, err)
-        else:
-            self._valid_until = attempt + self._ttl_ms / 1000
-        return self.handed_off_for > 0
 
     async def _renew(self, grant: LockGrant) -> None:
         try:

@@ -158,15 +158,20 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
         if first.WhichOneof("kind") == "resume":
             resume = first.resume
             hold = self.locks.hold(resume.name, resume.ttl_ms, 0, resume_token=resume.token)
+            resumable = True
         else:
             acquire = first.acquire
             hold = self.locks.hold(acquire.name, acquire.ttl_ms, acquire.wait_timeout_ms)
+            resumable = acquire.resumable
         try:
             async with hold as grant:
                 acquired = pb.HoldLockResponse.Acquired(
                     token=grant.token, fencing_token=grant.fencing_token
                 )
                 await context.write(pb.HoldLockResponse(acquired=acquired))
+                if not resumable:  # a client that would not resume: held as long as the stream
+                    await _until_released(requests)
+                    return
                 try:
                     async with self.handoffs.window():
                         await _until_released(requests)

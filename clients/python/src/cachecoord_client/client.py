@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
@@ -16,16 +17,31 @@ import grpc
 import grpc.aio
 
 from cachecoord_client import _convert
-from cachecoord_client.errors import CacheCoordError, DeadlineExceeded, from_rpc_error
+from cachecoord_client.errors import (
+    CacheCoordError,
+    DeadlineExceeded,
+    LockLost,
+    Unavailable,
+    from_rpc_error,
+)
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc
-from cachecoord_client.types import Deleted, Entry, Lock, Value
+from cachecoord_client.types import (
+    Deleted,
+    Entry,
+    HeldLock,
+    Lock,
+    Value,
+    WatchEvent,
+    WatchEventKind,
+)
 from cachecoord_client.watch import AsyncWatchStream
 
 if TYPE_CHECKING:
     from cachecoord_client.proto.cachecoord.v1.cachecoord_pb2_grpc import (
         CacheCoordServiceAsyncStub,
     )
+    from cachecoord_client.watch import AsyncWatchCall
 
 __all__ = ["AsyncClient"]
 
@@ -363,7 +379,12 @@ class AsyncClient:
         await self._call(self._stub.ExtendLock, request, timeout)
 
     def watch(
-        self, namespaces: Iterable[str], *, key_prefix: str = "", timeout: float | None = None
+        self,
+        namespaces: Iterable[str],
+        *,
+        key_prefix: str = "",
+        timeout: float | None = None,
+        resume: bool = False,
     ) -> AsyncWatchStream:
         """Stream the invalidation events of some namespaces, to keep a local cache coherent.
 
@@ -393,6 +414,13 @@ class AsyncClient:
             timeout: Deadline in seconds of the whole stream. None (the
                 default, unlike other methods): no deadline, since a Watch is
                 meant to stay open; ``default_timeout`` does not apply.
+            resume: Watch again when the stream breaks (UNAVAILABLE: the
+                server closed its connection after ``max_connection_age``,
+                drained, or restarted) instead of raising: a RESET with reason
+                ``reconnecting`` comes at once (drop everything: events may be
+                missed until the new stream is up), then the new stream's own
+                RESET. Unavailable is raised only when no new stream could be
+                opened for `WATCH_RESUME_FOR` seconds.
 
         Returns:
             An async iterator of `WatchEvent`, and an async context manager
@@ -407,6 +435,10 @@ class AsyncClient:
         server goes away).
         """
         request = _convert.watch_request(namespaces, key_prefix)
+        if resume:
+            return _ResumingWatchStream(
+                lambda: self._stub.Watch(request, timeout=timeout, metadata=self._metadata)
+            )
         return AsyncWatchStream(self._stub.Watch(request, timeout=timeout, metadata=self._metadata))
 
     @contextlib.asynccontextmanager
@@ -417,13 +449,24 @@ class AsyncClient:
         ttl_ms: int,
         wait_timeout_ms: int = 0,
         timeout: float | None = None,
-    ) -> AsyncIterator[Lock]:
+    ) -> AsyncIterator[HeldLock]:
         """Hold a distributed lock for the duration of an ``async with`` block.
 
         The lock is held by a HoldLock stream: the server renews it while the
         block runs and releases it when the block exits, or as soon as this
         process dies or its connection breaks, so a crashed holder does not
-        keep others waiting for a whole TTL.
+        keep others waiting for a whole TTL. When the server is about to close
+        the stream's connection (``max_connection_age``, a drain, a restart)
+        it hands the lock off instead, and the client takes it over on a new
+        stream (``resume``), the token and fencing token unchanged; the block
+        notices nothing.
+
+        If the lock is lost while the block runs (the server found another
+        holder or no lock, could not renew it within its TTL, the stream
+        broke, or a handed-off lock could not be resumed before it expired),
+        the block's task is cancelled at once and ``hold_lock`` raises
+        `LockLost` in its place; the yielded `HeldLock` says so too (``lost``,
+        ``check()``).
 
         A block that ends normally releases the lock and waits for the
         server's confirmation; a block that raises (or is cancelled) cancels
@@ -436,9 +479,10 @@ class AsyncClient:
 
         Args:
             name: Lock name.
-            ttl_ms: Time to live of the lock (1 to 86400000 ms). The server
+            ttl_ms: Time to live of the lock (100 to 86400000 ms). The server
                 renews it every third of this, so it only matters when the
-                server itself stops: the lock then expires after it.
+                server itself stops, or between a hand-off and its resume: the
+                lock then expires after it.
             wait_timeout_ms: How long to wait for a held lock; 0 fails at once.
             timeout: Deadline in seconds to take the lock, and again to release
                 it; None uses ``wait_timeout_ms / 1000 + default_timeout`` to
@@ -450,25 +494,292 @@ class AsyncClient:
 
         Raises:
             LockNotAcquired: The lock is still held by someone else.
-            LockLost: On leaving the block: the lock was lost while the block
-                ran (its renewal failed), so the block's work may not have
-                been exclusive.
+            LockLost: The lock was lost while the block ran (raised in place
+                of the block's cancellation, or on leaving it), so the block's
+                work may not have been exclusive.
             DeadlineExceeded: The lock was not taken, or its release not
                 confirmed, within ``timeout``.
             CacheCoordError: Any other failure.
         """
-        # No request iterator: this side writes its requests with call.write().
-        call: _HoldCall = self._stub.HoldLock(None, metadata=self._metadata)
+        hold = _AsyncHold(self._stub, self._metadata, name, ttl_ms)
         try:
             take = _convert.lock_deadline(timeout, self._default_timeout, wait_timeout_ms)
-            request = _convert.hold_lock_acquire(name, ttl_ms, wait_timeout_ms)
-            yield await _take_held(call, name, request, take)
-            await _release_held(call, name, _convert.deadline(timeout, self._default_timeout))
+            lock = await hold.take(wait_timeout_ms, take)
+            try:
+                yield lock
+            except asyncio.CancelledError:
+                lost = hold.took_back_cancellation()
+                if lost is not None:
+                    raise lost from None
+                raise
+            await hold.release(_convert.deadline(timeout, self._default_timeout))
         finally:
             # grpc.aio never cancels a call that is merely dropped (grpc
             # #43462: it is never garbage-collected), so the stream, and the
             # lock, would live until the channel closes. No-op once it ended.
+            hold.close()
+
+
+WATCH_RESUME_FOR = 10.0
+"""Seconds a resuming Watch tries to open a new stream before it raises Unavailable."""
+
+
+class _ResumingWatchStream(AsyncWatchStream):
+    """A Watch that opens a new stream when its stream breaks (``resume=True``)."""
+
+    def __init__(self, open_call: Callable[[], AsyncWatchCall]) -> None:
+        super().__init__(open_call())
+        self._open_call = open_call
+        self._stopped = False
+        self._broken_since: float | None = None
+        self._retry_in = _RESUME_RETRY_FIRST
+
+    async def __anext__(self) -> WatchEvent:
+        while True:
+            try:
+                event = await super().__anext__()
+            except Unavailable:
+                if self._stopped:
+                    raise
+                now = time.monotonic()
+                if self._broken_since is None:  # it just broke: tell the consumer at once
+                    self._broken_since = now
+                    self._reopen()
+                    return WatchEvent(kind=WatchEventKind.RESET, reason="reconnecting")
+                if now - self._broken_since > WATCH_RESUME_FOR:
+                    raise
+                await asyncio.sleep(self._retry_in)
+                self._retry_in = min(self._retry_in * 2, 1.0)
+                self._reopen()
+                continue
+            except StopAsyncIteration:
+                if self._stopped or self._broken_since is not None:
+                    raise
+                # The server ended the stream (it is shutting down): as a break.
+                self._broken_since = time.monotonic()
+                self._reopen()
+                return WatchEvent(kind=WatchEventKind.RESET, reason="reconnecting")
+            self._broken_since = None
+            self._retry_in = _RESUME_RETRY_FIRST
+            return event
+
+    def _reopen(self) -> None:
+        self._call.cancel()
+        self._call = self._open_call()
+        self._closed = False
+
+    def cancel(self) -> None:
+        """Cancel the call for good; iteration then stops."""
+        self._stopped = True
+        super().cancel()
+
+
+_RESUME_RETRY_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
+"""A resume that fails with these is tried again while the lock's TTL allows."""
+
+_RESUME_RETRY_FIRST = 0.02
+_RESUME_RETRY_MAX = 0.5
+
+
+def _client_margin(valid_for: float) -> float:
+    """What a client keeps back from a server's ``valid_for_ms`` (the event's transit)."""
+    return valid_for * 0.01 + 0.005
+
+
+class _AsyncHold:
+    """One lock held through a chain of HoldLock streams: the first takes it,
+    each later one resumes it after the server handed it off.
+
+    A task of its own follows the current stream. It resumes on `handoff`,
+    and when the stream says `lost`, breaks, or a resume fails, marks the
+    lock lost and cancels the holder's task (like ``asyncio.timeout``,
+    `took_back_cancellation` then turns that cancellation into `LockLost`).
+    """
+
+    def __init__(
+        self,
+        stub: CacheCoordServiceAsyncStub,
+        metadata: Any,
+        name: str,
+        ttl_ms: int,
+    ) -> None:
+        self._stub = stub
+        self._metadata = metadata
+        self._name = name
+        self._ttl_ms = ttl_ms
+        self._call: _HoldCall = stub.HoldLock(None, metadata=metadata)
+        self._lock: HeldLock | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._holder: asyncio.Task[Any] | None = None
+        self._cancelled_holder = False
+        self._leaving = False
+        self._handed_off = False  # the last stream ended with handoff, not yet resumed
+        self._error: CacheCoordError | None = None  # how the chain ended, if it failed
+
+    async def take(self, wait_timeout_ms: int, seconds: float) -> HeldLock:
+        """Send ``acquire`` and wait up to *seconds* for ``acquired``."""
+        request = _convert.hold_lock_acquire(self._name, self._ttl_ms, wait_timeout_ms)
+        request.acquire.resumable = True
+        granted = await _take_held(self._call, self._name, request, seconds)
+        self._lock = HeldLock(
+            name=granted.name, token=granted.token, fencing_token=granted.fencing_token
+        )
+        self._holder = asyncio.current_task()
+        self._follower = asyncio.create_task(self._follow(), name=f"hold-lock[{self._name}]")
+        return self._lock
+
+    async def release(self, seconds: float) -> None:
+        """Let go: half-close the current stream and wait for its end; a lock
+        that was just handed off is released with ReleaseLock instead."""
+        assert self._follower is not None
+        assert self._lock is not None
+        self._leaving = True
+        try:
+            async with asyncio.timeout(seconds):
+                await self._half_close(self._call)
+                await asyncio.shield(self._follower)
+                if self._error is None and self._handed_off:
+                    await self._release_handed_off(self._lock)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the release of lock {self._name!r} was not confirmed within {seconds:.3f} s"
+            ) from None
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Cancel the current stream (the server then releases the lock) and the follower."""
+        self._leaving = True
+        self._call.cancel()
+        if self._follower is not None:
+            self._follower.cancel()
+
+    def took_back_cancellation(self) -> LockLost | None:
+        """The loss to raise if we cancelled the holder and nobody else did; else None."""
+        if not self._cancelled_holder or self._holder is None or self._lock is None:
+            return None
+        if self._holder.uncancel() > 0:
+            return None
+        error = self._lock._loss.error
+        return error if error is not None else LockLost(f"lock {self._name!r} was lost")
+
+    async def _follow(self) -> None:
+        while True:
+            handoff = await self._read_to_end(self._call)
+            if handoff is None:
+                return
+            if self._leaving:
+                self._handed_off = True
+                return
+            if not await self._resume(time.monotonic() + handoff - _client_margin(handoff)):
+                return
+
+    async def _read_to_end(self, call: _HoldCall) -> float | None:
+        """Read *call* to its end; the ``valid_for`` seconds of its handoff,
+        or None once the chain ended (released, or failed: see ``_fail``)."""
+        lost = False
+        handoff: float | None = None
+        try:
+            while isinstance(response := await call.read(), pb.HoldLockResponse):
+                kind = response.WhichOneof("kind")
+                if kind == "lost":
+                    lost = True
+                    self._fail(LockLost(f"lock {self._name!r} was lost while held"))
+                elif kind == "handoff":
+                    handoff = response.handoff.valid_for_ms / 1000
+        except grpc.RpcError as err:
+            self._fail(_convert.hold_error(self._name, err, lost or not self._leaving))
+            return None
+        if lost:
+            return None
+        if handoff is None and not self._leaving:
+            self._fail(LockLost(f"the stream holding lock {self._name!r} ended unexpectedly"))
+        return handoff
+
+    async def _resume(self, valid_until: float) -> bool:
+        """Take the handed-off lock over on a new stream before *valid_until*."""
+        assert self._lock is not None
+        resume = pb.HoldLockRequest.Resume(
+            name=self._name, token=self._lock.token, ttl_ms=self._ttl_ms
+        )
+        retry_in = _RESUME_RETRY_FIRST
+        why = "no time was left"
+        while (left := valid_until - time.monotonic()) > 0:
+            call: _HoldCall = self._stub.HoldLock(None, metadata=self._metadata)
+            self._call = call
+            try:
+                async with asyncio.timeout(left):
+                    with contextlib.suppress(asyncio.InvalidStateError):
+                        await call.write(pb.HoldLockRequest(resume=resume))
+                    response = await call.read()
+            except TimeoutError:
+                call.cancel()
+                why = "the server did not answer"
+                break
+            except grpc.RpcError as err:
+                error = from_rpc_error(err)
+                if error.code not in _RESUME_RETRY_CODES:
+                    self._fail(_convert.hold_error(self._name, err, True))
+                    return False
+                why = str(error)
+                await asyncio.sleep(min(retry_in, max(0.0, valid_until - time.monotonic())))
+                retry_in = min(retry_in * 2, _RESUME_RETRY_MAX)
+                continue
+            if (
+                isinstance(response, pb.HoldLockResponse)
+                and response.WhichOneof("kind") == "acquired"
+                and response.acquired.fencing_token == self._lock.fencing_token
+            ):
+                if self._leaving:  # release() may have half-closed the previous stream
+                    await self._half_close(call)
+                return True
             call.cancel()
+            self._fail(LockLost(f"lock {self._name!r} was lost while handed off"))
+            return False
+        self._fail(LockLost(f"lock {self._name!r} could not be resumed before it expired ({why})"))
+        return False
+
+    async def _release_handed_off(self, lock: HeldLock) -> None:
+        request = _convert.release_lock_request(lock.name, lock.token)
+        try:
+            await self._stub.ReleaseLock(request, metadata=self._metadata)
+        except grpc.RpcError as err:
+            error = from_rpc_error(err)
+            if error.code is grpc.StatusCode.FAILED_PRECONDITION:  # not held: it was lost
+                self._error = LockLost(f"lock {self._name!r} was lost while handed off")
+            else:
+                self._error = error
+
+    @staticmethod
+    async def _half_close(call: _HoldCall) -> None:
+        # Half-closing releases the lock, as a `release` message does. A
+        # write would race with the server ending the stream (a lost lock),
+        # and grpc.aio answers a write to an ended stream by replacing the
+        # server's status with a local INTERNAL: the ABORTED would be lost.
+        with contextlib.suppress(asyncio.InvalidStateError, grpc.RpcError):
+            await call.done_writing()
+
+    def _fail(self, error: CacheCoordError) -> None:
+        """The chain ended with *error*: the lock may be lost, which
+        interrupts the holder at once unless it is already letting go."""
+        if self._error is None:
+            self._error = error
+        if self._lock is None:
+            return
+        lost = (
+            error
+            if isinstance(error, LockLost)
+            else LockLost(f"lock {self._name!r} may be lost: {error}")
+        )
+        if self._lock._mark_lost(lost) and not self._leaving and self._holder is not None:
+            self._cancelled_holder = True
+            self._holder.cancel()
 
 
 async def _take_held(
@@ -490,27 +801,3 @@ async def _take_held(
             code=grpc.StatusCode.INTERNAL,
         )
     return _convert.to_held_lock(name, response)
-
-
-async def _release_held(call: _HoldCall, name: str, seconds: float) -> None:
-    """Half-close the stream, which releases the lock, and wait for its end.
-
-    The stream ends OK only if the lock was held until released; a ``lost``
-    event or ABORTED means it was lost while held.
-    """
-    lost = False
-    try:
-        async with asyncio.timeout(seconds):
-            # Half-closing releases the lock, as a `release` message does. A
-            # write would race with the server ending the stream (a lost lock),
-            # and grpc.aio answers a write to an ended stream by replacing the
-            # server's status with a local INTERNAL: the ABORTED would be lost.
-            await call.done_writing()
-            while isinstance(response := await call.read(), pb.HoldLockResponse):
-                lost = lost or _convert.is_lost(response)
-    except TimeoutError:
-        raise DeadlineExceeded(
-            f"the release of lock {name!r} was not confirmed within {seconds:.3f} s"
-        ) from None
-    except grpc.RpcError as err:
-        raise _convert.hold_error(name, err, lost) from err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar
@@ -11,10 +12,10 @@ from typing import Any, Protocol, Self, TypeVar
 import grpc
 
 from cachecoord_client import _convert
-from cachecoord_client.errors import CacheCoordError, DeadlineExceeded, from_rpc_error
+from cachecoord_client.errors import CacheCoordError, DeadlineExceeded, LockLost, from_rpc_error
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc
-from cachecoord_client.types import Deleted, Entry, Lock, Value
+from cachecoord_client.types import Deleted, Entry, HeldLock, Lock, Value
 from cachecoord_client.watch import WatchStream
 
 __all__ = ["Client"]
@@ -387,13 +388,21 @@ class Client:
         ttl_ms: int,
         wait_timeout_ms: int = 0,
         timeout: float | None = None,
-    ) -> Iterator[Lock]:
+    ) -> Iterator[HeldLock]:
         """Hold a distributed lock for the duration of a ``with`` block.
 
         The lock is held by a HoldLock stream: the server renews it while the
         block runs and releases it when the block exits, or as soon as this
         process dies or its connection breaks, so a crashed holder does not
-        keep others waiting for a whole TTL.
+        keep others waiting for a whole TTL. When the server is about to close
+        the stream's connection (``max_connection_age``, a drain, a restart)
+        it hands the lock off instead, and a thread of the client takes it
+        over on a new stream (``resume``), the token and fencing token
+        unchanged; the block notices nothing.
+
+        A thread cannot be interrupted: the yielded `HeldLock` tells the block
+        the moment the lock is lost (``lost``, ``check()``, ``wait_lost()``),
+        and leaving the block then raises `LockLost`.
 
         A block that ends normally releases the lock and waits for the
         server's confirmation; a block that raises cancels the stream, the
@@ -401,13 +410,16 @@ class Client:
 
         Example:
             >>> with client.hold_lock("report", ttl_ms=30_000) as lock:  # doctest: +SKIP
-            ...     write_report(fencing_token=lock.fencing_token)
+            ...     for part in parts:
+            ...         lock.check()  # raises LockLost once the lock is lost
+            ...         write_report(part, fencing_token=lock.fencing_token)
 
         Args:
             name: Lock name.
-            ttl_ms: Time to live of the lock (1 to 86400000 ms). The server
+            ttl_ms: Time to live of the lock (100 to 86400000 ms). The server
                 renews it every third of this, so it only matters when the
-                server itself stops: the lock then expires after it.
+                server itself stops, or between a hand-off and its resume: the
+                lock then expires after it.
             wait_timeout_ms: How long to wait for a held lock; 0 fails at once.
             timeout: Deadline in seconds to take the lock, and again to release
                 it; None uses ``wait_timeout_ms / 1000 + default_timeout`` to
@@ -420,27 +432,216 @@ class Client:
         Raises:
             LockNotAcquired: The lock is still held by someone else.
             LockLost: On leaving the block: the lock was lost while the block
-                ran (its renewal failed), so the block's work may not have
-                been exclusive.
+                ran (its renewal failed, the stream broke, or it could not be
+                resumed), so the block's work may not have been exclusive.
             DeadlineExceeded: The lock was not taken, or its release not
                 confirmed, within ``timeout``.
             CacheCoordError: Any other failure.
         """
-        letting_go = threading.Event()
-        request = _convert.hold_lock_acquire(name, ttl_ms, wait_timeout_ms)
-        stream = self._stub.HoldLock(_held_requests(request, letting_go), metadata=self._metadata)
-        call: _Cancellable = stream
-        responses = iter(stream)
+        hold = _SyncHold(self._stub, self._metadata, name, ttl_ms)
         try:
             take = _convert.lock_deadline(timeout, self._default_timeout, wait_timeout_ms)
-            yield _take_held(call, responses, name, take)
-            letting_go.set()
-            _confirm_release(
-                call, responses, name, _convert.deadline(timeout, self._default_timeout)
-            )
+            lock = hold.take(wait_timeout_ms, take)
+            yield lock
+            hold.release(_convert.deadline(timeout, self._default_timeout))
         finally:
-            call.cancel()  # no-op once the stream ended
-            letting_go.set()  # frees the thread that grpc runs _held_requests in
+            hold.close()  # cancels the stream (no-op once it ended), frees grpc's request thread
+
+
+_RESUME_RETRY_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
+_RESUME_RETRY_FIRST = 0.02
+_RESUME_RETRY_MAX = 0.5
+
+
+class _Stream:
+    """One HoldLock stream: the call, its responses and the event that half-closes it."""
+
+    def __init__(self, stub: Any, metadata: Any, first: pb.HoldLockRequest) -> None:
+        self.letting_go = threading.Event()
+        call = stub.HoldLock(_held_requests(first, self.letting_go), metadata=metadata)
+        self.call: _Cancellable = call
+        self.responses: Iterator[pb.HoldLockResponse] = iter(call)
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.letting_go.set()
+
+
+class _SyncHold:
+    """One lock held through a chain of HoldLock streams (see the asyncio
+    client's `_AsyncHold`): a thread follows the current stream, resumes the
+    lock on `handoff`, and marks it lost (`HeldLock.lost`) the moment the
+    stream says `lost`, breaks, or a resume fails. A thread cannot be
+    interrupted, so the block learns of a loss through the `HeldLock` and,
+    at the latest, as `LockLost` when it ends."""
+
+    def __init__(self, stub: Any, metadata: Any, name: str, ttl_ms: int) -> None:
+        self._stub = stub
+        self._metadata = metadata
+        self._name = name
+        self._ttl_ms = ttl_ms
+        self._mutex = threading.Lock()  # guards _stream and _leaving
+        self._stream: _Stream | None = None
+        self._lock: HeldLock | None = None
+        self._follower: threading.Thread | None = None
+        self._leaving = False
+        self._handed_off = False
+        self._error: CacheCoordError | None = None
+
+    def take(self, wait_timeout_ms: int, seconds: float) -> HeldLock:
+        request = _convert.hold_lock_acquire(self._name, self._ttl_ms, wait_timeout_ms)
+        request.acquire.resumable = True
+        stream = self._stream = _Stream(self._stub, self._metadata, request)
+        granted = _take_held(stream.call, stream.responses, self._name, seconds)
+        self._lock = HeldLock(
+            name=granted.name, token=granted.token, fencing_token=granted.fencing_token
+        )
+        self._follower = threading.Thread(
+            target=self._follow, name=f"hold-lock[{self._name}]", daemon=True
+        )
+        self._follower.start()
+        return self._lock
+
+    def release(self, seconds: float) -> None:
+        assert self._follower is not None
+        assert self._lock is not None
+        with self._mutex:
+            self._leaving = True
+            if self._stream is not None:
+                self._stream.letting_go.set()  # the half-close: the server releases
+        self._follower.join(seconds)
+        if self._follower.is_alive():
+            self.close()
+            raise DeadlineExceeded(
+                f"the release of lock {self._name!r} was not confirmed within {seconds:.3f} s"
+            )
+        if self._error is None and self._handed_off:
+            self._release_handed_off(self._lock, seconds)
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        with self._mutex:
+            self._leaving = True
+            if self._stream is not None:
+                self._stream.close()
+
+    def _follow(self) -> None:
+        try:
+            while True:
+                assert self._stream is not None
+                handoff = self._read_to_end(self._stream)
+                if handoff is None:
+                    return
+                if self._leaving:
+                    self._handed_off = True
+                    return
+                valid_for = handoff - (handoff * 0.01 + 0.005)
+                if not self._resume(time.monotonic() + valid_for):
+                    return
+        except Exception as err:  # a bug must not leave the holder believing it holds the lock
+            self._fail(CacheCoordError(f"following lock {self._name!r} failed: {err!r}"))
+
+    def _read_to_end(self, stream: _Stream) -> float | None:
+        lost = False
+        handoff: float | None = None
+        try:
+            for response in stream.responses:
+                kind = response.WhichOneof("kind")
+                if kind == "lost":
+                    lost = True
+                    self._fail(LockLost(f"lock {self._name!r} was lost while held"))
+                elif kind == "handoff":
+                    handoff = response.handoff.valid_for_ms / 1000
+        except grpc.RpcError as err:
+            if self._leaving and not lost and _code(err) is grpc.StatusCode.CANCELLED:
+                return None  # our own close()
+            self._fail(_convert.hold_error(self._name, err, lost or not self._leaving))
+            return None
+        if lost:
+            return None
+        if handoff is None and not self._leaving:
+            self._fail(LockLost(f"the stream holding lock {self._name!r} ended unexpectedly"))
+        return handoff
+
+    def _resume(self, valid_until: float) -> bool:
+        assert self._lock is not None
+        resume = pb.HoldLockRequest(
+            resume=pb.HoldLockRequest.Resume(
+                name=self._name, token=self._lock.token, ttl_ms=self._ttl_ms
+            )
+        )
+        retry_in = _RESUME_RETRY_FIRST
+        why = "no time was left"
+        while (left := valid_until - time.monotonic()) > 0:
+            with self._mutex:
+                if self._leaving and self._stream is not None:
+                    # Let go while handed off: released with ReleaseLock by release().
+                    self._handed_off = True
+                    return False
+                stream = self._stream = _Stream(self._stub, self._metadata, resume)
+            with _cancel_after(stream.call, left) as expired:
+                try:
+                    response = next(stream.responses, None)
+                except grpc.RpcError as err:
+                    if expired.is_set():
+                        why = "the server did not answer"
+                        break
+                    code = _code(err)
+                    if code not in _RESUME_RETRY_CODES:
+                        self._fail(_convert.hold_error(self._name, err, True))
+                        return False
+                    why = str(from_rpc_error(err))
+                    time.sleep(min(retry_in, max(0.0, valid_until - time.monotonic())))
+                    retry_in = min(retry_in * 2, _RESUME_RETRY_MAX)
+                    continue
+            if (
+                response is not None
+                and response.WhichOneof("kind") == "acquired"
+                and response.acquired.fencing_token == self._lock.fencing_token
+            ):
+                with self._mutex:
+                    if self._leaving:  # release() half-closed the previous stream
+                        stream.letting_go.set()
+                return True
+            stream.close()
+            self._fail(LockLost(f"lock {self._name!r} was lost while handed off"))
+            return False
+        self._fail(LockLost(f"lock {self._name!r} could not be resumed before it expired ({why})"))
+        return False
+
+    def _release_handed_off(self, lock: HeldLock, seconds: float) -> None:
+        request = _convert.release_lock_request(lock.name, lock.token)
+        try:
+            self._stub.ReleaseLock(request, timeout=seconds, metadata=self._metadata)
+        except grpc.RpcError as err:
+            if _code(err) is grpc.StatusCode.FAILED_PRECONDITION:  # not held: it was lost
+                self._error = LockLost(f"lock {self._name!r} was lost while handed off")
+            else:
+                self._error = from_rpc_error(err)
+
+    def _fail(self, error: CacheCoordError) -> None:
+        if self._error is None:
+            self._error = error
+        if self._lock is not None:
+            lost = (
+                error
+                if isinstance(error, LockLost)
+                else LockLost(f"lock {self._name!r} may be lost: {error}")
+            )
+            self._lock._mark_lost(lost)
+
+
+def _code(err: grpc.RpcError) -> grpc.StatusCode | None:
+    code = getattr(err, "code", None)
+    result = code() if callable(code) else None
+    return result if isinstance(result, grpc.StatusCode) else None
 
 
 def _held_requests(
@@ -488,24 +689,3 @@ def _take_held(
             code=grpc.StatusCode.INTERNAL,
         )
     return _convert.to_held_lock(name, response)
-
-
-def _confirm_release(
-    call: _Cancellable, responses: Iterator[pb.HoldLockResponse], name: str, seconds: float
-) -> None:
-    """Wait up to *seconds* for the stream's end after the release was sent.
-
-    The stream ends OK only if the lock was held until released; a ``lost``
-    event or ABORTED means it was lost while held.
-    """
-    lost = False
-    with _cancel_after(call, seconds) as expired:
-        try:
-            for response in responses:
-                lost = lost or _convert.is_lost(response)
-        except grpc.RpcError as err:
-            if expired.is_set():
-                raise DeadlineExceeded(
-                    f"the release of lock {name!r} was not confirmed within {seconds:.3f} s"
-                ) from err
-            raise _convert.hold_error(name, err, lost) from err

@@ -6,10 +6,22 @@ need to import the generated stubs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from enum import StrEnum
 
-__all__ = ["Deleted", "Entry", "Layer", "Lock", "Value", "WatchEvent", "WatchEventKind"]
+from cachecoord_client.errors import LockLost
+
+__all__ = [
+    "Deleted",
+    "Entry",
+    "HeldLock",
+    "Layer",
+    "Lock",
+    "Value",
+    "WatchEvent",
+    "WatchEventKind",
+]
 
 
 class Layer(StrEnum):
@@ -103,6 +115,55 @@ class Lock:
     name: str
     token: str
     fencing_token: int
+
+
+class _Loss:
+    """Whether, and why, a held lock was lost; shared by a `HeldLock` and its stream."""
+
+    __slots__ = ("error", "event")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.error: LockLost | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLock(Lock):
+    """A lock held by ``hold_lock`` for the duration of its block.
+
+    Besides the `Lock` fields it tells, at once, when the lock was lost while
+    the block runs (the server found another holder or no lock, could not
+    renew it within its TTL, or the stream broke): `lost` turns True,
+    `check` raises, `wait_lost` returns. The asyncio client also cancels the
+    block's task then, and ``hold_lock`` raises `LockLost` in its place.
+    """
+
+    _loss: _Loss = field(default_factory=_Loss, repr=False, compare=False)
+
+    @property
+    def lost(self) -> bool:
+        """True once the lock was lost; the work done since may not be exclusive."""
+        return self._loss.event.is_set()
+
+    def check(self) -> None:
+        """Raise `LockLost` if the lock was lost; call it before each step of the work."""
+        if self._loss.error is not None:
+            raise self._loss.error
+
+    def wait_lost(self, timeout: float | None = None) -> bool:
+        """Block until the lock is lost (True) or *timeout* seconds pass (False).
+
+        Blocking: from the asyncio client, call it in a thread.
+        """
+        return self._loss.event.wait(timeout)
+
+    def _mark_lost(self, error: LockLost) -> bool:
+        """Record the loss; False if it was recorded already."""
+        if self._loss.event.is_set():
+            return False
+        self._loss.error = error
+        self._loss.event.set()
+        return True
 
 
 class WatchEventKind(StrEnum):

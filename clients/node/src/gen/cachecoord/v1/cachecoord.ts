@@ -300,6 +300,13 @@ export interface HoldLockRequest_Acquire {
    * with ABORTED if the lock is held.
    */
   waitTimeoutMs: bigint;
+  /**
+   * The client handles `handoff` by resuming. Without it the server never
+   * hands the lock off: the stream then ends with its connection (when
+   * max_connection_age's grace runs out, or the server shuts down) and
+   * the lock is released.
+   */
+  resumable: boolean;
 }
 
 /**
@@ -2238,7 +2245,7 @@ export const HoldLockRequest: MessageFns<HoldLockRequest> = {
 };
 
 function createBaseHoldLockRequest_Acquire(): HoldLockRequest_Acquire {
-  return { name: "", ttlMs: 0n, waitTimeoutMs: 0n };
+  return { name: "", ttlMs: 0n, waitTimeoutMs: 0n, resumable: false };
 }
 
 export const HoldLockRequest_Acquire: MessageFns<HoldLockRequest_Acquire> = {
@@ -2257,6 +2264,9 @@ export const HoldLockRequest_Acquire: MessageFns<HoldLockRequest_Acquire> = {
         throw new globalThis.Error("value provided for field message.waitTimeoutMs of type int64 too large");
       }
       writer.uint32(24).int64(message.waitTimeoutMs);
+    }
+    if (message.resumable !== false) {
+      writer.uint32(32).bool(message.resumable);
     }
     return writer;
   },
@@ -2298,6 +2308,14 @@ export const HoldLockRequest_Acquire: MessageFns<HoldLockRequest_Acquire> = {
             message.waitTimeoutMs = reader.int64() as bigint;
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.resumable = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2319,6 +2337,7 @@ export const HoldLockRequest_Acquire: MessageFns<HoldLockRequest_Acquire> = {
         : isSet(object.wait_timeout_ms)
         ? BigInt(object.wait_timeout_ms)
         : 0n,
+      resumable: isSet(object.resumable) ? globalThis.Boolean(object.resumable) : false,
     };
   },
 
@@ -2333,6 +2352,9 @@ export const HoldLockRequest_Acquire: MessageFns<HoldLockRequest_Acquire> = {
     if (message.waitTimeoutMs !== 0n) {
       obj.waitTimeoutMs = message.waitTimeoutMs.toString();
     }
+    if (message.resumable !== false) {
+      obj.resumable = message.resumable;
+    }
     return obj;
   },
 
@@ -2346,6 +2368,7 @@ export const HoldLockRequest_Acquire: MessageFns<HoldLockRequest_Acquire> = {
     message.waitTimeoutMs = (object.waitTimeoutMs !== undefined && object.waitTimeoutMs !== null)
       ? BigInt(object.waitTimeoutMs)
       : 0n;
+    message.resumable = object.resumable ?? false;
     return message;
   },
 };
@@ -3516,11 +3539,12 @@ export const CacheCoordServiceService = {
    * wait_timeout_ms. If the lock is lost while held (its renewal failed), the
    * server sends `lost` and ends the stream with ABORTED. The stream ends OK
    * when the lock was held until it was released, or after `handoff`.
-   * A server that is about to close the stream's connection (before
-   * max_connection_age's grace ends, when draining, on SIGTERM) does not
-   * release the lock: it sends `handoff` and ends the stream OK, and the
-   * client holds on with a new stream whose first message is `resume` (same
-   * token, same fencing token) before `handoff.valid_for_ms` runs out.
+   * For a client that sets `acquire.resumable`, a server that is about to
+   * close the stream's connection (before max_connection_age's grace ends,
+   * when draining, on SIGTERM) does not release the lock: it sends `handoff`
+   * and ends the stream OK, and the client holds on with a new stream whose
+   * first message is `resume` (same token, same fencing token) before
+   * `handoff.valid_for_ms` runs out.
    */
   holdLock: {
     path: "/cachecoord.v1.CacheCoordService/HoldLock" as const,
@@ -3583,11 +3607,12 @@ export interface CacheCoordServiceServer extends UntypedServiceImplementation {
    * wait_timeout_ms. If the lock is lost while held (its renewal failed), the
    * server sends `lost` and ends the stream with ABORTED. The stream ends OK
    * when the lock was held until it was released, or after `handoff`.
-   * A server that is about to close the stream's connection (before
-   * max_connection_age's grace ends, when draining, on SIGTERM) does not
-   * release the lock: it sends `handoff` and ends the stream OK, and the
-   * client holds on with a new stream whose first message is `resume` (same
-   * token, same fencing token) before `handoff.valid_for_ms` runs out.
+   * For a client that sets `acquire.resumable`, a server that is about to
+   * close the stream's connection (before max_connection_age's grace ends,
+   * when draining, on SIGTERM) does not release the lock: it sends `handoff`
+   * and ends the stream OK, and the client holds on with a new stream whose
+   * first message is `resume` (same token, same fencing token) before
+   * `handoff.valid_for_ms` runs out.
    */
   holdLock: handleBidiStreamingCall<HoldLockRequest, HoldLockResponse>;
 }
@@ -3753,11 +3778,12 @@ export interface CacheCoordServiceClient extends Client {
    * wait_timeout_ms. If the lock is lost while held (its renewal failed), the
    * server sends `lost` and ends the stream with ABORTED. The stream ends OK
    * when the lock was held until it was released, or after `handoff`.
-   * A server that is about to close the stream's connection (before
-   * max_connection_age's grace ends, when draining, on SIGTERM) does not
-   * release the lock: it sends `handoff` and ends the stream OK, and the
-   * client holds on with a new stream whose first message is `resume` (same
-   * token, same fencing token) before `handoff.valid_for_ms` runs out.
+   * For a client that sets `acquire.resumable`, a server that is about to
+   * close the stream's connection (before max_connection_age's grace ends,
+   * when draining, on SIGTERM) does not release the lock: it sends `handoff`
+   * and ends the stream OK, and the client holds on with a new stream whose
+   * first message is `resume` (same token, same fencing token) before
+   * `handoff.valid_for_ms` runs out.
    */
   holdLock(): ClientDuplexStream<HoldLockRequest, HoldLockResponse>;
   holdLock(options: Partial<CallOptions>): ClientDuplexStream<HoldLockRequest, HoldLockResponse>;

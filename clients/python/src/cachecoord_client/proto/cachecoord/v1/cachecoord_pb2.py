@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63\x61\x63hecoord/v1/cachecoord.proto\x12\rcachecoord.v1\",\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"\x80\x01\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12#\n\x05layer\x18\x04 \x01(\x0e\x32\x14.cachecoord.v1.Layer\x12\r\n\x05stale\x18\x05 \x01(\x08\x12\x0e\n\x06ttl_ms\x18\x06 \x01(\x03\"2\n\x0f\x42\x61tchGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"9\n\x10\x42\x61tchGetResponse\x12%\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x14.cachecoord.v1.Entry\"\x87\x01\n\x05\x45ntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12#\n\x05layer\x18\x05 \x01(\x0e\x32\x14.cachecoord.v1.Layer\x12\r\n\x05stale\x18\x06 \x01(\x08\x12\x0e\n\x06ttl_ms\x18\x07 \x01(\x03\"\x8f\x01\n\nPutRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x1d\n\x10\x65xpected_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x06ttl_ms\x18\x05 \x01(\x03H\x01\x88\x01\x01\x42\x13\n\x11_expected_versionB\t\n\x07_ttl_ms\"\x1e\n\x0bPutResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"c\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"2\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\"A\n\x11InvalidateRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\")\n\x12InvalidateResponse\x12\x13\n\x0binvalidated\x18\x01 \x01(\x03\"K\n\x12\x41\x63quireLockRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\x03\x12\x17\n\x0fwait_timeout_ms\x18\x03 \x01(\x03\";\n\x13\x41\x63quireLockResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\"1\n\x12ReleaseLockRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"\x15\n\x13ReleaseLockResponse\"@\n\x11\x45xtendLockRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x03 \x01(\x03\"\x14\n\x12\x45xtendLockResponse\"\x99\x03\n\x0fHoldLockRequest\x12\x39\n\x07\x61\x63quire\x18\x01 \x01(\x0b\x32&.cachecoord.v1.HoldLockRequest.AcquireH\x00\x12>\n\nkeep_alive\x18\x02 \x01(\x0b\x32(.cachecoord.v1.HoldLockRequest.KeepAliveH\x00\x12\x39\n\x07release\x18\x03 \x01(\x0b\x32&.cachecoord.v1.HoldLockRequest.ReleaseH\x00\x12\x37\n\x06resume\x18\x04 \x01(\x0b\x32%.cachecoord.v1.HoldLockRequest.ResumeH\x00\x1a@\n\x07\x41\x63quire\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\x03\x12\x17\n\x0fwait_timeout_ms\x18\x03 \x01(\x03\x1a\x35\n\x06Resume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x03 \x01(\x03\x1a\x0b\n\tKeepAlive\x1a\t\n\x07ReleaseB\x06\n\x04kind\"\xa5\x02\n\x10HoldLockResponse\x12<\n\x08\x61\x63quired\x18\x01 \x01(\x0b\x32(.cachecoord.v1.HoldLockResponse.AcquiredH\x00\x12\x34\n\x04lost\x18\x02 \x01(\x0b\x32$.cachecoord.v1.HoldLockResponse.LostH\x00\x12:\n\x07handoff\x18\x03 \x01(\x0b\x32\'.cachecoord.v1.HoldLockResponse.HandoffH\x00\x1a\x30\n\x08\x41\x63quired\x12\r\n\x05token\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x1a\x06\n\x04Lost\x1a\x1f\n\x07Handoff\x12\x14\n\x0cvalid_for_ms\x18\x01 \x01(\x03\x42\x06\n\x04kind\"6\n\x0cWatchRequest\x12\x12\n\nnamespaces\x18\x01 \x03(\t\x12\x12\n\nkey_prefix\x18\x02 \x01(\t\"\xa3\x01\n\rWatchResponse\x12\x33\n\x0cinvalidation\x18\x01 \x01(\x0b\x32\x1b.cachecoord.v1.InvalidationH\x00\x12%\n\x05reset\x18\x02 \x01(\x0b\x32\x14.cachecoord.v1.ResetH\x00\x12-\n\theartbeat\x18\x03 \x01(\x0b\x32\x18.cachecoord.v1.HeartbeatH\x00\x42\x07\n\x05\x65vent\"q\n\x0cInvalidation\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x10\n\x08\x61ll_keys\x18\x03 \x01(\x08\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06origin\x18\x06 \x01(\t\"\x17\n\x05Reset\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0b\n\tHeartbeat*S\n\x05Layer\x12\x15\n\x11LAYER_UNSPECIFIED\x10\x00\x12\x0e\n\nLAYER_NEAR\x10\x01\x12\x0f\n\x0bLAYER_REDIS\x10\x02\x12\x12\n\x0eLAYER_DATABASE\x10\x03\x32\x8c\x06\n\x11\x43\x61\x63heCoordService\x12<\n\x03Get\x12\x19.cachecoord.v1.GetRequest\x1a\x1a.cachecoord.v1.GetResponse\x12K\n\x08\x42\x61tchGet\x12\x1e.cachecoord.v1.BatchGetRequest\x1a\x1f.cachecoord.v1.BatchGetResponse\x12<\n\x03Put\x12\x19.cachecoord.v1.PutRequest\x1a\x1a.cachecoord.v1.PutResponse\x12\x45\n\x06\x44\x65lete\x12\x1c.cachecoord.v1.DeleteRequest\x1a\x1d.cachecoord.v1.DeleteResponse\x12Q\n\nInvalidate\x12 .cachecoord.v1.InvalidateRequest\x1a!.cachecoord.v1.InvalidateResponse\x12T\n\x0b\x41\x63quireLock\x12!.cachecoord.v1.AcquireLockRequest\x1a\".cachecoord.v1.AcquireLockResponse\x12T\n\x0bReleaseLock\x12!.cachecoord.v1.ReleaseLockRequest\x1a\".cachecoord.v1.ReleaseLockResponse\x12Q\n\nExtendLock\x12 .cachecoord.v1.ExtendLockRequest\x1a!.cachecoord.v1.ExtendLockResponse\x12\x44\n\x05Watch\x12\x1b.cachecoord.v1.WatchRequest\x1a\x1c.cachecoord.v1.WatchResponse0\x01\x12O\n\x08HoldLock\x12\x1e.cachecoord.v1.HoldLockRequest\x1a\x1f.cachecoord.v1.HoldLockResponse(\x01\x30\x01\x42GZEgithub.com/cachecoord/cachecoord/clients/go/cachecoordv1;cachecoordv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63\x61\x63hecoord/v1/cachecoord.proto\x12\rcachecoord.v1\",\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"\x80\x01\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12#\n\x05layer\x18\x04 \x01(\x0e\x32\x14.cachecoord.v1.Layer\x12\r\n\x05stale\x18\x05 \x01(\x08\x12\x0e\n\x06ttl_ms\x18\x06 \x01(\x03\"2\n\x0f\x42\x61tchGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"9\n\x10\x42\x61tchGetResponse\x12%\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x14.cachecoord.v1.Entry\"\x87\x01\n\x05\x45ntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12#\n\x05layer\x18\x05 \x01(\x0e\x32\x14.cachecoord.v1.Layer\x12\r\n\x05stale\x18\x06 \x01(\x08\x12\x0e\n\x06ttl_ms\x18\x07 \x01(\x03\"\x8f\x01\n\nPutRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x1d\n\x10\x65xpected_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x06ttl_ms\x18\x05 \x01(\x03H\x01\x88\x01\x01\x42\x13\n\x11_expected_versionB\t\n\x07_ttl_ms\"\x1e\n\x0bPutResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"c\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"2\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\"A\n\x11InvalidateRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\")\n\x12InvalidateResponse\x12\x13\n\x0binvalidated\x18\x01 \x01(\x03\"K\n\x12\x41\x63quireLockRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\x03\x12\x17\n\x0fwait_timeout_ms\x18\x03 \x01(\x03\";\n\x13\x41\x63quireLockResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\"1\n\x12ReleaseLockRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"\x15\n\x13ReleaseLockResponse\"@\n\x11\x45xtendLockRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x03 \x01(\x03\"\x14\n\x12\x45xtendLockResponse\"\xac\x03\n\x0fHoldLockRequest\x12\x39\n\x07\x61\x63quire\x18\x01 \x01(\x0b\x32&.cachecoord.v1.HoldLockRequest.AcquireH\x00\x12>\n\nkeep_alive\x18\x02 \x01(\x0b\x32(.cachecoord.v1.HoldLockRequest.KeepAliveH\x00\x12\x39\n\x07release\x18\x03 \x01(\x0b\x32&.cachecoord.v1.HoldLockRequest.ReleaseH\x00\x12\x37\n\x06resume\x18\x04 \x01(\x0b\x32%.cachecoord.v1.HoldLockRequest.ResumeH\x00\x1aS\n\x07\x41\x63quire\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\x03\x12\x17\n\x0fwait_timeout_ms\x18\x03 \x01(\x03\x12\x11\n\tresumable\x18\x04 \x01(\x08\x1a\x35\n\x06Resume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x03 \x01(\x03\x1a\x0b\n\tKeepAlive\x1a\t\n\x07ReleaseB\x06\n\x04kind\"\xa5\x02\n\x10HoldLockResponse\x12<\n\x08\x61\x63quired\x18\x01 \x01(\x0b\x32(.cachecoord.v1.HoldLockResponse.AcquiredH\x00\x12\x34\n\x04lost\x18\x02 \x01(\x0b\x32$.cachecoord.v1.HoldLockResponse.LostH\x00\x12:\n\x07handoff\x18\x03 \x01(\x0b\x32\'.cachecoord.v1.HoldLockResponse.HandoffH\x00\x1a\x30\n\x08\x41\x63quired\x12\r\n\x05token\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x1a\x06\n\x04Lost\x1a\x1f\n\x07Handoff\x12\x14\n\x0cvalid_for_ms\x18\x01 \x01(\x03\x42\x06\n\x04kind\"6\n\x0cWatchRequest\x12\x12\n\nnamespaces\x18\x01 \x03(\t\x12\x12\n\nkey_prefix\x18\x02 \x01(\t\"\xa3\x01\n\rWatchResponse\x12\x33\n\x0cinvalidation\x18\x01 \x01(\x0b\x32\x1b.cachecoord.v1.InvalidationH\x00\x12%\n\x05reset\x18\x02 \x01(\x0b\x32\x14.cachecoord.v1.ResetH\x00\x12-\n\theartbeat\x18\x03 \x01(\x0b\x32\x18.cachecoord.v1.HeartbeatH\x00\x42\x07\n\x05\x65vent\"q\n\x0cInvalidation\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x10\n\x08\x61ll_keys\x18\x03 \x01(\x08\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06origin\x18\x06 \x01(\t\"\x17\n\x05Reset\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0b\n\tHeartbeat*S\n\x05Layer\x12\x15\n\x11LAYER_UNSPECIFIED\x10\x00\x12\x0e\n\nLAYER_NEAR\x10\x01\x12\x0f\n\x0bLAYER_REDIS\x10\x02\x12\x12\n\x0eLAYER_DATABASE\x10\x03\x32\x8c\x06\n\x11\x43\x61\x63heCoordService\x12<\n\x03Get\x12\x19.cachecoord.v1.GetRequest\x1a\x1a.cachecoord.v1.GetResponse\x12K\n\x08\x42\x61tchGet\x12\x1e.cachecoord.v1.BatchGetRequest\x1a\x1f.cachecoord.v1.BatchGetResponse\x12<\n\x03Put\x12\x19.cachecoord.v1.PutRequest\x1a\x1a.cachecoord.v1.PutResponse\x12\x45\n\x06\x44\x65lete\x12\x1c.cachecoord.v1.DeleteRequest\x1a\x1d.cachecoord.v1.DeleteResponse\x12Q\n\nInvalidate\x12 .cachecoord.v1.InvalidateRequest\x1a!.cachecoord.v1.InvalidateResponse\x12T\n\x0b\x41\x63quireLock\x12!.cachecoord.v1.AcquireLockRequest\x1a\".cachecoord.v1.AcquireLockResponse\x12T\n\x0bReleaseLock\x12!.cachecoord.v1.ReleaseLockRequest\x1a\".cachecoord.v1.ReleaseLockResponse\x12Q\n\nExtendLock\x12 .cachecoord.v1.ExtendLockRequest\x1a!.cachecoord.v1.ExtendLockResponse\x12\x44\n\x05Watch\x12\x1b.cachecoord.v1.WatchRequest\x1a\x1c.cachecoord.v1.WatchResponse0\x01\x12O\n\x08HoldLock\x12\x1e.cachecoord.v1.HoldLockRequest\x1a\x1f.cachecoord.v1.HoldLockResponse(\x01\x30\x01\x42GZEgithub.com/cachecoord/cachecoord/clients/go/cachecoordv1;cachecoordv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -22,8 +22,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cachecoord.v1.cachecoord_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'ZEgithub.com/cachecoord/cachecoord/clients/go/cachecoordv1;cachecoordv1'
-  _globals['_LAYER']._serialized_start=2299
-  _globals['_LAYER']._serialized_end=2382
+  _globals['_LAYER']._serialized_start=2318
+  _globals['_LAYER']._serialized_end=2401
   _globals['_GETREQUEST']._serialized_start=49
   _globals['_GETREQUEST']._serialized_end=93
   _globals['_GETRESPONSE']._serialized_start=96
@@ -59,33 +59,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXTENDLOCKRESPONSE']._serialized_start=1194
   _globals['_EXTENDLOCKRESPONSE']._serialized_end=1214
   _globals['_HOLDLOCKREQUEST']._serialized_start=1217
-  _globals['_HOLDLOCKREQUEST']._serialized_end=1626
+  _globals['_HOLDLOCKREQUEST']._serialized_end=1645
   _globals['_HOLDLOCKREQUEST_ACQUIRE']._serialized_start=1475
-  _globals['_HOLDLOCKREQUEST_ACQUIRE']._serialized_end=1539
-  _globals['_HOLDLOCKREQUEST_RESUME']._serialized_start=1541
-  _globals['_HOLDLOCKREQUEST_RESUME']._serialized_end=1594
-  _globals['_HOLDLOCKREQUEST_KEEPALIVE']._serialized_start=1596
-  _globals['_HOLDLOCKREQUEST_KEEPALIVE']._serialized_end=1607
-  _globals['_HOLDLOCKREQUEST_RELEASE']._serialized_start=1609
-  _globals['_HOLDLOCKREQUEST_RELEASE']._serialized_end=1618
-  _globals['_HOLDLOCKRESPONSE']._serialized_start=1629
-  _globals['_HOLDLOCKRESPONSE']._serialized_end=1922
-  _globals['_HOLDLOCKRESPONSE_ACQUIRED']._serialized_start=1825
-  _globals['_HOLDLOCKRESPONSE_ACQUIRED']._serialized_end=1873
-  _globals['_HOLDLOCKRESPONSE_LOST']._serialized_start=1875
-  _globals['_HOLDLOCKRESPONSE_LOST']._serialized_end=1881
-  _globals['_HOLDLOCKRESPONSE_HANDOFF']._serialized_start=1883
-  _globals['_HOLDLOCKRESPONSE_HANDOFF']._serialized_end=1914
-  _globals['_WATCHREQUEST']._serialized_start=1924
-  _globals['_WATCHREQUEST']._serialized_end=1978
-  _globals['_WATCHRESPONSE']._serialized_start=1981
-  _globals['_WATCHRESPONSE']._serialized_end=2144
-  _globals['_INVALIDATION']._serialized_start=2146
-  _globals['_INVALIDATION']._serialized_end=2259
-  _globals['_RESET']._serialized_start=2261
-  _globals['_RESET']._serialized_end=2284
-  _globals['_HEARTBEAT']._serialized_start=2286
-  _globals['_HEARTBEAT']._serialized_end=2297
-  _globals['_CACHECOORDSERVICE']._serialized_start=2385
-  _globals['_CACHECOORDSERVICE']._serialized_end=3165
+  _globals['_HOLDLOCKREQUEST_ACQUIRE']._serialized_end=1558
+  _globals['_HOLDLOCKREQUEST_RESUME']._serialized_start=1560
+  _globals['_HOLDLOCKREQUEST_RESUME']._serialized_end=1613
+  _globals['_HOLDLOCKREQUEST_KEEPALIVE']._serialized_start=1615
+  _globals['_HOLDLOCKREQUEST_KEEPALIVE']._serialized_end=1626
+  _globals['_HOLDLOCKREQUEST_RELEASE']._serialized_start=1628
+  _globals['_HOLDLOCKREQUEST_RELEASE']._serialized_end=1637
+  _globals['_HOLDLOCKRESPONSE']._serialized_start=1648
+  _globals['_HOLDLOCKRESPONSE']._serialized_end=1941
+  _globals['_HOLDLOCKRESPONSE_ACQUIRED']._serialized_start=1844
+  _globals['_HOLDLOCKRESPONSE_ACQUIRED']._serialized_end=1892
+  _globals['_HOLDLOCKRESPONSE_LOST']._serialized_start=1894
+  _globals['_HOLDLOCKRESPONSE_LOST']._serialized_end=1900
+  _globals['_HOLDLOCKRESPONSE_HANDOFF']._serialized_start=1902
+  _globals['_HOLDLOCKRESPONSE_HANDOFF']._serialized_end=1933
+  _globals['_WATCHREQUEST']._serialized_start=1943
+  _globals['_WATCHREQUEST']._serialized_end=1997
+  _globals['_WATCHRESPONSE']._serialized_start=2000
+  _globals['_WATCHRESPONSE']._serialized_end=2163
+  _globals['_INVALIDATION']._serialized_start=2165
+  _globals['_INVALIDATION']._serialized_end=2278
+  _globals['_RESET']._serialized_start=2280
+  _globals['_RESET']._serialized_end=2303
+  _globals['_HEARTBEAT']._serialized_start=2305
+  _globals['_HEARTBEAT']._serialized_end=2316
+  _globals['_CACHECOORDSERVICE']._serialized_start=2404
+  _globals['_CACHECOORDSERVICE']._serialized_end=3184
 # @@protoc_insertion_point(module_scope)

@@ -576,6 +576,7 @@ class HoldLockRequest(_message.Message):
         NAME_FIELD_NUMBER: _builtins.int
         TTL_MS_FIELD_NUMBER: _builtins.int
         WAIT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+        RESUMABLE_FIELD_NUMBER: _builtins.int
         name: _builtins.str
         """Lock name (1 to 512 bytes of UTF-8, no NUL character)."""
         ttl_ms: _builtins.int
@@ -587,16 +588,23 @@ class HoldLockRequest(_message.Message):
         """How long to wait for a held lock, in milliseconds; 0 fails at once
         with ABORTED if the lock is held.
         """
+        resumable: _builtins.bool
+        """The client handles `handoff` by resuming. Without it the server never
+        hands the lock off: the stream then ends with its connection (when
+        max_connection_age's grace runs out, or the server shuts down) and
+        the lock is released.
+        """
         def __init__(
             self,
             *,
             name: _builtins.str = ...,
             ttl_ms: _builtins.int = ...,
             wait_timeout_ms: _builtins.int = ...,
+            resumable: _builtins.bool = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "ttl_ms", b"ttl_ms", "wait_timeout_ms", b"wait_timeout_ms"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "resumable", b"resumable", "ttl_ms", b"ttl_ms", "wait_timeout_ms", b"wait_timeout_ms"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 

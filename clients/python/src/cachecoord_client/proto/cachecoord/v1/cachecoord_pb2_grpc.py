@@ -178,11 +178,12 @@ class CacheCoordServiceServicer(object):
         wait_timeout_ms. If the lock is lost while held (its renewal failed), the
         server sends `lost` and ends the stream with ABORTED. The stream ends OK
         when the lock was held until it was released, or after `handoff`.
-        A server that is about to close the stream's connection (before
-        max_connection_age's grace ends, when draining, on SIGTERM) does not
-        release the lock: it sends `handoff` and ends the stream OK, and the
-        client holds on with a new stream whose first message is `resume` (same
-        token, same fencing token) before `handoff.valid_for_ms` runs out.
+        For a client that sets `acquire.resumable`, a server that is about to
+        close the stream's connection (before max_connection_age's grace ends,
+        when draining, on SIGTERM) does not release the lock: it sends `handoff`
+        and ends the stream OK, and the client holds on with a new stream whose
+        first message is `resume` (same token, same fencing token) before
+        `handoff.valid_for_ms` runs out.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
