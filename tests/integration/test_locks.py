@@ -8,6 +8,7 @@ and extend, waiters woken by release notices, TTL expiry, and input checks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -204,7 +205,9 @@ async def test_expired_lock_can_be_taken_by_another(client: AsyncClient, name: s
     [
         pytest.param("", 1_000, 0, "name", id="empty-name"),
         pytest.param("x" * 513, 1_000, 0, "name", id="name-too-long"),
+        pytest.param("a\x00b", 1_000, 0, "name", id="nul-in-name"),
         pytest.param("ok", 0, 0, "ttl_ms", id="zero-ttl"),
+        pytest.param("ok", 3, 0, "ttl_ms", id="ttl-below-the-minimum"),
         pytest.param("ok", -5, 0, "ttl_ms", id="negative-ttl"),
         pytest.param("ok", 86_400_001, 0, "ttl_ms", id="ttl-over-a-day"),
         pytest.param("ok", 1_000, -1, "wait_timeout_ms", id="negative-wait"),
@@ -313,3 +316,50 @@ async def test_waiters_are_woken_when_the_subscription_drops(
     waited = time.monotonic() - started
     assert waited < 5.0, f"waiter took {waited:.2f} s: woken by the holder's TTL, not the reset"
     assert got.fencing_token > holder.fencing_token
+
+
+async def test_acquisitions_whose_callers_gave_up_leave_no_lock_behind(
+    own_redis: RedisServer, own_app: App
+) -> None:
+    """200 AcquireLocks with deadlines of 1-20 ms and 50 cancelled ones, each
+    for a lock of its own with a 60 s TTL: every lock left in Redis is one
+    that a caller got the token of (one taken after its caller gave up is
+    released at once, and none is started without time to finish)."""
+    prefix = f"orphan-{uuid.uuid4().hex[:8]}"
+    granted: dict[str, str] = {}
+
+    async def acquire(client: AsyncClient, name: str, deadline: float) -> None:
+        with contextlib.suppress(CacheCoordError):
+            lock = await client.acquire_lock(name, ttl_ms=60_000, timeout=deadline)
+            granted[name] = lock.token
+
+    async with AsyncClient(f"127.0.0.1:{own_app.port}") as client:
+        await client.acquire_lock(f"{prefix}-warm", ttl_ms=60_000)  # connected
+        timed = [acquire(client, f"{prefix}-{i}", (1 + i % 20) / 1000) for i in range(200)]
+        await asyncio.gather(*timed)
+        cancelled = [asyncio.create_task(acquire(client, f"{prefix}-c{i}", 5)) for i in range(50)]
+        await asyncio.sleep(0)
+        for i, task in enumerate(cancelled):
+            await asyncio.sleep(i % 5 / 1000)
+            task.cancel()
+        await asyncio.gather(*cancelled, return_exceptions=True)
+
+    raw = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        orphans: dict[str, str] = {}
+        for _ in range(40):  # releases of late locks run in the background: let them
+            orphans = {}
+            async for key in raw.scan_iter(f"cc:lock:{{{prefix}-*}}"):
+                name = key.removeprefix("cc:lock:{").removesuffix("}")
+                if key.endswith(":fencing") or name.endswith("-warm"):
+                    continue
+                token = await raw.get(key)
+                if token is not None and granted.get(name) != token:
+                    orphans[name] = str(token)
+            if not orphans:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await raw.aclose()
+
+    assert orphans == {}, f"{len(orphans)} locks nobody got the token of"
