@@ -40,8 +40,9 @@ import grpc
 from cachecoord import cli_operator, exit_codes
 from cachecoord.cli_output import value_fields
 from cachecoord.config import ConfigError, load
-from cachecoord_client import CacheCoordError, Client, WatchEventKind
+from cachecoord_client import CacheCoordError, Client, LockLost, WatchEventKind
 from cachecoord_client.errors import from_rpc_error
+from cachecoord_client.types import HeldLock
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -460,44 +461,58 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _lock(args: argparse.Namespace) -> int:
+    """Run the command while a HoldLock stream holds the lock; if the lock is
+    lost meanwhile, SIGTERM the command at once and exit 64 + ABORTED."""
     command = args.command
     if not command:
         print("cachecoord: lock needs a command: cachecoord lock NAME -- COMMAND", file=sys.stderr)
         return 2
     try:
-        with _client(args) as client:
-            lock = client.acquire_lock(
+        with (
+            _client(args) as client,
+            client.hold_lock(
                 args.name,
                 ttl_ms=args.ttl_ms,
                 wait_timeout_ms=args.wait_ms,
                 timeout=args.wait_ms / 1000 + args.timeout,
-            )
-            done = threading.Event()
-            renewer = threading.Thread(
-                target=_renew, args=(client, lock.name, lock.token, args.ttl_ms, done), daemon=True
-            )
-            renewer.start()
+            ) as lock,
+        ):
             env = {**os.environ, "CACHECOORD_FENCING_TOKEN": str(lock.fencing_token)}
             try:
-                code = subprocess.call(command, env=env)
+                proc = subprocess.Popen(command, env=env)
             except OSError as err:
                 print(f"cachecoord: cannot run {command[0]!r}: {err.strerror}", file=sys.stderr)
-                code = 127
+                return 127
+            done = threading.Event()
+            guard = threading.Thread(
+                target=_terminate_on_loss, args=(lock, proc, done), daemon=True
+            )
+            guard.start()
+            try:
+                code = proc.wait()
             finally:
                 done.set()
-                renewer.join()
-                client.release_lock(lock.name, lock.token)
+                guard.join()
+            lock.check()  # lost: LockLost, below
+    except LockLost as err:
+        print(
+            f"cachecoord: lock {args.name!r} was lost while the command ran "
+            f"(it was sent SIGTERM): {err.details}",
+            file=sys.stderr,
+        )
+        return exit_codes.for_status(err.code)
     except CacheCoordError as err:
         print(f"cachecoord: {err.code.name}: {err.details}", file=sys.stderr)
         return 1
     return code
 
 
-def _renew(client: Client, name: str, token: str, ttl_ms: int, done: threading.Event) -> None:
-    """Extend the lock every third of its TTL until *done*."""
-    while not done.wait(ttl_ms / 3000):
-        try:
-            client.extend_lock(name, token, ttl_ms=ttl_ms)
-        except CacheCoordError as err:
-            print(f"cachecoord: could not extend lock {name!r}: {err.details}", file=sys.stderr)
+def _terminate_on_loss(
+    lock: HeldLock, proc: subprocess.Popen[bytes], done: threading.Event
+) -> None:
+    """SIGTERM the command the moment its lock is lost (until *done*)."""
+    while not done.is_set():
+        if lock.wait_lost(0.05):
+            if proc.poll() is None:
+                proc.terminate()
             return

@@ -30,6 +30,7 @@ import psutil
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
+from cli_support import CLI, cli_env
 from strategy_support import ServeProcess, serve_config
 
 from cachecoord.app import App
@@ -903,3 +904,44 @@ async def test_a_resuming_watch_gets_a_reset_and_later_events_across_recycling(
             event = await asyncio.wait_for(anext(events), 5)
             if event.kind is WatchEventKind.INVALIDATION and event.key == key:
                 break
+
+
+async def test_cachecoord_lock_terminates_its_command_when_the_lock_is_lost(
+    target: str, redis: aioredis.Redis, name: str
+) -> None:
+    """``cachecoord lock NAME -- CMD`` sends CMD SIGTERM within a second of
+    losing the lock, and exits 64 + ABORTED, not with CMD's own code."""
+    script = 'trap "echo terminated; exit 0" TERM; echo held; while :; do sleep 0.05; done'
+    proc = await asyncio.create_subprocess_exec(
+        CLI,
+        "lock",
+        "--target",
+        target,
+        "--ttl-ms",
+        "600",
+        name,
+        "--",
+        "sh",
+        "-c",
+        script,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=cli_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"held\n"
+        await redis.set(keys.lock_key(name), "someone-else")
+        lost_at = time.monotonic()
+        line = await asyncio.wait_for(proc.stdout.readline(), 5)
+        terminated = time.monotonic() - lost_at
+        code = await asyncio.wait_for(proc.wait(), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await redis.delete(keys.lock_key(name))
+
+    assert line == b"terminated\n"
+    assert terminated < 1.0, f"SIGTERM came {terminated:.2f} s after the loss"
+    assert code == 64 + grpc.StatusCode.ABORTED.value[0]
