@@ -10,8 +10,8 @@ record, and nothing below it creates a span or reads the trace context again
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any
@@ -21,6 +21,8 @@ from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, Context
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.util.types import Attributes
+
+from cachecoord import telemetry
 
 tracer = trace.get_tracer("cachecoord")
 meter = metrics.get_meter("cachecoord")
@@ -92,6 +94,66 @@ class ServerSpan:
         if self._recording is not None:
             request_span.reset(self._recording)
         self._span.end()
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Run a background loop with the Redis and SQL instrumentations
+    suppressed: its polling (XREADGROUP, XPENDING, an outbox query that finds
+    nothing) makes no span, so an idle instance exports none. The work the
+    loop does is traced under :func:`background_span`."""
+    token = context.attach(context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
+    try:
+        yield
+    finally:
+        context.detach(token)
+
+
+@contextmanager
+def background_span(
+    name: str,
+    *,
+    links: Sequence[trace.Link] = (),
+    kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+    start_time: int | None = None,
+    attributes: Attributes = None,
+) -> Iterator[trace.Span | None]:
+    """A root span for background work that did something (a flush, a
+    drained outbox batch, a reconnect), *links* pointing at the requests it
+    carries; the Redis and SQL calls in the block are its children even
+    inside :func:`quiet`. Yields None (and does nothing) with tracing off."""
+    if not telemetry.TRACING:
+        yield None
+        return
+    span = tracer.start_span(
+        name,
+        context=Context(),
+        kind=kind,
+        links=links,
+        attributes=attributes,
+        start_time=start_time,
+    )
+    current = context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, False, context.get_current())
+    token = context.attach(trace.set_span_in_context(span, current))
+    try:
+        yield span
+    except Exception as err:
+        span.record_exception(err)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, type(err).__name__))
+        raise
+    finally:
+        context.detach(token)
+        span.end()
+
+
+def link_to(traceparent: str) -> trace.Link | None:
+    """A link to the span of a W3C *traceparent* (as recorded with a queued
+    write), or None if it names none."""
+    if not traceparent:
+        return None
+    linked = trace.get_current_span(propagate.extract({"traceparent": traceparent}))
+    context_ = linked.get_span_context()
+    return trace.Link(context_) if context_.is_valid else None
 
 
 _fields: tuple[TextMapPropagator | None, frozenset[str]] = (None, frozenset())

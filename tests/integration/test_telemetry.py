@@ -325,3 +325,56 @@ async def test_a_nodejs_callers_trace_continues_in_the_server(
     assert {"Get", "BatchGet", "Put", "Watch", "AcquireLock"} <= {
         span.name.rsplit("/", 1)[-1] for span in children
     }
+
+
+async def test_an_idle_instance_exports_no_span(
+    receiver: tuple[Receiver, int], traced_server: int
+) -> None:
+    """100 % sampling, no traffic: the background loops (write-behind flusher
+    polling its queue, outbox drainer, change listener, invalidation bus)
+    export nothing, however many times they poll (the flusher polls every
+    50 ms here, the outbox every second)."""
+    collector, _ = receiver
+    await asyncio.sleep(1)  # whatever start-up exported has arrived
+    before = len(collector.spans)
+
+    await asyncio.sleep(3)
+
+    idle = collector.spans[before:]
+    assert [span.name for span in idle] == []
+
+
+async def test_background_spans_are_work_done_linked_to_the_requests(
+    receiver: tuple[Receiver, int], traced_server: int
+) -> None:
+    """Under load, every exported span belongs to a request's trace or is
+    background work that did something: a flush (linked to the Puts it wrote)
+    and the Redis and SQL calls under it."""
+    collector, _ = receiver
+    await asyncio.sleep(1)
+    before = len(collector.spans)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{traced_server}") as channel:
+        stub = pb_grpc.CacheCoordServiceStub(channel)
+        for n in range(20):
+            await stub.Put(pb.PutRequest(namespace="queued", key=f"load-{n % 5}", value=b"v"))
+            await stub.Get(pb.GetRequest(namespace="users", key=str(1 + n % 3)))
+    for _ in range(100):
+        if collector.named("cache.flush") and len(collector.spans) > before:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1)  # the last flush and its children
+    spans = collector.spans[before:]
+    requests = {
+        span.trace_id for span in spans if span.name.startswith("cachecoord.v1.CacheCoordService/")
+    }
+    puts = {span.span_id for span in spans if span.name == "cachecoord.v1.CacheCoordService/Put"}
+    roots = {span.trace_id: span for span in spans if not span.parent_span_id}
+    background = {t: root for t, root in roots.items() if t not in requests}
+
+    assert requests
+    assert {root.name for root in background.values()} == {"cache.flush"}
+    for root in background.values():
+        assert root.links, "a flush links to the Puts it writes"
+        assert {link.span_id for link in root.links} <= puts
+    orphans = [s.name for s in spans if s.trace_id not in requests and s.trace_id not in roots]
+    assert orphans == []

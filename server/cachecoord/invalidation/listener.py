@@ -9,12 +9,14 @@ are not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 
-from cachecoord import background
+from cachecoord import background, instruments
 from cachecoord.invalidation.triggers import CHANNEL
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,8 @@ class ChangeListener:
 
     async def open(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="cachecoord-listener")
+            with instruments.quiet():  # only a reconnect makes a span
+                self._task = asyncio.create_task(self._run(), name="cachecoord-listener")
 
     async def close(self) -> None:
         task, self._task = self._task, None
@@ -42,12 +45,10 @@ class ChangeListener:
             await background.stop(task)
 
     async def _run(self) -> None:
+        reconnecting = False
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    self._url, autocommit=True
-                ) as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
+                async with await self._connect(reconnecting) as conn:
                     self.listening.set()
                     self._on_change()  # the backlog, and whatever came while away
                     async for _ in conn.notifies():
@@ -56,4 +57,18 @@ class ChangeListener:
                 log.warning("change listener disconnected (%s); reconnecting", err)
             finally:
                 self.listening.clear()
+            reconnecting = True
             await asyncio.sleep(self._reconnect_delay)
+
+    async def _connect(self, reconnecting: bool) -> psycopg.AsyncConnection[Any]:
+        """Connect and LISTEN; a reconnect is traced (the first connect, at
+        start-up, is not: an idle instance exports no span)."""
+        span = instruments.background_span("cache.listener.reconnect") if reconnecting else None
+        with span or contextlib.nullcontext():
+            conn = await psycopg.AsyncConnection.connect(self._url, autocommit=True)
+            try:
+                await conn.execute(f"LISTEN {CHANNEL}")
+            except BaseException:
+                await conn.close()
+                raise
+        return conn

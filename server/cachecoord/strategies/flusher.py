@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from psycopg import AsyncConnection
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError, ResponseError
@@ -160,7 +160,8 @@ class Flusher:
         self._draining = False
         instruments.watch_queues(self._probe)
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"flusher-{self._ns.name}")
+            with instruments.quiet():  # polling makes no span; flushes make their own
+                self._task = asyncio.create_task(self._run(), name=f"flusher-{self._ns.name}")
 
     async def close(self, grace: float) -> None:
         """Drain what can be flushed within *grace* seconds, then stop."""
@@ -193,7 +194,12 @@ class Flusher:
                 # After the batch: older writes of a given-up key that were
                 # retried with it are in PostgreSQL before its revert reads it.
                 for entry, error in given_up:
-                    await self._dead_letter(entry, error)
+                    with instruments.background_span(
+                        "cache.dead_letter",
+                        links=[link for link in [instruments.link_to(entry.traceparent)] if link],
+                        attributes={"cache.namespace": self._ns.name, "error.type": "rejected"},
+                    ):
+                        await self._dead_letter(entry, error)
                 backoff = 0.1
                 if len(batch) < self._settings.flush_batch and not self._draining:
                     # Let writes gather for a whole interval: Puts to one key
@@ -380,19 +386,11 @@ class Flusher:
         if not telemetry.TRACING:
             await self._flush_batch(batch)
             return
-        links = [
-            trace.Link(
-                trace.get_current_span(
-                    propagate.extract({"traceparent": e.traceparent})
-                ).get_span_context()
-            )
-            for e in batch[:_MAX_LINKS]
-            if e.traceparent
-        ]
-        with instruments.tracer.start_as_current_span(
+        links = [instruments.link_to(e.traceparent) for e in batch[:_MAX_LINKS]]
+        with instruments.background_span(
             "cache.flush",
             kind=trace.SpanKind.CONSUMER,
-            links=links,
+            links=[link for link in links if link is not None],
             attributes={
                 "cache.namespace": self._ns.name,
                 "messaging.system": "redis",
