@@ -6,7 +6,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bench.harness import Options
-from bench.scenarios import get, invalidation, profile, soak, stampede, tracing, workers, writes
+from bench.scenarios import (
+    consistency,
+    get,
+    invalidation,
+    profile,
+    soak,
+    stampede,
+    tracing,
+    workers,
+    writes,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,4 +44,8 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "workers": Scenario("Get hit with serve --workers 1 and --workers 2 (issue 9)", workers.run),
     "profile": Scenario("cProfile of the Get-hit path, App in-process on uvloop", profile.run),
+    "consistency": Scenario(
+        "history checker: every read against the acknowledged writes, with faults (issue 17)",
+        consistency.run,
+    ),
 }

@@ -17,7 +17,7 @@ import asyncio
 import itertools
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -78,6 +78,9 @@ class SingleFlight(Generic[K, V]):
     ) -> tuple[int, asyncio.Task[Shared[V]]]:
         started = self.tick()
         task = asyncio.create_task(self._call(key, load), name=f"{self._name}-load")
+        # Every caller may have gone (their RPCs cancelled, or the server
+        # stopping): its failure is theirs, not one to log as never retrieved.
+        task.add_done_callback(_retrieve)
         running = self._loads[key] = (started, task)
         return running
 
@@ -96,3 +99,8 @@ class SingleFlight(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self._loads)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
