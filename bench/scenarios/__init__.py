@@ -10,6 +10,7 @@ from bench.scenarios import (
     consistency,
     get,
     invalidation,
+    locks,
     profile,
     soak,
     stampede,
@@ -47,5 +48,9 @@ SCENARIOS: dict[str, Scenario] = {
     "consistency": Scenario(
         "history checker: every read against the acknowledged writes, with faults (issue 17)",
         consistency.run,
+    ),
+    "locks": Scenario(
+        "competing holders through connection recycling, a Redis freeze and a drain (issue 18)",
+        locks.run,
     ),
 }

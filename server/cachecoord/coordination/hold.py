@@ -256,9 +256,11 @@ class Handoffs:
         self.draining = False
         self._open: set[asyncio.Timeout] = set()
 
-    def window(self) -> _Window:
-        """``async with`` scope that raises TimeoutError when it is time to hand off."""
-        return _Window(self)
+    def window(self, opened_at: float) -> _Window:
+        """``async with`` scope that raises TimeoutError when it is time to hand
+        off: *every* seconds after the stream opened (``loop.time()``
+        *opened_at*; the wait for the lock counts too), or now when draining."""
+        return _Window(self, opened_at)
 
     def drain(self) -> None:
         """Hand off every hold now, and every later one at once."""
@@ -269,14 +271,15 @@ class Handoffs:
 
 
 class _Window:
-    def __init__(self, handoffs: Handoffs) -> None:
+    def __init__(self, handoffs: Handoffs, opened_at: float) -> None:
         self._handoffs = handoffs
+        self._opened_at = opened_at
         self._timeout: asyncio.Timeout | None = None
 
     async def __aenter__(self) -> None:
         loop = asyncio.get_running_loop()
-        delay = 0.0 if self._handoffs.draining else self._handoffs.every
-        self._timeout = asyncio.timeout_at(loop.time() + delay)
+        when = self._opened_at + self._handoffs.every
+        self._timeout = asyncio.timeout_at(loop.time() if self._handoffs.draining else when)
         await self._timeout.__aenter__()
         self._handoffs._open.add(self._timeout)
 

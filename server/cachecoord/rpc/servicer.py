@@ -152,6 +152,7 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
     async def HoldLock(  # type: ignore[override]
         self, requests: AsyncIterator[pb.HoldLockRequest], context: Context
     ) -> None:
+        opened_at = asyncio.get_running_loop().time()
         first = await _first_message(requests, self.hold_first_message_timeout)
         if self.handoffs.draining:
             raise Unavailable("this instance is shutting down; hold the lock through another")
@@ -173,7 +174,7 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
                     await _until_released(requests)
                     return
                 try:
-                    async with self.handoffs.window():
+                    async with self.handoffs.window(opened_at):
                         await _until_released(requests)
                 except TimeoutError:
                     # The connection may be closed soon (rpc/server.py): keep
