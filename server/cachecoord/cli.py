@@ -218,6 +218,11 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"cachecoord: configuration error: {err}", file=sys.stderr)
         return 2
+    try:
+        telemetry.check()
+    except telemetry.TelemetryError as err:
+        print(f"cachecoord: cannot start: {err}", file=sys.stderr)
+        return exit_codes.USAGE
     if args.workers != 1:
         return _serve_workers(args, settings.server.listen)
     try:

@@ -61,9 +61,10 @@ def configure(environ: Mapping[str, str] | None = None) -> Telemetry:
 
     from opentelemetry.sdk.resources import Resource
 
-    resource = Resource.create(
-        {} if env.get("OTEL_SERVICE_NAME") else {"service.name": _DEFAULT_SERVICE}
-    )
+    # The SDK reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES itself;
+    # cachecoord's name is only the default when neither names the service.
+    named = env.get("OTEL_SERVICE_NAME") or "service.name" in _resource_keys(env)
+    resource = Resource.create({} if named else {"service.name": _DEFAULT_SERVICE})
     if traces:
         telemetry.providers.append(_tracer_provider(resource, traces, env))
         _instrument_clients()
@@ -72,6 +73,24 @@ def configure(environ: Mapping[str, str] | None = None) -> Telemetry:
         telemetry.providers.append(_meter_provider(resource, metric_exporters, env))
         METRICS = True
     return telemetry
+
+
+class TelemetryError(Exception):
+    """An ``OTEL_*`` variable asks for something cachecoord cannot do."""
+
+
+_SUPPORTED = {
+    "TRACES": ("otlp", "console", "none"),
+    "METRICS": ("otlp", "prometheus", "console", "none"),
+}
+
+
+def check(environ: Mapping[str, str] | None = None) -> None:
+    """Raise TelemetryError if an exporter variable names an exporter
+    cachecoord does not have (the SDK would otherwise fall back silently)."""
+    env = os.environ if environ is None else environ
+    for signal in _SUPPORTED:
+        _exporters(env, signal)
 
 
 def _exporters(env: Mapping[str, str], signal: str) -> list[str]:
@@ -83,7 +102,20 @@ def _exporters(env: Mapping[str, str], signal: str) -> list[str]:
             f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"
         )
         return ["otlp"] if endpoint else []
-    return [name.strip() for name in chosen.split(",") if name.strip() not in ("", "none")]
+    names = [name.strip().lower() for name in chosen.split(",") if name.strip()]
+    unknown = [name for name in names if name not in _SUPPORTED[signal]]
+    if unknown:
+        raise TelemetryError(
+            f"OTEL_{signal}_EXPORTER={chosen!r}: {', '.join(unknown)} is not supported; "
+            f"use {', '.join(_SUPPORTED[signal])}"
+        )
+    return [name for name in names if name != "none"]
+
+
+def _resource_keys(env: Mapping[str, str]) -> set[str]:
+    """The keys OTEL_RESOURCE_ATTRIBUTES sets (``k1=v1,k2=v2``)."""
+    pairs = env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")
+    return {pair.split("=", 1)[0].strip() for pair in pairs if "=" in pair}
 
 
 def _http(env: Mapping[str, str], signal: str) -> bool:

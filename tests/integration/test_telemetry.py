@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,13 @@ class Receiver(trace_grpc.TraceServiceServicer, metrics_grpc.MetricsServiceServi
 
     spans: list[Any] = field(default_factory=list)
     metric_names: set[str] = field(default_factory=set)
+    resources: list[dict[str, Any]] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def Export(self, request: Any, context: Any) -> Any:  # noqa: N802
         if isinstance(request, trace_pb.ExportTraceServiceRequest):
             for resource_spans in request.resource_spans:
+                self.resources.append(attributes(resource_spans.resource))
                 for scope_spans in resource_spans.scope_spans:
                     self.spans.extend(scope_spans.spans)
             self.arrived.set()
@@ -76,16 +79,14 @@ async def receiver() -> AsyncIterator[tuple[Receiver, int]]:
     await server.stop(0)
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def traced_server(
-    receiver: tuple[Receiver, int],
-    redis_server: RedisServer,
-    own_database: str,
-    tmp_path: Path,
+@asynccontextmanager
+async def serving_traced(
+    receiver_port: int, redis_url: str, database: str, tmp_path: Path, **env: str
 ) -> AsyncIterator[int]:
-    """`cachecoord serve` with tracing at 100% and metrics, exporting to the receiver."""
+    """`cachecoord serve` with tracing at 100% and metrics, exporting to the
+    receiver on *receiver_port*; *env* adds or (empty) removes variables."""
     port = free_port()
-    config = tmp_path / "traced.toml"
+    config = tmp_path / f"traced-{port}.toml"
     config.write_text(
         f"""
 [server]
@@ -93,9 +94,9 @@ listen = "127.0.0.1:{port}"
 shutdown_grace = "1s"
 instance_id = "traced"
 [redis]
-url = "{redis_server.url.rsplit("/", 1)[0]}/3"
+url = "{redis_url.rsplit("/", 1)[0]}/3"
 [postgres]
-url = "{own_database}"
+url = "{database}"
 [namespaces.users]
 kind = "mapped"
 table = "users"
@@ -108,18 +109,20 @@ flush_interval = "50ms"
 kind = "managed"
 """
     )
-    env = {
+    environment = {
         **os.environ,
         "OTEL_SERVICE_NAME": "cachecoord-under-test",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver[1]}",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}",
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
         "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
         "OTEL_TRACES_SAMPLER_ARG": "1.0",
         "OTEL_BSP_SCHEDULE_DELAY": "100",
         "OTEL_METRIC_EXPORT_INTERVAL": "300",
+        **env,
     }
+    environment = {k: v for k, v in environment.items() if v}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cachecoord", "serve", "--config", str(config), env=env
+        sys.executable, "-m", "cachecoord", "serve", "--config", str(config), env=environment
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -129,6 +132,18 @@ kind = "managed"
     finally:
         process.terminate()
         await asyncio.wait_for(process.wait(), 15)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def traced_server(
+    receiver: tuple[Receiver, int],
+    redis_server: RedisServer,
+    own_database: str,
+    tmp_path: Path,
+) -> AsyncIterator[int]:
+    """`cachecoord serve` with tracing at 100% and metrics, exporting to the receiver."""
+    async with serving_traced(receiver[1], redis_server.url, own_database, tmp_path) as port:
+        yield port
 
 
 async def test_server_span_continues_the_callers_trace_with_cache_attributes(
@@ -378,3 +393,90 @@ async def test_background_spans_are_work_done_linked_to_the_requests(
         assert {link.span_id for link in root.links} <= puts
     orphans = [s.name for s in spans if s.trace_id not in requests and s.trace_id not in roots]
     assert orphans == []
+
+
+async def test_resource_attributes_name_the_service_when_otel_service_name_does_not(
+    receiver: tuple[Receiver, int], redis_server: RedisServer, own_database: str, tmp_path: Path
+) -> None:
+    collector, port = receiver
+    attributes_env = "service.name=orders-cache,deployment.environment.name=staging"
+    async with serving_traced(
+        port,
+        redis_server.url,
+        own_database,
+        tmp_path,
+        OTEL_SERVICE_NAME="",
+        OTEL_RESOURCE_ATTRIBUTES=attributes_env,
+    ) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server}") as channel:
+            await pb_grpc.CacheCoordServiceStub(channel).Get(
+                pb.GetRequest(namespace="users", key="1")
+            )
+        for _ in range(100):
+            if collector.resources:
+                break
+            await asyncio.sleep(0.05)
+
+    assert collector.resources
+    for resource in collector.resources:
+        assert resource["service.name"] == "orders-cache"
+        assert resource["deployment.environment.name"] == "staging"
+
+
+async def test_semantic_convention_opt_in_gives_the_stable_database_attributes(
+    receiver: tuple[Receiver, int], redis_server: RedisServer, own_database: str, tmp_path: Path
+) -> None:
+    """OTEL_SEMCONV_STABILITY_OPT_IN=database (README Tracing): the Redis and
+    SQL spans carry db.system.name and not the old db.system."""
+    collector, port = receiver
+    async with serving_traced(
+        port, redis_server.url, own_database, tmp_path, OTEL_SEMCONV_STABILITY_OPT_IN="database"
+    ) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server}") as channel:
+            await pb_grpc.CacheCoordServiceStub(channel).Get(
+                pb.GetRequest(namespace="users", key="31337")  # a miss: Redis, then SQL
+            )
+        for _ in range(100):
+            systems = {attributes(s).get("db.system.name") for s in collector.spans}
+            if {"redis", "postgresql"} <= systems:
+                break
+            await asyncio.sleep(0.05)
+
+    assert {"redis", "postgresql"} <= systems
+    assert not [s.name for s in collector.spans if "db.system" in attributes(s)]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("OTEL_TRACES_EXPORTER", "zipkin"), ("OTEL_METRICS_EXPORTER", "otlp,statsd")],
+)
+async def test_an_unsupported_exporter_stops_start_up_with_a_clear_error(
+    variable: str, value: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "cachecoord.toml"
+    # Backends nobody listens on: start-up must stop before it reaches them.
+    config.write_text(
+        '[server]\nlisten = "127.0.0.1:0"\n[redis]\nurl = "redis://127.0.0.1:1/0"\n'
+        '[postgres]\nurl = "postgresql://127.0.0.1:1/postgres"\n'
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cachecoord",
+        "serve",
+        "--config",
+        str(config),
+        env={**os.environ, variable: value},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    assert process.returncode == 2
+    (line,) = err.decode().strip().splitlines()
+    assert variable in line
