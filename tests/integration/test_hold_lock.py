@@ -945,3 +945,45 @@ async def test_cachecoord_lock_terminates_its_command_when_the_lock_is_lost(
     assert line == b"terminated\n"
     assert terminated < 1.0, f"SIGTERM came {terminated:.2f} s after the loss"
     assert code == 64 + grpc.StatusCode.ABORTED.value[0]
+
+
+async def test_a_resume_needs_the_lock_prefix_like_an_acquire(
+    redis_server: RedisServer, postgres_server: PostgresServer, tmp_path: Path, name: str
+) -> None:
+    """With [auth] on, a token whose lock_prefixes do not cover the name may
+    not take the lock over with `resume`, even with the holder's token."""
+    (tmp_path / "admin.token").write_text("admin-secret-0123456789abcdef")
+    (tmp_path / "locker.token").write_text("locker-secret-0123456789abcdef")
+    section = f"""
+[auth]
+enabled = true
+
+[[auth.tokens]]
+name = "admin"
+token_file = "{tmp_path / "admin.token"}"
+lock_prefixes = ["*"]
+
+[[auth.tokens]]
+name = "locker"
+token_file = "{tmp_path / "locker.token"}"
+lock_prefixes = ["report-"]
+"""
+    settings = settings_for(tmp_path, redis_server.url, postgres_server.dsn, extra=section)
+    instance = App(settings)
+    await instance.start()
+    try:
+        address = f"127.0.0.1:{instance.port}"
+        async with AsyncClient(address, token="admin-secret-0123456789abcdef") as admin:
+            lock = await admin.acquire_lock(name, ttl_ms=10_000)
+            async with grpc.aio.insecure_channel(address) as channel:
+                call: HoldCall = pb_grpc.CacheCoordServiceStub(channel).HoldLock(
+                    None, metadata=(("authorization", "Bearer locker-secret-0123456789abcdef"),)
+                )
+                resume = pb.HoldLockRequest.Resume(name=name, token=lock.token, ttl_ms=10_000)
+                await call.write(pb.HoldLockRequest(resume=resume))
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await asyncio.wait_for(call.read(), 5)
+            await admin.release_lock(name, lock.token)  # still the admin's
+    finally:
+        await instance.stop()
+    assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
