@@ -1,8 +1,9 @@
 """A history checker: no read answers older than the documented bound allows.
 
-Three cachecoord instances (in this process) serve one namespace per
-strategy, all with near caches, over one Redis (or a Redis Cluster) and one
-PostgreSQL. Concurrently, for a given time:
+Four cachecoord instances, three in this process and one ``cachecoord
+serve`` process, serve one namespace per strategy, all with near caches,
+over one Redis (or a Redis Cluster) and one PostgreSQL. Concurrently, for a
+given time:
 
 * writers Put through random instances (every Put writes a distinct value);
 * a program updates the mapped ``users`` table directly in SQL (change
@@ -12,8 +13,10 @@ PostgreSQL. Concurrently, for a given time:
 * an invalidator Invalidates random keys;
 * faults, at set moments: loads that PostgreSQL makes slow (``pg_sleep`` on
   the load's connection after its read, so that other reads join it late),
-  every pub/sub connection cut (``CLIENT KILL TYPE pubsub``), and Redis
-  frozen (SIGSTOP, then SIGCONT) when its process is ours.
+  every pub/sub connection cut (``CLIENT KILL TYPE pubsub``), Redis frozen
+  (SIGSTOP, then SIGCONT) when its process is ours, and the ``cachecoord
+  serve`` instance killed (SIGKILL; its calls in flight fail, the others go
+  on through the three left).
 
 Everything runs in one event loop, so the moments recorded are ordered
 exactly: a write's *acknowledgement* is recorded when its answer has reached
@@ -55,6 +58,8 @@ import json
 import os
 import random
 import signal
+import socket
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -159,11 +164,21 @@ CREATE TABLE IF NOT EXISTS users (
 
 def settings(workdir: Path, redis_url: str, dsn: str, name: str, *, cluster: bool) -> Settings:
     """An instance's settings, loaded from a TOML file as ``cachecoord serve`` would."""
+    path = config_file(workdir, redis_url, dsn, name, listen="127.0.0.1:0")
+    return load(path, _env(cluster))
+
+
+def _env(cluster: bool) -> dict[str, str]:
+    return {"CACHECOORD_REDIS_CLUSTER": "true"} if cluster else {}
+
+
+def config_file(workdir: Path, redis_url: str, dsn: str, name: str, *, listen: str) -> Path:
+    """The TOML file of an instance."""
     path = workdir / f"history-{name}-{uuid.uuid4().hex[:6]}.toml"
     path.write_text(
         f"""
 [server]
-listen = "127.0.0.1:0"
+listen = "{listen}"
 instance_id = "{name}"
 shutdown_grace = "1s"
 
@@ -176,7 +191,66 @@ outbox_interval = "{int(OUTBOX_INTERVAL * 1000)}ms"
 {NAMESPACES_TOML}
 """
     )
-    return load(path, {"CACHECOORD_REDIS_CLUSTER": "true"} if cluster else {})
+    return path
+
+
+class ServeProcess:
+    """An instance as a ``cachecoord serve`` process, so that it can be killed."""
+
+    def __init__(
+        self, workdir: Path, redis_url: str, dsn: str, name: str, *, cluster: bool
+    ) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self._config = config_file(workdir, redis_url, dsn, name, listen=f"127.0.0.1:{self.port}")
+        self._log = workdir / f"{name}.log"
+        self._env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("CACHECOORD_")},
+            **_env(cluster),
+        }
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, client: AsyncClient) -> None:
+        """Start it and wait (30 s) until *client* (of its port) gets an answer."""
+        with self._log.open("ab") as out:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "cachecoord",
+                "serve",
+                "--config",
+                str(self._config),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                env=self._env,
+            )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await client.get(MANAGED[0], "k0", timeout=1)
+                return
+            except CacheCoordError:
+                if self._proc.returncode is not None or time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"cachecoord serve did not start:\n{self._log.read_text()[-2000:]}"
+                    ) from None
+                await asyncio.sleep(0.1)
+
+    async def kill(self) -> None:
+        """SIGKILL: nothing of it runs any more, nothing is cleaned up."""
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+            await self._proc.wait()
+
+    async def stop(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.terminate()
+            try:
+                await asyncio.wait_for(self._proc.wait(), 10)
+            except TimeoutError:
+                await self.kill()
 
 
 # -- the history ---------------------------------------------------------------
@@ -455,6 +529,8 @@ class Faults:
     """Fractions of the run at which Redis is frozen (needs *redis_pid*)."""
     freeze_seconds: float = 1.5
     redis_pid: int | None = None
+    kill_at: float | None = 0.75
+    """Fraction of the run at which the ``cachecoord serve`` instance is SIGKILLed."""
 
 
 @dataclass
@@ -464,7 +540,8 @@ class Workload:
     sql_writers: int = 1
     readers: int = 6  # per instance: Get/BatchGet loops
     local_readers: int = 2  # per instance, through its LocalCache
-    instances: int = 3
+    instances: int = 3  # in this process (slow loads apply to these)
+    processes: int = 1  # more, as ``cachecoord serve`` processes (one can be killed)
 
 
 def _keys(namespace: str, count: int) -> list[str]:
@@ -534,7 +611,9 @@ async def run_history(
     history = History()
     await prepare_database(dsn, workload.keys)
     apps: list[App] = []
+    processes: list[ServeProcess] = []
     clients: list[AsyncClient] = []
+    alive: list[bool] = []
     locals_: list[RecordingLocalCache] = []
     tasks: list[asyncio.Task[None]] = []
     stop = asyncio.Event()
@@ -544,9 +623,21 @@ async def run_history(
             await app.start()
             apps.append(app)
             clients.append(AsyncClient(f"127.0.0.1:{app.port}"))
+            alive.append(True)
             if faults.slow_loads:
                 _slow_loads(app)
         await change_triggers(apps[0].settings, MAPPED, "install")
+        for _ in range(workload.processes):
+            name = f"history-{len(clients)}"
+            process = ServeProcess(workdir, redis_urls[0], dsn, name, cluster=cluster)
+            processes.append(process)
+            clients.append(AsyncClient(f"127.0.0.1:{process.port}"))
+            alive.append(True)
+            await process.start(clients[-1])
+
+        def live() -> list[int]:
+            return [number for number, up in enumerate(alive) if up]
+
         keys = {namespace: _keys(namespace, workload.keys) for namespace in NAMESPACES}
         for namespace in MANAGED:  # every key exists before the run
             for key in keys[namespace]:
@@ -582,12 +673,15 @@ async def run_history(
         async def write() -> None:
             namespace = rng.choice(NAMESPACES)
             key = rng.choice(keys[namespace])
-            number = rng.randrange(len(clients))
+            number = rng.choice(live())
             version = await clients[number].put(namespace, key, value(namespace))
             history.wrote(namespace, key, version, number)
             await asyncio.sleep(rng.uniform(0, 0.01))
 
         async def read(number: int) -> None:
+            if not alive[number]:
+                await asyncio.sleep(0.1)
+                return
             namespace = rng.choice(NAMESPACES)
             client = clients[number]
             if rng.random() < 0.15:
@@ -602,6 +696,9 @@ async def run_history(
             await asyncio.sleep(0)
 
         async def local_read(number: int) -> None:
+            if not alive[number]:
+                await asyncio.sleep(0.1)
+                return
             namespace = rng.choice(NAMESPACES)
             key = rng.choice(keys[namespace])
             local = locals_[number]
@@ -614,10 +711,13 @@ async def run_history(
         async def invalidate() -> None:
             namespace = rng.choice(NAMESPACES)
             key = rng.choice(keys[namespace])
-            await clients[rng.randrange(len(clients))].invalidate(namespace, [key])
+            await clients[rng.choice(live())].invalidate(namespace, [key])
             await asyncio.sleep(rng.uniform(0.01, 0.05))
 
         async def watch(number: int) -> None:
+            if not alive[number]:
+                await asyncio.sleep(0.1)
+                return
             async with clients[number].watch(NAMESPACES) as events:
                 async for event in events:
                     history.event(number, event)
@@ -662,7 +762,14 @@ async def run_history(
             for _ in range(workload.local_readers):
                 spawn(partial(local_read, number))
         spawn(invalidate)
-        await _faults(faults, redis_urls, seconds, history, log)
+
+        async def kill() -> None:
+            number = len(apps)  # the first process
+            alive[number] = False
+            await processes[0].kill()
+            history.faults.append("a cachecoord serve instance SIGKILLed")
+
+        await _faults(faults, redis_urls, seconds, history, log, kill if processes else None)
     finally:
         stop.set()
         for task in tasks:
@@ -679,6 +786,8 @@ async def run_history(
             await client.close()
         for app in apps:
             await app.stop()
+        for process in processes:
+            await process.stop()
     return history.check()
 
 
@@ -695,15 +804,22 @@ async def _faults(
     seconds: float,
     history: History,
     log: Callable[[str], None],
+    kill: Callable[[], Awaitable[None]] | None,
 ) -> None:
     """Wait out the run, causing the faults at their moments."""
     started = time.monotonic()
     plan: list[tuple[float, str]] = [(at, "cut") for at in faults.cut_pubsub_at]
     if faults.redis_pid is not None:
         plan += [(at, "freeze") for at in faults.freeze_redis_at]
+    if faults.kill_at is not None and kill is not None:
+        plan.append((faults.kill_at, "kill"))
     for at, what in sorted(plan):
         await asyncio.sleep(max(0.0, started + at * seconds - time.monotonic()))
-        if what == "cut":
+        if what == "kill":
+            assert kill is not None
+            await kill()
+            log("SIGKILLed the cachecoord serve instance")
+        elif what == "cut":
             cut = 0
             for url in redis_urls:
                 node = aioredis.Redis.from_url(url, protocol=2)

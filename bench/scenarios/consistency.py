@@ -2,15 +2,17 @@
 
 The same run as ``tests/integration/test_history.py`` (the checker is
 ``tests/history_support.py``; its docstring says what is checked and with
-which bound): three cachecoord instances in this process, with near caches
-and a LocalCache each, one namespace per strategy (cache-aside,
-write-through, write-behind, versioned keys, and the mapped ``users`` table
-with change triggers); writers, readers (Get, BatchGet, LocalCache), an
-invalidator and direct SQL updates, for ``--seconds`` (300 by default, 20
-with ``--quick``). Faults: loads of one key per namespace made slow inside
-PostgreSQL; every pub/sub connection cut at 20 %, 50 % and 80 % of the run;
-Redis frozen (SIGSTOP) for 1.5 s at 35 % and 65 %. One Redis: the run on
-a Redis Cluster is the suite's (``test_history.py``, without the freeze).
+which bound): four cachecoord instances (three in this process, one a
+``cachecoord serve`` process), with near caches and a LocalCache each, one
+namespace per strategy (cache-aside, write-through, write-behind, versioned
+keys, and the mapped ``users`` table with change triggers); writers, readers
+(Get, BatchGet, LocalCache), an invalidator and direct SQL updates, for
+``--seconds`` (300 by default, 20 with ``--quick``). Faults: loads of one
+key per namespace made slow inside PostgreSQL; every pub/sub connection cut
+at 20 %, 50 % and 80 % of the run; Redis frozen (SIGSTOP) for 1.5 s at 35 %
+and 65 %; the ``cachecoord serve`` instance killed (SIGKILL) at 75 %. One
+Redis: the run on a Redis Cluster is the suite's (``test_history.py``,
+without the freeze).
 
 Figures (``RESULT`` lines), in total and per path (``redis``, ``database``,
 ``near``, ``local_memory``; ``not_found`` if a read ever found nothing,
@@ -63,7 +65,7 @@ def run(options: Options) -> None:
         faults = Faults(
             cut_pubsub_at=(0.2, 0.5, 0.8), freeze_redis_at=(0.35, 0.65), redis_pid=redis.pid
         )
-        print(f"running {seconds:.0f} s of mixed load over 3 instances", flush=True)
+        print(f"running {seconds:.0f} s of mixed load over 4 instances", flush=True)
         started = time.monotonic()
         report = asyncio.run(_run(workdir, redis.url, postgres.dsn, seconds, faults))
         print(f"({time.monotonic() - started:.0f} s) {report.summary()}", flush=True)

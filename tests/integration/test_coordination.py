@@ -462,6 +462,44 @@ async def test_a_reader_that_missed_just_before_another_instances_fill_does_not_
     assert loads_of(key) == 1
 
 
+async def test_batch_get_answers_every_key_when_one_waits_for_another_instances_fill(
+    start: Start, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A BatchGet of two missing keys: by the time it asks for their leases,
+    one was filled (its value comes back instead of a lease) and the other is
+    leased by another instance, whose fill it then waits for. Both keys are
+    answered (the one found was once dropped: INTERNAL, a KeyError)."""
+    (a, client_a), (b, client_b) = await start(), await start()
+    found, waited = f"{key}-found", f"{key}-waited"
+    await client_b.put("plain", found, b"f")
+    await client_b.put("plain", waited, b"w")
+    held = HeldLoad(strategy(b, "plain").table)
+    monkeypatch.setattr(strategy(b, "plain").table, "load", held)
+    loading = asyncio.create_task(client_b.get("plain", waited))
+    await asyncio.wait_for(held.loaded.wait(), 5)  # b holds the lease of *waited*
+
+    store = strategy(a, "plain").store
+    take_leases, asked = store.take_leases, asyncio.Event()
+
+    async def after_a_fill(
+        tokens: dict[str, str], lease_ms: int, **options: Any
+    ) -> dict[str, bytes | bool]:
+        if len(tokens) == 2:
+            await client_a.get("plain", found)  # fills *found* meanwhile
+        granted = await take_leases(tokens, lease_ms, **options)
+        if len(tokens) == 2:
+            asked.set()
+        return granted
+
+    monkeypatch.setattr(store, "take_leases", after_a_fill)
+    batch = asyncio.create_task(client_a.batch_get("plain", [found, waited]))
+    await asyncio.wait_for(asked.wait(), 5)
+    held.release.set()
+    answers = await asyncio.wait_for(batch, 5)
+    assert [(e.key, e.value) for e in answers] == [(found, b"f"), (waited, b"w")]
+    assert (await loading).value == b"w"
+
+
 async def test_stale_value_is_served_at_once_while_one_reader_refreshes_it(
     start: Start, own_backend: Backend, key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,11 +1,12 @@
 """The history checker (tests/history_support.py) in the suite: a bounded run.
 
-Three instances with near caches and LocalCaches, every strategy, writers,
-readers, an invalidator and direct SQL updates; faults: slow loads made in
-PostgreSQL, every pub/sub connection cut, Redis frozen (SIGSTOP). Every read
-is checked against the acknowledged writes and the events seen, with the
-bound docs/guarantees.md section 2 gives its path. ``python -m bench
-consistency`` runs the same for longer.
+Four instances (one a `cachecoord serve` process) with near caches and
+LocalCaches, every strategy, writers, readers, an invalidator and direct SQL
+updates; faults: slow loads made in PostgreSQL, every pub/sub connection
+cut, Redis frozen (SIGSTOP), an instance killed (SIGKILL). Every read is
+checked against the acknowledged writes and the events seen, with the bound
+docs/guarantees.md section 2 gives its path. ``python -m bench consistency``
+runs the same for longer.
 """
 
 from __future__ import annotations

@@ -338,7 +338,7 @@ class Reader:
         if len(keys) == 1 and leased and not leased[keys[0]]:
             filled = await self._await_fill(keys[0])
             if filled is not None:
-                return {keys[0]: filled}
+                return {**found, keys[0]: filled}
         rows, load_ms, mark = await self._load(keys)
         entries, fills = {}, {}
         for key in keys:
