@@ -69,6 +69,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psycopg
 import redis.asyncio as aioredis
 
@@ -294,6 +295,8 @@ class Report:
     sql_writes: int = 0
     flagged_stale: int = 0
     errors: int = 0
+    server_errors: list[str] = field(default_factory=list)
+    """Calls answered INTERNAL or UNKNOWN: a server bug, whatever the fault."""
     deadlocks: int = 0
     """Direct SQL updates PostgreSQL cancelled in a deadlock with a Put."""
     events: int = 0
@@ -317,6 +320,7 @@ class Report:
             f"RESULT stale_reads_beyond_bound={self.beyond_bound}",
             f"RESULT reads_checked={self.checked}",
             f"RESULT worst_staleness_ms={self.worst_staleness_ms:.1f}",
+            f"RESULT internal_errors={len(self.server_errors)}",
         ]
         for path in sorted(self.paths):
             report = self.paths[path]
@@ -332,7 +336,8 @@ class Report:
         return (
             f"{self.checked} reads checked ({self.flagged_stale} flagged stale, not checked), "
             f"{self.writes} Puts and {self.sql_writes} SQL updates acknowledged, "
-            f"{self.events} events, {self.errors} failed calls, {self.deadlocks} SQL updates "
+            f"{self.events} events, {self.errors} failed calls ({len(self.server_errors)} "
+            f"INTERNAL or UNKNOWN), {self.deadlocks} SQL updates "
             "cancelled by a deadlock with a Put; faults: "
             f"{', '.join(self.faults) or 'none'}; {self.beyond_bound} reads beyond their bound"
         )
@@ -351,6 +356,7 @@ class History:
         self.outages: list[tuple[float, float]] = []  # (frozen at, back at)
         self.faults: list[str] = []
         self.errors = 0
+        self.server_errors: list[str] = []  # INTERNAL or UNKNOWN: a bug, whatever the fault
         self.deadlocks = 0
         self.event_count = 0
 
@@ -383,7 +389,12 @@ class History:
     # -- checking ----------------------------------------------------------------
 
     def check(self) -> Report:
-        report = Report(errors=self.errors, events=self.event_count, deadlocks=self.deadlocks)
+        report = Report(
+            errors=self.errors,
+            server_errors=list(self.server_errors),
+            events=self.event_count,
+            deadlocks=self.deadlocks,
+        )
         by_key: defaultdict[tuple[str, str], list[Write]] = defaultdict(list)
         for write in self.writes:
             if write.instance >= 0:
@@ -654,8 +665,10 @@ async def run_history(
             while not stop.is_set():
                 try:
                     await work()
-                except CacheCoordError:
+                except CacheCoordError as err:
                     history.errors += 1
+                    if err.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                        history.server_errors.append(str(err))
                     await asyncio.sleep(0.01)
 
         def spawn(work: Callable[[], Awaitable[None]]) -> None:

@@ -21,6 +21,8 @@ which is always wrong here):
 * ``stale_reads_beyond_bound``: reads older than their path's bound allows
   (target 0);
 * ``reads_checked``;
+* ``internal_errors``: calls answered ``INTERNAL`` or ``UNKNOWN`` (a server
+  bug, whatever the fault; target 0);
 * ``worst_staleness_ms``: the longest time between the acknowledgement of
   a write and the start of a read that did not reflect it (within its bound
   or not: a near cache on another instance may lag by the time its

@@ -50,6 +50,7 @@ async def test_no_read_is_older_than_its_bound_on_a_single_redis(
     assert report.checked > 1000, report.summary()
     assert {"redis", "database", "near", "local-memory"} <= set(report.paths), report.summary()
     assert report.beyond_bound == 0, "\n".join(report.violations)
+    assert report.server_errors == []
 
 
 @pytest.mark.timeout(120)
@@ -69,3 +70,4 @@ async def test_no_read_is_older_than_its_bound_on_a_redis_cluster(
     print("\n".join(report.result_lines()))
     assert report.checked > 500, report.summary()
     assert report.beyond_bound == 0, "\n".join(report.violations)
+    assert report.server_errors == []
