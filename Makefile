@@ -16,6 +16,8 @@ DEBIAN_PLUGINS := protoc-gen-go protoc-gen-go-grpc
 # grpc-go 1.33 needs 1.4 or newer (its go.mod).
 DEBIAN_GO := golang-go golang-google-grpc-dev golang-google-protobuf-dev \
 	golang-github-golang-protobuf-1-5-dev
+# promtool (Debian's prometheus package) checks deploy/prometheus's alert rules.
+DEBIAN_CHECKS := prometheus
 NODE := clients/node
 NODE_SOURCES := $(shell find $(NODE)/src $(NODE)/examples $(NODE)/e2e -name '*.ts' 2>/dev/null)
 DIST_SOURCES := $(shell find server clients/python/src -name '*.py' -o -name '*.pyi' -o -name py.typed 2>/dev/null)
@@ -24,7 +26,7 @@ UV_VERSION := 0.13.9
 UV := tools/uv/bin/uv
 
 .PHONY: run test check lock lock-check lint typecheck proto-lint proto-breaking proto-snapshot stubs stubs-check \
-	dockerfile-lint install tools debian-tools node-client dist down clean bench
+	dockerfile-lint rules-check install tools debian-tools node-client dist down clean bench
 
 ## run: serve the example configuration on 127.0.0.1:50051 (reuses a reachable
 ## Redis and PostgreSQL, or starts private ones from the installed binaries)
@@ -48,8 +50,10 @@ bench: install
 	$(BIN)/python -m bench all
 
 ## check: lint, types, proto lint and breaking changes, generated-stub
-## freshness (Python, TypeScript, Go), the Node.js client's types, Dockerfile lint
-check: lock-check lint typecheck proto-lint proto-breaking stubs-check node-client dockerfile-lint
+## freshness (Python, TypeScript, Go), the Node.js client's types, Dockerfile lint,
+## the Prometheus alert rules
+check: lock-check lint typecheck proto-lint proto-breaking stubs-check node-client dockerfile-lint \
+	rules-check
 
 lint: install
 	$(BIN)/ruff check .
@@ -81,6 +85,11 @@ stubs-check: stubs
 
 dockerfile-lint: install
 	$(BIN)/hadolint Dockerfile
+
+## rules-check: promtool checks the alert rules and runs their unit tests
+rules-check: debian-tools
+	promtool check rules deploy/prometheus/cachecoord-alerts.yaml
+	promtool test rules deploy/prometheus/cachecoord-alerts.test.yaml
 
 install: $(VENV)/.installed
 
@@ -116,7 +125,7 @@ $(BUF): tools/package.json tools/package-lock.json
 # as root; a developer without root gets the apt-get line to run).
 debian-tools:
 	@missing=""; for p in $(DEBIAN_PLUGINS); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
-	for p in $(DEBIAN_GO); do \
+	for p in $(DEBIAN_GO) $(DEBIAN_CHECKS); do \
 	  dpkg-query -W -f '$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar, Token
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -169,6 +170,16 @@ def _propagated_fields() -> frozenset[str]:
     return _fields[1]
 
 
+# Seconds, as the OpenTelemetry RPC conventions ask; buckets from 0.5 ms (a
+# near-cache hit) to 10 s (a deadline).
+_SECONDS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+
+call_duration = meter.create_histogram(
+    "rpc.server.call.duration",
+    unit="s",
+    description="Duration of RPCs answered, by method and gRPC status code",
+    explicit_bucket_boundaries_advisory=_SECONDS,
+)
 requests = meter.create_counter(
     "cachecoord.requests", unit="{request}", description="RPCs answered, by method and status"
 )
@@ -184,7 +195,7 @@ load_duration = meter.create_histogram(
 coalesced = meter.create_counter(
     "cachecoord.stampede.coalesced",
     unit="{request}",
-    description="Misses that waited for another reader's load instead of loading",
+    description="Misses that waited for another reader's load (a lease wait) instead of loading",
 )
 invalidations_published = meter.create_counter(
     "cachecoord.invalidations.published",
@@ -199,42 +210,97 @@ invalidations_received = meter.create_counter(
 lock_wait = meter.create_histogram(
     "cachecoord.lock.wait", unit="ms", description="Time AcquireLock waited for a held lock"
 )
+dead_lettered = meter.create_counter(
+    "cachecoord.write_behind.dead_lettered",
+    unit="{write}",
+    description="Writes PostgreSQL rejected max_attempts times, moved to the dead-letter stream",
+)
 
-# Write-behind queues report through callbacks registered by their flushers.
-_queue_probes: list[Callable[[], Iterable[tuple[str, int, float]]]] = []
+
+@dataclass(frozen=True, slots=True)
+class QueueSample:
+    """What a write-behind flusher last saw of its namespace's queues (all
+    instances share them: every instance reports the same figures)."""
+
+    namespace: str
+    depth: int = 0
+    """Writes waiting for PostgreSQL."""
+    oldest_age_s: float = 0.0
+    """Age of the oldest of them; 0 when none waits."""
+    pending: int = 0
+    """Of those, read by a flusher and not yet acknowledged."""
+    dead_letters: int = 0
+    """Entries in the dead-letter stream."""
 
 
-def watch_queues(probe: Callable[[], Iterable[tuple[str, int, float]]]) -> None:
-    """Register *probe*: it yields (namespace, queue length, lag in ms)."""
+# Write-behind queues, and the outbox, report through probes their owners register.
+_queue_probes: list[Callable[[], QueueSample]] = []
+_outbox_probes: list[Callable[[], int | None]] = []
+
+
+def watch_queues(probe: Callable[[], QueueSample]) -> None:
+    """Register *probe*: the latest sample of one namespace's queues."""
     _queue_probes.append(probe)
 
 
-def unwatch_queues(probe: Callable[[], Iterable[tuple[str, int, float]]]) -> None:
+def unwatch_queues(probe: Callable[[], QueueSample]) -> None:
     if probe in _queue_probes:
         _queue_probes.remove(probe)
 
 
-def _queue_length(options: CallbackOptions) -> Iterable[Observation]:
-    for probe in _queue_probes:
-        for namespace, length, _ in probe():
-            yield Observation(length, {"cache.namespace": namespace})
+def watch_outbox(probe: Callable[[], int | None]) -> None:
+    """Register *probe*: outbox rows waiting (None: not sampled yet)."""
+    _outbox_probes.append(probe)
 
 
-def _queue_lag(options: CallbackOptions) -> Iterable[Observation]:
-    for probe in _queue_probes:
-        for namespace, _, lag in probe():
-            yield Observation(lag, {"cache.namespace": namespace})
+def unwatch_outbox(probe: Callable[[], int | None]) -> None:
+    if probe in _outbox_probes:
+        _outbox_probes.remove(probe)
 
 
+def _queue_gauge(field_name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        for probe in _queue_probes:
+            sample = probe()
+            yield Observation(getattr(sample, field_name), {"cache.namespace": sample.namespace})
+
+    return observe
+
+
+def _outbox_backlog(options: CallbackOptions) -> Iterable[Observation]:
+    for probe in _outbox_probes:
+        rows = probe()
+        if rows is not None:
+            yield Observation(rows)
+
+
+for _name, _field, _unit, _description in (
+    ("cachecoord.write_behind.queue.depth", "depth", "{write}", "Writes queued for PostgreSQL"),
+    (
+        "cachecoord.write_behind.queue.oldest_age",
+        "oldest_age_s",
+        "s",
+        "Age of the oldest write still queued for PostgreSQL",
+    ),
+    (
+        "cachecoord.write_behind.queue.pending",
+        "pending",
+        "{write}",
+        "Queued writes read by a flusher and not yet acknowledged",
+    ),
+    (
+        "cachecoord.write_behind.dead_letters",
+        "dead_letters",
+        "{write}",
+        "Writes in the dead-letter stream (see cachecoord dead-letters list)",
+    ),
+):
+    meter.create_observable_gauge(
+        _name, callbacks=[_queue_gauge(_field)], unit=_unit, description=_description
+    )
 meter.create_observable_gauge(
-    "cachecoord.write_behind.queue_length",
-    callbacks=[_queue_length],
-    unit="{write}",
-    description="Writes queued for PostgreSQL",
-)
-meter.create_observable_gauge(
-    "cachecoord.write_behind.lag",
-    callbacks=[_queue_lag],
-    unit="ms",
-    description="Age of the oldest write still queued",
+    "cachecoord.outbox.backlog",
+    callbacks=[_outbox_backlog],
+    unit="{invalidation}",
+    description="Committed invalidations not yet finished (cachecoord.outbox rows)",
 )

@@ -248,7 +248,8 @@ async def test_error_status_is_on_the_span_and_metrics_arrive(
         "cachecoord.requests",
         "cachecoord.cache.misses",
         "cachecoord.invalidations.published",
-        "cachecoord.write_behind.queue_length",
+        "cachecoord.write_behind.queue.depth",
+        "rpc.server.call.duration",
     }
     for _ in range(100):
         failed = [

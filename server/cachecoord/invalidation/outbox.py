@@ -26,7 +26,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from redis.exceptions import RedisError
 
-from cachecoord import background, instruments
+from cachecoord import background, instruments, telemetry
 from cachecoord.invalidation.messages import Invalidation
 from cachecoord.storage.redis_store import EntryStore
 
@@ -67,6 +67,8 @@ class Outbox:
         self._done: list[int] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.backlog: int | None = None
+        """Outbox rows of the namespaces served here, as last counted (with metrics on)."""
 
     def wake(self) -> None:
         """Drain now (changes were recorded by the database triggers)."""
@@ -79,11 +81,13 @@ class Outbox:
             self._wake.set()
 
     async def open(self) -> None:
+        instruments.watch_outbox(self._probe)
         if self._task is None:
             with instruments.quiet():  # an empty drain makes no span; a real one its own
                 self._task = asyncio.create_task(self._run(), name="cachecoord-outbox")
 
     async def close(self) -> None:
+        instruments.unwatch_outbox(self._probe)
         task, self._task = self._task, None
         if task is not None:
             await background.stop(task)
@@ -134,8 +138,22 @@ class Outbox:
                 while await self.drain() == self._batch:
                     pass
                 await self._forget_done()
+                if telemetry.METRICS:
+                    await self._count_backlog()
             except (RedisError, psycopg.Error, OSError) as err:
                 log.warning("outbox drain failed, will retry: %s", err)
+
+    async def _count_backlog(self) -> None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT count(*) FROM cachecoord.outbox WHERE namespace = ANY(%s)",
+                (list(self._stores),),
+            )
+            row = await cur.fetchone()
+        self.backlog = int(row[0]) if row else 0
+
+    def _probe(self) -> int | None:
+        return self.backlog
 
     async def _forget_done(self) -> None:
         ids, self._done = self._done, []

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -186,23 +187,27 @@ class _Decoded(AsyncIterator[Request]):
 async def _answer(context: Context, method: str, call: Awaitable[Response]) -> Response:
     """Await the handler; end the RPC with the status of whatever it raised.
     Cancellation (the client went away) passes through untouched."""
+    started = time.perf_counter()
     try:
         result = await call
     except errors.CacheCoordError as err:
         code = status_of(err)
-        _finished(method, code)
+        _finished(method, code, started)
         await context.abort(code, _bounded(str(err)))
     except grpc.aio.AbortError:
-        _finished(method, context.code() or grpc.StatusCode.UNKNOWN)
+        _finished(method, context.code() or grpc.StatusCode.UNKNOWN, started)
         raise  # the handler chose its status itself
+    except asyncio.CancelledError:
+        _finished(method, grpc.StatusCode.CANCELLED, started)
+        raise
     except Exception:
         log.exception("unexpected error in %s", method)
-        _finished(method, grpc.StatusCode.INTERNAL)
+        _finished(method, grpc.StatusCode.INTERNAL, started)
         await context.abort(
             grpc.StatusCode.INTERNAL, "internal error; the server log has the details"
         )
     else:
-        _finished(method, grpc.StatusCode.OK)
+        _finished(method, grpc.StatusCode.OK, started)
         return result
     raise AssertionError("unreachable: abort raises")
 
@@ -234,8 +239,15 @@ _SERVER_FAULTS = frozenset(
 )
 
 
-def _finished(method: str, code: grpc.StatusCode) -> None:
+def _finished(method: str, code: grpc.StatusCode, started: float) -> None:
     if telemetry.METRICS:
+        attributes = {
+            "rpc.system": "grpc",
+            "rpc.service": SERVICE,
+            "rpc.method": method,
+            "rpc.grpc.status_code": code.value[0],
+        }
+        instruments.call_duration.record(time.perf_counter() - started, attributes)
         instruments.requests.add(1, {"rpc.method": method, "rpc.grpc.status_code": code.value[0]})
     if (span := instruments.request_span.get()) is not None:
         span.set_attribute("rpc.grpc.status_code", code.value[0])

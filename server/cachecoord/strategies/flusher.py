@@ -151,8 +151,8 @@ class Flusher:
         self._task: asyncio.Task[None] | None = None
         self._draining = False
         self._next_reclaim = 0.0
-        self.queue_stats: tuple[int, float] = (0, 0.0)
-        """Queued writes and the age of the oldest, in ms (sampled with metrics on)."""
+        self.queue_stats = instruments.QueueSample(strategy.name)
+        """The queues as last sampled (with metrics on), for the gauges."""
         self.flushed_rows = 0
         """Rows written to PostgreSQL so far (coalesced writes count once)."""
 
@@ -200,6 +200,8 @@ class Flusher:
                         attributes={"cache.namespace": self._ns.name, "error.type": "rejected"},
                     ):
                         await self._dead_letter(entry, error)
+                    if telemetry.METRICS:
+                        instruments.dead_lettered.add(1, {"cache.namespace": self._ns.name})
                 backoff = 0.1
                 if len(batch) < self._settings.flush_batch and not self._draining:
                     # Let writes gather for a whole interval: Puts to one key
@@ -262,19 +264,29 @@ class Flusher:
         ], []
 
     async def _sample_queues(self) -> None:
-        """Queue length and the age of the oldest queued write, for the gauges."""
-        pipe = self._client.pipeline(transaction=False)
-        for queue in self._keys.queues:
-            pipe.xlen(queue)
-            pipe.xrange(queue, count=1)
-        replies = await pipe.execute()
-        length = sum(int(n) for n in replies[0::2])
-        oldest = [int(entries[0][0].split(b"-")[0]) for entries in replies[1::2] if entries]
-        lag = time.time() * 1000 - min(oldest) if oldest else 0.0
-        self.queue_stats = (length, max(0.0, lag))
+        """Queue depth, the oldest queued write's age, pending entries and
+        dead letters, for the gauges."""
+        queues = self._keys.queues
+        async with self._client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.xlen(queue)
+                pipe.xrange(queue, count=1)
+                pipe.xpending(queue, GROUP)
+            pipe.xlen(self._keys.dead_letters)
+            replies = await pipe.execute(raise_on_error=False)
+        lengths, firsts, pendings = replies[0:-1:3], replies[1:-1:3], replies[2:-1:3]
+        oldest = [int(entries[0][0].split(b"-")[0]) for entries in firsts if entries]
+        age = time.time() - min(oldest) / 1000 if oldest else 0.0
+        self.queue_stats = instruments.QueueSample(
+            self._ns.name,
+            depth=sum(int(n) for n in lengths),
+            oldest_age_s=max(0.0, age),
+            pending=sum(int(p["pending"]) for p in pendings if isinstance(p, dict)),
+            dead_letters=int(replies[-1]),
+        )
 
-    def _probe(self) -> list[tuple[str, int, float]]:
-        return [(self._ns.name, *self.queue_stats)]
+    def _probe(self) -> instruments.QueueSample:
+        return self.queue_stats
 
     async def _create_groups(self) -> None:
         for queue in self._keys.queues:
