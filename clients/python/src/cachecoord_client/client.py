@@ -341,7 +341,45 @@ class AsyncClient:
         """
         request = _convert.acquire_lock_request(name, ttl_ms, wait_timeout_ms)
         timeout = _convert.lock_deadline(timeout, self._default_timeout, wait_timeout_ms)
-        return _convert.to_lock(name, await self._call(self._stub.AcquireLock, request, timeout))
+        call = self._stub.AcquireLock(request, timeout=timeout, metadata=self._metadata)
+        answer = asyncio.ensure_future(_answer_of(call))
+        try:
+            return _convert.to_lock(name, await asyncio.shield(answer))
+        except asyncio.CancelledError:
+            # Cancelling the call now could cross its answer, and nobody
+            # would ever release the lock it grants: give it a moment to
+            # answer (and release what it grants), then cancel it (the server
+            # releases what it takes after it sees the cancellation).
+            task = asyncio.create_task(self._settle_abandoned(call, answer, name))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+            raise
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    async def _settle_abandoned(
+        self,
+        call: grpc.aio.UnaryUnaryCall[Any, pb.AcquireLockResponse],
+        answer: asyncio.Future[pb.AcquireLockResponse],
+        name: str,
+    ) -> None:
+        """Release the lock an acquisition whose caller was cancelled got anyway."""
+        try:
+            async with asyncio.timeout(_ABANDONED_ACQUIRE_GRACE):
+                granted = await asyncio.shield(answer)
+        except TimeoutError:
+            call.cancel()
+            try:
+                granted = await answer
+            except (grpc.RpcError, asyncio.CancelledError):
+                return
+        except (grpc.RpcError, asyncio.CancelledError):
+            return  # not granted
+        release = _convert.release_lock_request(name, granted.token)
+        with contextlib.suppress(grpc.RpcError):
+            await self._stub.ReleaseLock(
+                release, timeout=self._default_timeout, metadata=self._metadata
+            )
 
     async def release_lock(self, name: str, token: str, *, timeout: float | None = None) -> None:
         """Release a held lock.
@@ -582,6 +620,19 @@ _RESUME_RETRY_CODES = frozenset(
     }
 )
 """A resume that fails with these is tried again while the lock's TTL allows."""
+
+_ABANDONED_ACQUIRE_GRACE = 0.25
+"""Seconds an AcquireLock whose caller was cancelled may still answer before it is cancelled."""
+
+
+async def _answer_of(
+    call: grpc.aio.UnaryUnaryCall[Any, pb.AcquireLockResponse],
+) -> pb.AcquireLockResponse:
+    return await call
+
+
+_background: set[asyncio.Task[None]] = set()
+"""Releases of locks granted to cancelled callers, kept from the garbage collector."""
 
 _RESUME_RETRY_FIRST = 0.02
 _RESUME_RETRY_MAX = 0.5
