@@ -90,10 +90,11 @@ LOCAL_MAX_AGE = 1.0
 """max_age of the LocalCaches, seconds."""
 OUTBOX_INTERVAL = 0.2
 """postgres.outbox_interval, seconds."""
-SQL_BOUND = OUTBOX_INTERVAL + 0.5
+SQL_BOUND = OUTBOX_INTERVAL + 1.5
 """A direct SQL change reaches Redis on its NOTIFY, or at the drainer's next
-round: within outbox_interval, plus this margin for a busy machine."""
-OUTAGE_BOUND = 2.0 + OUTBOX_INTERVAL + 0.5
+round: within outbox_interval, plus this margin for a busy machine (the
+exact check of these reads is the event rule)."""
+OUTAGE_BOUND = 2.0 + OUTBOX_INTERVAL + 1.5
 """After Redis is back, a write it missed is applied by the drainer once its
 outbox row is older than the grace period (2 s), at its next round."""
 OUTAGE_TAIL = 2.0
