@@ -5,6 +5,15 @@ grow the server's memory. When its backlog overflows, it is emptied and
 replaced by one RESET event (the client must drop everything it cached), and
 events resume after the client has read that RESET. Every watcher also gets
 RESET whenever this instance's subscription dropped (events may be lost).
+
+An event tells its reader that *this instance* has the change: the message is
+handed to the namespace's strategy (near cache eviction) in the same
+synchronous callback, before the event is queued (app.py registers
+``Strategy.on_message`` ahead of :meth:`WatchHub.publish`), and no read the
+instance answers afterwards takes a value read before the change (see
+strategies/reads.py). So a client that reads through the instance it
+watches never gets the older version after the event (docs/guarantees.md
+section 2, rules 2 and 3).
 """
 
 from __future__ import annotations
