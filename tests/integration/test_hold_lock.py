@@ -46,6 +46,7 @@ from cachecoord_client import (
     LockNotAcquired,
     Unavailable,
     WatchEventKind,
+    WatchStream,
 )
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
@@ -899,11 +900,23 @@ async def test_a_resuming_watch_gets_a_reset_and_later_events_across_recycling(
             event = await asyncio.wait_for(anext(events), 5)
             kinds.append((event.kind, event.reason))
         assert (WatchEventKind.RESET, "reconnecting") in kinds, kinds
-        await client.invalidate("blobs", [key])
-        while True:
-            event = await asyncio.wait_for(anext(events), 5)
-            if event.kind is WatchEventKind.INVALIDATION and event.key == key:
-                break
+        # Invalidated again and again: one made while the stream reconnects
+        # (it is recycled every 0.5 s) is missed, which the RESET said.
+        invalidating = asyncio.create_task(invalidate_repeatedly(client, key))
+        try:
+            while True:
+                event = await asyncio.wait_for(anext(events), 5)
+                if event.kind is WatchEventKind.INVALIDATION and event.key == key:
+                    break
+        finally:
+            invalidating.cancel()
+
+
+async def invalidate_repeatedly(client: AsyncClient, key: str) -> None:
+    while True:
+        with contextlib.suppress(Unavailable):
+            await client.invalidate("blobs", [key])
+        await asyncio.sleep(0.1)
 
 
 async def test_cachecoord_lock_terminates_its_command_when_the_lock_is_lost(
@@ -987,3 +1000,39 @@ lock_prefixes = ["report-"]
     finally:
         await instance.stop()
     assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_resuming_sync_watch_gets_a_reset_and_later_events_across_recycling(
+    recycling: App,
+) -> None:
+    key = uuid.uuid4().hex
+    address = f"127.0.0.1:{recycling.port}"
+    reconnected = threading.Event()
+    streams: list[WatchStream] = []
+
+    def watch() -> list[tuple[WatchEventKind, str]]:
+        seen: list[tuple[WatchEventKind, str]] = []
+        with Client(address) as sync, sync.watch(["blobs"], resume=True) as events:
+            streams.append(events)
+            for event in events:
+                seen.append((event.kind, event.reason))
+                if event.reason == "reconnecting":
+                    reconnected.set()
+                if event.kind is WatchEventKind.INVALIDATION and event.key == key:
+                    return seen
+        return seen
+
+    watcher = asyncio.create_task(asyncio.to_thread(watch))
+    try:
+        assert await asyncio.to_thread(reconnected.wait, 10)
+        async with AsyncClient(address) as client:
+            invalidating = asyncio.create_task(invalidate_repeatedly(client, key))
+            try:
+                seen = await asyncio.wait_for(asyncio.shield(watcher), 10)
+            finally:
+                invalidating.cancel()
+    finally:
+        for stream in streams:  # a failed test must not leave the thread blocked
+            stream.close()
+    assert (WatchEventKind.RESET, "reconnecting") in seen
+    assert seen[-1][0] is WatchEventKind.INVALIDATION

@@ -5,17 +5,31 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar
 
 import grpc
 
 from cachecoord_client import _convert
-from cachecoord_client.errors import CacheCoordError, DeadlineExceeded, LockLost, from_rpc_error
+from cachecoord_client.errors import (
+    CacheCoordError,
+    DeadlineExceeded,
+    LockLost,
+    Unavailable,
+    from_rpc_error,
+)
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc
-from cachecoord_client.types import Deleted, Entry, HeldLock, Lock, Value
+from cachecoord_client.types import (
+    Deleted,
+    Entry,
+    HeldLock,
+    Lock,
+    Value,
+    WatchEvent,
+    WatchEventKind,
+)
 from cachecoord_client.watch import WatchStream
 
 __all__ = ["Client"]
@@ -349,7 +363,12 @@ class Client:
         self._call(self._stub.ExtendLock, request, timeout)
 
     def watch(
-        self, namespaces: Iterable[str], *, key_prefix: str = "", timeout: float | None = None
+        self,
+        namespaces: Iterable[str],
+        *,
+        key_prefix: str = "",
+        timeout: float | None = None,
+        resume: bool = False,
     ) -> WatchStream:
         """Stream the invalidation events of some namespaces; see `AsyncClient.watch`.
 
@@ -369,6 +388,9 @@ class Client:
                 of a whole namespace (``all_keys``) always come.
             timeout: Deadline in seconds of the whole stream. None (the
                 default): no deadline; ``default_timeout`` does not apply.
+            resume: Watch again when the stream breaks, as
+                `AsyncClient.watch` does: a RESET with reason
+                ``reconnecting`` first, then the new stream's events.
 
         Returns:
             An iterator of `WatchEvent`, and a context manager that cancels
@@ -378,6 +400,10 @@ class Client:
             TypeError: ``namespaces`` is a str or bytes.
         """
         request = _convert.watch_request(namespaces, key_prefix)
+        if resume:
+            return _ResumingWatchStream(
+                lambda: self._stub.Watch(request, timeout=timeout, metadata=self._metadata)
+            )
         return WatchStream(self._stub.Watch(request, timeout=timeout, metadata=self._metadata))
 
     @contextlib.contextmanager
@@ -446,6 +472,62 @@ class Client:
             hold.release(_convert.deadline(timeout, self._default_timeout))
         finally:
             hold.close()  # cancels the stream (no-op once it ended), frees grpc's request thread
+
+
+WATCH_RESUME_FOR = 10.0
+"""Seconds a resuming Watch tries to open a new stream before it raises Unavailable."""
+
+
+class _ResumingWatchStream(WatchStream):
+    """A Watch that opens a new stream when its stream breaks (``resume=True``)."""
+
+    def __init__(self, open_call: Callable[[], Any]) -> None:
+        super().__init__(open_call())
+        self._open_call = open_call
+        self._stopped = False
+        self._broken_since: float | None = None
+        self._retry_in = _RESUME_RETRY_FIRST
+
+    def __next__(self) -> WatchEvent:
+        while True:
+            try:
+                event = super().__next__()
+            except Unavailable:
+                if self._stopped:
+                    raise
+                now = time.monotonic()
+                if self._broken_since is None:  # it just broke: tell the consumer at once
+                    self._broken_since = now
+                    self._reopen()
+                    return WatchEvent(kind=WatchEventKind.RESET, reason="reconnecting")
+                if now - self._broken_since > WATCH_RESUME_FOR:
+                    raise
+                time.sleep(self._retry_in)
+                self._retry_in = min(self._retry_in * 2, 1.0)
+                self._reopen()
+                continue
+            except StopIteration:
+                if self._stopped or self._broken_since is not None:
+                    raise
+                self._broken_since = time.monotonic()  # the server ended it: as a break
+                self._reopen()
+                return WatchEvent(kind=WatchEventKind.RESET, reason="reconnecting")
+            self._broken_since = None
+            self._retry_in = _RESUME_RETRY_FIRST
+            return event
+
+    def _reopen(self) -> None:
+        self._call.cancel()
+        if self._stopped:
+            return
+        self._call = self._open_call()
+        self._responses = iter(self._call)
+        self._closed = False
+
+    def close(self) -> None:
+        """Cancel the call for good; iteration then stops. Thread-safe."""
+        self._stopped = True
+        super().close()
 
 
 _RESUME_RETRY_CODES = frozenset(
