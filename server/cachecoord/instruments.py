@@ -304,3 +304,58 @@ meter.create_observable_gauge(
     unit="{invalidation}",
     description="Committed invalidations not yet finished (cachecoord.outbox rows)",
 )
+
+
+# -- hooks for the components that own the state ---------------------------
+# The Redis circuit breaker, the near caches and the invalidation bus report
+# through these; each needs one call where the component is built or acts
+# (app.py, invalidation/near_cache.py), after which the metric is exported.
+
+_breaker_probes: list[Callable[[], bool]] = []
+_near_cache_probes: list[Callable[[], Iterable[tuple[str, int]]]] = []
+
+
+def watch_breaker(probe: Callable[[], bool]) -> None:
+    """Register *probe*: whether the Redis circuit breaker is open."""
+    _breaker_probes.append(probe)
+
+
+def watch_near_caches(probe: Callable[[], Iterable[tuple[str, int]]]) -> None:
+    """Register *probe*: (namespace, entries) of each near cache."""
+    _near_cache_probes.append(probe)
+
+
+def _breaker_open(options: CallbackOptions) -> Iterable[Observation]:
+    for probe in _breaker_probes:
+        yield Observation(1 if probe() else 0)
+
+
+def _near_cache_size(options: CallbackOptions) -> Iterable[Observation]:
+    for probe in _near_cache_probes:
+        for namespace, entries in probe():
+            yield Observation(entries, {"cache.namespace": namespace})
+
+
+meter.create_observable_gauge(
+    "cachecoord.redis.breaker.open",
+    callbacks=[_breaker_open],
+    unit="",  # a state, not a ratio (unit "1" would end the Prometheus name in _ratio)
+    description="1 while the Redis circuit breaker is open (Redis skipped), else 0",
+)
+meter.create_observable_gauge(
+    "cachecoord.near_cache.size",
+    callbacks=[_near_cache_size],
+    unit="{entry}",
+    description="Entries in the in-process near cache",
+)
+near_cache_evictions = meter.create_counter(
+    "cachecoord.near_cache.evictions",
+    unit="{entry}",
+    description="Near-cache entries dropped to make room (not invalidations)",
+)
+propagation_delay = meter.create_histogram(
+    "cachecoord.invalidation.propagation.duration",
+    unit="s",
+    description="From a change's commit (the message's timestamp) to its invalidation here",
+    explicit_bucket_boundaries_advisory=_SECONDS,
+)
