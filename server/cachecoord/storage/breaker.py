@@ -5,6 +5,13 @@ before the read falls back to PostgreSQL. After ``failures`` consecutive
 connection failures the breaker opens: calls fail at once (as a Redis
 ConnectionError, so every caller's fallback applies) for ``cooldown``; then
 one call is let through as a probe, and its outcome closes or reopens it.
+
+A probe that ends without an outcome (its caller was cancelled, or it failed
+in a way that says nothing about reaching Redis) or that never ends (a write
+stuck on a dead socket) must not keep the breaker open for good: every call
+would then be skipped while Redis is back. So a probe is given up on when it
+reports :meth:`abandoned`, and in any case after one more ``cooldown``; then
+the next call probes again.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ class CircuitBreaker:
         self._clock = clock
         self._failures = 0
         self._open_until = 0.0
-        self._probing = False
+        self._probe_since: float | None = None  # when the probe in flight started
 
     @property
     def is_open(self) -> bool:
@@ -38,18 +45,26 @@ class CircuitBreaker:
         """Raise CircuitOpen unless a call may go to Redis now."""
         if self._failures < self._threshold:
             return
-        if self._probing or self._clock() < self._open_until:
+        now = self._clock()
+        probing = self._probe_since is not None and now < self._probe_since + self._cooldown
+        if probing or now < self._open_until:
             raise CircuitOpen(
                 f"Redis skipped after {self._failures} failed calls; probing again shortly"
             )
-        self._probing = True  # this caller is the probe
+        self._probe_since = now  # this caller is the probe
 
     def succeeded(self) -> None:
+        """A call reached Redis."""
         self._failures = 0
-        self._probing = False
+        self._probe_since = None
 
     def failed(self) -> None:
+        """A call could not reach Redis."""
         self._failures += 1
-        self._probing = False
+        self._probe_since = None
         if self._failures >= self._threshold:
             self._open_until = self._clock() + self._cooldown
+
+    def abandoned(self) -> None:
+        """A call ended without telling whether Redis can be reached."""
+        self._probe_since = None

@@ -17,7 +17,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, PipelineCommand
-from redis.exceptions import AskError, MovedError
+from redis.exceptions import AskError, ClusterDownError, MovedError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -234,8 +234,14 @@ def _guarded(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         breaker.check()
         try:
             result = await method(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError):
+        except (RedisConnectionError, RedisTimeoutError, ClusterDownError):
             breaker.failed()
+            raise
+        except ResponseError:
+            breaker.succeeded()  # Redis answered (an error about the command)
+            raise
+        except BaseException:
+            breaker.abandoned()  # cancelled, or no verdict on reaching Redis
             raise
         breaker.succeeded()
         return result
