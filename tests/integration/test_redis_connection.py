@@ -2,10 +2,9 @@
 write on a connection whose transport was closed under it fails as
 redis-py's ConnectionError (Redis unreachable: UNAVAILABLE, retried by the
 background loops), not with uvloop's RuntimeError (which became INTERNAL in
-a Put while Redis was being killed). redis-py 8.2 does it itself when the
-transport is already closing; cachecoord's connection classes
-(storage/redis_connection.py) also cover a transport that closes during the
-write, which the cluster failover test needs."""
+a Put while Redis was being killed). redis-py 8.2 does this itself, which is
+why cachecoord no longer wraps its connection classes: these tests fail if a
+locked redis-py stops doing it."""
 
 from __future__ import annotations
 

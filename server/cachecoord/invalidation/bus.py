@@ -25,7 +25,6 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from cachecoord import background
-from cachecoord.storage.redis_connection import reporting_closed_transports
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +71,13 @@ class Bus:
 
     @staticmethod
     def _connect(url: str) -> redis.Redis:
-        client = redis.Redis.from_url(
+        return redis.Redis.from_url(
             url,
             protocol=2,
             retry=Retry(NoBackoff(), 0),
             socket_connect_timeout=2,
             health_check_interval=5,
         )
-        pool = client.connection_pool
-        pool.connection_class = reporting_closed_transports(pool.connection_class)
-        return client
 
     async def _next_node(self) -> None:
         """Cluster: move the subscription to another node, round robin over the

@@ -24,7 +24,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from cachecoord.config import RedisSettings
 from cachecoord.storage.breaker import CircuitBreaker
 from cachecoord.storage.keys import KeySpace
-from cachecoord.storage.redis_connection import reporting_closed_transports
 from cachecoord.storage.waiting_cluster import WaitingRedisCluster
 
 P = ParamSpec("P")
@@ -194,7 +193,6 @@ def connect(settings: RedisSettings) -> Client:
         socket_connect_timeout=settings.socket_timeout / 1000,
         protocol=2,
     )
-    pool.connection_class = reporting_closed_transports(pool.connection_class)
     return redis.Redis(connection_pool=pool)
 
 

@@ -22,8 +22,6 @@ from redis.asyncio.cluster import ClusterPipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 
-from cachecoord.storage.redis_connection import reporting_closed_transports
-
 T = TypeVar("T")
 
 # Set while a call holds its turn: a command that redis-py issues from within
@@ -36,11 +34,6 @@ class WaitingRedisCluster(redis.RedisCluster):
 
     def __init__(self, *, max_connections: int, pool_timeout: float, **kwargs: Any) -> None:
         super().__init__(max_connections=max_connections, **kwargs)
-        # Nodes found later are made from these keyword arguments.
-        reporting = reporting_closed_transports(self.connection_kwargs["connection_class"])
-        self.connection_kwargs["connection_class"] = reporting
-        for node in self.startup_nodes:
-            node.connection_class = reporting
         self._max_connections = max_connections
         self._turns = asyncio.Semaphore(max_connections)
         self._pool_timeout = pool_timeout
