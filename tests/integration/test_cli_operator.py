@@ -12,6 +12,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from cachecoord import exit_codes
 from cachecoord.app import App
 from cachecoord.config import load
 from cachecoord_client import AsyncClient
+from conftest import Backend
 from local_servers import PostgresServer, RedisServer
 
 
@@ -66,12 +68,12 @@ class Scores:
             await conn.execute(f"ALTER TABLE {self.ns} DROP CONSTRAINT {self.ns}_score_check")
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def scores(
-    redis_server: RedisServer, postgres_server: PostgresServer, tmp_path: Path
+@asynccontextmanager
+async def serving_scores(
+    redis_url: str, dsn: str, tmp_path: Path, *, cluster: bool = False
 ) -> AsyncIterator[Scores]:
     ns = f"scores_{uuid.uuid4().hex[:10]}"
-    async with await psycopg.AsyncConnection.connect(postgres_server.dsn, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         await conn.execute(
             f"CREATE TABLE {ns} (id bigint PRIMARY KEY, name text NOT NULL,"
             " score integer NOT NULL DEFAULT 0 CHECK (score >= 0))"
@@ -79,8 +81,8 @@ async def scores(
     config = serve_config(
         tmp_path,
         listen="127.0.0.1:0",
-        redis_url=redis_server.url,
-        postgres_url=postgres_server.dsn,
+        redis_url=redis_url,
+        postgres_url=dsn,
         instance_id=ns,
         namespaces=f"""
 [namespaces.{ns}]
@@ -95,9 +97,22 @@ max_attempts = 2
 partitions = 2
 """,
     )
+    if cluster:  # in the file: the operator commands read it too
+        text = config.read_text()
+        config.write_text(
+            text.replace(f'url = "{redis_url}"', f'url = "{redis_url}"\ncluster = true')
+        )
     settings = named(load(config, {}), ns)
     async with serving(settings) as (app, client):
-        yield Scores(ns, config, app, client, postgres_server.dsn)
+        yield Scores(ns, config, app, client, dsn)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def scores(
+    redis_server: RedisServer, postgres_server: PostgresServer, tmp_path: Path
+) -> AsyncIterator[Scores]:
+    async with serving_scores(redis_server.url, postgres_server.dsn, tmp_path) as instance:
+        yield instance
 
 
 async def test_queue_status_shows_depth_oldest_age_and_consumers(scores: Scores) -> None:
@@ -210,3 +225,26 @@ async def test_operator_command_without_redis_fails_with_1_on_stderr(tmp_path: P
     assert result.code == exit_codes.FAILURE
     assert result.stdout == ""
     assert json.loads(result.stderr)["error"] == "redis"
+
+
+async def test_replay_on_redis_cluster_reaches_postgres(
+    cluster_backend: Backend, tmp_path: Path
+) -> None:
+    """The same on a Redis Cluster: the queues, the dead-letter stream and the
+    replayed value's keys live on different shards."""
+    async with serving_scores(
+        cluster_backend.url, cluster_backend.dsn, tmp_path, cluster=True
+    ) as scores:
+        await scores.client.put(scores.ns, "5", b'{"name": "poison", "score": -1}')
+        letter = await scores.dead_lettered("5")
+        status = await scores.cli("queue status", "--json")
+        await scores.allow_negative_scores()
+        replayed = await scores.cli("dead-letters", "replay", scores.ns, "--all", "--json")
+        row = await poll(lambda: scores.row("5"), lambda row: row == ("poison", -1), within=5)
+
+    assert f"{scores.ns}_score_check" in letter["error"]
+    assert status.code == 0, status.stderr
+    assert status.json()["namespaces"][0]["dead_letters"] == 1
+    assert replayed.code == 0, replayed.stderr
+    assert [r["outcome"] for r in replayed.json()["results"]] == ["replayed"]
+    assert row == ("poison", -1)
