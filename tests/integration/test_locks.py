@@ -23,6 +23,8 @@ import redis.asyncio as aioredis
 from cachecoord.app import App
 from cachecoord.storage.keys import lock_key
 from cachecoord_client import AsyncClient, CacheCoordError, Lock
+from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
+from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2_grpc as pb_grpc
 from conftest import settings_for
 from local_servers import PostgresServer, RedisServer
 
@@ -363,3 +365,21 @@ async def test_acquisitions_whose_callers_gave_up_leave_no_lock_behind(
         await raw.aclose()
 
     assert orphans == {}, f"{len(orphans)} locks nobody got the token of"
+
+
+async def test_a_lock_taken_with_the_callers_token_is_released_by_it_without_the_answer(
+    app: App, client: AsyncClient, name: str
+) -> None:
+    """A caller that picks the token (AcquireLockRequest.token) can release
+    the lock even if the answer never reached it; a guessable token is refused."""
+    token = uuid.uuid4().hex
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = pb_grpc.CacheCoordServiceStub(channel)
+        await stub.AcquireLock(pb.AcquireLockRequest(name=name, ttl_ms=60_000, token=token))
+        await assert_held(client, name)
+        await client.release_lock(name, token)
+        with pytest.raises(grpc.aio.AioRpcError) as short:
+            await stub.AcquireLock(pb.AcquireLockRequest(name=name, ttl_ms=60_000, token="abc"))
+    assert short.value.code() is INVALID_ARGUMENT
+    lock = await assert_free(client, name)
+    await client.release_lock(name, lock.token)

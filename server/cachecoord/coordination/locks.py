@@ -84,6 +84,7 @@ MIN_TTL_MS = 100
 """Shortest accepted ``ttl_ms``: a renewal every third of it must fit in a
 Redis round trip with room to spare, and a handed-off hold must be resumable."""
 MAX_NAME_BYTES = 512
+MIN_TOKEN_CHARS, MAX_TOKEN_CHARS = 16, 128
 ROUND_TRIP_BUDGET = 0.005
 """Seconds an acquisition needs at least: a Redis round trip and the answer's
 way back. A caller with less deadline left is answered DEADLINE_EXCEEDED at
@@ -110,18 +111,23 @@ class Locks:
         wait_timeout_ms: int,
         *,
         caller_deadline: float | None = None,
+        token: str = "",
     ) -> LockGrant:
         """Take the lock, waiting up to *wait_timeout_ms* for its holder to let go.
 
         *caller_deadline* (``time.monotonic()`` seconds) is when the caller
         stops listening: an acquisition that would end after it is not
-        started, or is undone.
+        started, or is undone. *token*: the caller's own (see
+        `check_token`), so that it can release the lock without the answer;
+        empty: a random one.
         """
         _check(name, ttl_ms)
         if wait_timeout_ms < 0:
             raise InvalidArgument(f"wait_timeout_ms must not be negative (got {wait_timeout_ms})")
+        if token:
+            check_token(token)
         _before(caller_deadline, name)
-        token = secrets.token_urlsafe(18)
+        token = token or secrets.token_urlsafe(18)
         deadline = time.monotonic() + wait_timeout_ms / 1000
         released = asyncio.Event()
         # Registered before the first attempt, so a release between a failed
@@ -280,6 +286,17 @@ def _before(caller_deadline: float | None, name: str) -> None:
         raise DeadlineExceeded(
             f"too little of the deadline is left to take lock {name!r} "
             f"(at least {ROUND_TRIP_BUDGET * 1000:.0f} ms are needed)"
+        )
+
+
+def check_token(token: str) -> None:
+    """A caller's own token: long enough not to be guessed, printable ASCII."""
+    if not MIN_TOKEN_CHARS <= len(token) <= MAX_TOKEN_CHARS or not all(
+        "!" <= char <= "~" for char in token
+    ):
+        raise InvalidArgument(
+            f"token must be {MIN_TOKEN_CHARS} to {MAX_TOKEN_CHARS} printable ASCII characters "
+            "(random, never reused), or empty"
         )
 
 

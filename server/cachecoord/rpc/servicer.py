@@ -120,6 +120,7 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
                 if remaining is not None and remaining < 86400
                 else None
             ),
+            token=request.token,
         )
         return pb.AcquireLockResponse(token=grant.token, fencing_token=grant.fencing_token)
 

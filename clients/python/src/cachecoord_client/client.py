@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
@@ -340,42 +341,50 @@ class AsyncClient:
             CacheCoordError: Any other failure.
         """
         request = _convert.acquire_lock_request(name, ttl_ms, wait_timeout_ms)
+        request.token = secrets.token_urlsafe(24)  # ours: releasable without the answer
         timeout = _convert.lock_deadline(timeout, self._default_timeout, wait_timeout_ms)
         call = self._stub.AcquireLock(request, timeout=timeout, metadata=self._metadata)
         answer = asyncio.ensure_future(_answer_of(call))
         try:
             return _convert.to_lock(name, await asyncio.shield(answer))
         except asyncio.CancelledError:
-            # Cancelling the call now could cross its answer, and nobody
-            # would ever release the lock it grants: give it a moment to
-            # answer (and release what it grants), then cancel it (the server
-            # releases what it takes after it sees the cancellation).
-            task = asyncio.create_task(self._settle_abandoned(call, answer, name))
-            _background.add(task)
-            task.add_done_callback(_background.discard)
+            self._let_go_later(call, answer, name, request.token)
             raise
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+            error = from_rpc_error(err)
+            if error.code in UNKNOWN_OUTCOME:  # the lock may have been taken: let it go
+                self._let_go_later(call, answer, name, request.token)
+            raise error from err
 
-    async def _settle_abandoned(
+    def _let_go_later(
         self,
         call: grpc.aio.UnaryUnaryCall[Any, pb.AcquireLockResponse],
         answer: asyncio.Future[pb.AcquireLockResponse],
         name: str,
+        token: str,
     ) -> None:
-        """Release the lock an acquisition whose caller was cancelled got anyway."""
-        try:
+        task = asyncio.create_task(self._let_go(call, answer, name, token))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    async def _let_go(
+        self,
+        call: grpc.aio.UnaryUnaryCall[Any, pb.AcquireLockResponse],
+        answer: asyncio.Future[pb.AcquireLockResponse],
+        name: str,
+        token: str,
+    ) -> None:
+        """Release what an AcquireLock whose caller gave up may have taken.
+
+        A cancelled call may still answer for a moment (cancelling it at once
+        could cross its answer); then it is cancelled, and the lock released
+        by its token whatever the answer was (the server releases what it
+        takes after it sees the cancellation, too)."""
+        with contextlib.suppress(TimeoutError, grpc.RpcError, asyncio.CancelledError):
             async with asyncio.timeout(_ABANDONED_ACQUIRE_GRACE):
-                granted = await asyncio.shield(answer)
-        except TimeoutError:
-            call.cancel()
-            try:
-                granted = await answer
-            except (grpc.RpcError, asyncio.CancelledError):
-                return
-        except (grpc.RpcError, asyncio.CancelledError):
-            return  # not granted
-        release = _convert.release_lock_request(name, granted.token)
+                token = (await asyncio.shield(answer)).token or token
+        call.cancel()
+        release = _convert.release_lock_request(name, token)
         with contextlib.suppress(grpc.RpcError):
             await self._stub.ReleaseLock(
                 release, timeout=self._default_timeout, metadata=self._metadata
@@ -620,6 +629,17 @@ _RESUME_RETRY_CODES = frozenset(
     }
 )
 """A resume that fails with these is tried again while the lock's TTL allows."""
+
+UNKNOWN_OUTCOME = frozenset(
+    {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+"""Failures of an AcquireLock after which the lock may have been taken anyway."""
 
 _ABANDONED_ACQUIRE_GRACE = 0.25
 """Seconds an AcquireLock whose caller was cancelled may still answer before it is cancelled."""

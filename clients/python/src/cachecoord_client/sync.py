@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -324,8 +325,27 @@ class Client:
             CacheCoordError: Any other failure.
         """
         request = _convert.acquire_lock_request(name, ttl_ms, wait_timeout_ms)
+        request.token = secrets.token_urlsafe(24)  # ours: releasable without the answer
         timeout = _convert.lock_deadline(timeout, self._default_timeout, wait_timeout_ms)
-        return _convert.to_lock(name, self._call(self._stub.AcquireLock, request, timeout))
+        try:
+            return _convert.to_lock(name, self._call(self._stub.AcquireLock, request, timeout))
+        except CacheCoordError as err:
+            if err.code in UNKNOWN_OUTCOME:  # the lock may have been taken: let it go
+                threading.Thread(
+                    target=self._release_quietly,
+                    args=(name, request.token),
+                    name=f"release-lock[{name}]",
+                    daemon=True,
+                ).start()
+            raise
+
+    def _release_quietly(self, name: str, token: str) -> None:
+        with contextlib.suppress(grpc.RpcError):
+            self._stub.ReleaseLock(
+                _convert.release_lock_request(name, token),
+                timeout=self._default_timeout,
+                metadata=self._metadata,
+            )
 
     def release_lock(self, name: str, token: str, *, timeout: float | None = None) -> None:
         """Release a held lock.
@@ -473,6 +493,17 @@ class Client:
         finally:
             hold.close()  # cancels the stream (no-op once it ended), frees grpc's request thread
 
+
+UNKNOWN_OUTCOME = frozenset(
+    {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+"""Failures of an AcquireLock after which the lock may have been taken anyway."""
 
 WATCH_RESUME_FOR = 10.0
 """Seconds a resuming Watch tries to open a new stream before it raises Unavailable."""

@@ -224,6 +224,14 @@ export interface AcquireLockRequest {
    * ABORTED if the lock is held.
    */
   waitTimeoutMs: bigint;
+  /**
+   * The token to hold the lock with: 16 to 128 printable ASCII characters,
+   * random and never reused; empty: the server picks one. A client that
+   * picks it can release a lock its call may have taken even when the call
+   * failed without an answer (DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE): an
+   * answer lost on its way back leaves no lock that nobody can release.
+   */
+  token: string;
 }
 
 /** AcquireLockResponse carries the holder's proof of ownership. */
@@ -1600,7 +1608,7 @@ export const InvalidateResponse: MessageFns<InvalidateResponse> = {
 };
 
 function createBaseAcquireLockRequest(): AcquireLockRequest {
-  return { name: "", ttlMs: 0n, waitTimeoutMs: 0n };
+  return { name: "", ttlMs: 0n, waitTimeoutMs: 0n, token: "" };
 }
 
 export const AcquireLockRequest: MessageFns<AcquireLockRequest> = {
@@ -1619,6 +1627,9 @@ export const AcquireLockRequest: MessageFns<AcquireLockRequest> = {
         throw new globalThis.Error("value provided for field message.waitTimeoutMs of type int64 too large");
       }
       writer.uint32(24).int64(message.waitTimeoutMs);
+    }
+    if (message.token !== "") {
+      writer.uint32(34).string(message.token);
     }
     return writer;
   },
@@ -1660,6 +1671,14 @@ export const AcquireLockRequest: MessageFns<AcquireLockRequest> = {
             message.waitTimeoutMs = reader.int64() as bigint;
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.token = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1681,6 +1700,7 @@ export const AcquireLockRequest: MessageFns<AcquireLockRequest> = {
         : isSet(object.wait_timeout_ms)
         ? BigInt(object.wait_timeout_ms)
         : 0n,
+      token: isSet(object.token) ? globalThis.String(object.token) : "",
     };
   },
 
@@ -1695,6 +1715,9 @@ export const AcquireLockRequest: MessageFns<AcquireLockRequest> = {
     if (message.waitTimeoutMs !== 0n) {
       obj.waitTimeoutMs = message.waitTimeoutMs.toString();
     }
+    if (message.token !== "") {
+      obj.token = message.token;
+    }
     return obj;
   },
 
@@ -1708,6 +1731,7 @@ export const AcquireLockRequest: MessageFns<AcquireLockRequest> = {
     message.waitTimeoutMs = (object.waitTimeoutMs !== undefined && object.waitTimeoutMs !== null)
       ? BigInt(object.waitTimeoutMs)
       : 0n;
+    message.token = object.token ?? "";
     return message;
   },
 };

@@ -418,6 +418,7 @@ class AcquireLockRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     TTL_MS_FIELD_NUMBER: _builtins.int
     WAIT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Lock name (1 to 512 bytes of UTF-8, no NUL character)."""
     ttl_ms: _builtins.int
@@ -428,16 +429,24 @@ class AcquireLockRequest(_message.Message):
     """How long to wait for a held lock, in milliseconds; 0 fails at once with
     ABORTED if the lock is held.
     """
+    token: _builtins.str
+    """The token to hold the lock with: 16 to 128 printable ASCII characters,
+    random and never reused; empty: the server picks one. A client that
+    picks it can release a lock its call may have taken even when the call
+    failed without an answer (DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE): an
+    answer lost on its way back leaves no lock that nobody can release.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         ttl_ms: _builtins.int = ...,
         wait_timeout_ms: _builtins.int = ...,
+        token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "ttl_ms", b"ttl_ms", "wait_timeout_ms", b"wait_timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "token", b"token", "ttl_ms", b"ttl_ms", "wait_timeout_ms", b"wait_timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
