@@ -223,3 +223,43 @@ async def test_writes_through_cachecoord_are_not_recorded_twice(
             "SELECT count(*) FROM cachecoord.outbox WHERE reason = 'db_change'"
         )
         assert await cur.fetchone() == (0,)
+
+
+async def _a_backend_waits_for_a_lock(dsn: str, seconds: float = 10.0) -> None:
+    """Until another session of the database waits for a row lock."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        for _ in range(int(seconds / 0.01)):
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            )
+            row = await cur.fetchone()
+            if row is not None and row[0] > 0:
+                return
+            await asyncio.sleep(0.01)
+    raise AssertionError(f"no session waited for a lock within {seconds} s")
+
+
+async def test_a_put_and_an_sql_update_of_one_row_do_not_deadlock(
+    start: Start, users: str, own_backend: Backend
+) -> None:
+    # Another program's UPDATE locks the row, then its trigger locks the key's
+    # version row. A Put that took the version row first, then waited for the
+    # row, deadlocked with it (PostgreSQL cancelled one of the two).
+    app, client = await start()
+    await change_triggers(app.settings, users, "install")
+    before = await client.get(users, "3")
+    async with await psycopg.AsyncConnection.connect(own_backend.dsn) as other:
+        await other.execute("SELECT 1 FROM users WHERE id = 3 FOR UPDATE")
+        put = asyncio.create_task(client.put(users, "3", json.dumps({"karma": 7}).encode()))
+        await _a_backend_waits_for_a_lock(own_backend.dsn)
+        await other.execute("UPDATE users SET name = 'Grace Hopper (SQL)' WHERE id = 3")
+        await other.commit()
+    version = await asyncio.wait_for(put, 10)
+    assert version > before.version + 1  # after the SQL change's version
+
+    async def both_changes() -> bool:
+        got = json.loads((await client.get(users, "3")).value)
+        return bool(got["karma"] == 7 and got["name"] == "Grace Hopper (SQL)")
+
+    assert await eventually(both_changes, seconds=2.0)

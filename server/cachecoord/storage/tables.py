@@ -49,7 +49,9 @@ class Table(Protocol):
     async def load(self, conn: AsyncConnection, keys: Sequence[str]) -> dict[str, Row]:
         """Every key's row and version, in one query."""
 
-    async def exists(self, conn: AsyncConnection, key: str) -> bool: ...
+    async def exists(self, conn: AsyncConnection, key: str, *, lock: bool = False) -> bool:
+        """Whether the key has a row; with *lock*, the row stays locked until
+        the transaction ends."""
 
     async def write(self, conn: AsyncConnection, key: str, prepared: Any) -> bytes:
         """Upsert the row; return the value as it is now stored."""
@@ -87,9 +89,10 @@ class ManagedTable:
         cur = await conn.execute(self._LOAD, {"keys": list(keys), "ns": self.namespace})
         return {key: Row(value, version) async for key, value, version in cur}
 
-    async def exists(self, conn: AsyncConnection, key: str) -> bool:
+    async def exists(self, conn: AsyncConnection, key: str, *, lock: bool = False) -> bool:
         cur = await conn.execute(
-            "SELECT 1 FROM cachecoord.entries WHERE namespace = %s AND key = %s",
+            "SELECT 1 FROM cachecoord.entries WHERE namespace = %s AND key = %s"
+            + (" FOR UPDATE" if lock else ""),
             (self.namespace, key),
         )
         return await cur.fetchone() is not None
@@ -246,9 +249,12 @@ class MappedTable:
             async for key, row, version in cur
         }
 
-    async def exists(self, conn: AsyncConnection, key: str) -> bool:
-        query = sql.SQL("SELECT 1 FROM {table} WHERE {key} = %s::{type}").format(
-            table=self.table, key=sql.Identifier(self.key_column), type=self._type()
+    async def exists(self, conn: AsyncConnection, key: str, *, lock: bool = False) -> bool:
+        query = sql.SQL("SELECT 1 FROM {table} WHERE {key} = %s::{type}{lock}").format(
+            table=self.table,
+            key=sql.Identifier(self.key_column),
+            type=self._type(),
+            lock=sql.SQL(" FOR UPDATE" if lock else ""),
         )
         cur = await conn.execute(query, (key,))
         return await cur.fetchone() is not None

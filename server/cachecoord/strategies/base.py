@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, Rollback
 from psycopg_pool import AsyncConnectionPool
 from redis.exceptions import RedisError
 
@@ -116,21 +116,44 @@ class Strategy(abc.ABC):
         """A transaction that bumps the key's version (to at least *floor*),
         records the outbox row, and checks *expected_version* (the writer holds
         the key's version row lock until commit, so the check cannot race)."""
-        async with database_errors(), self.pool.connection() as conn, conn.transaction():
-            recorded = await record_write(conn, self.name, key, reason, floor)
-            exists: bool | None = None
-            if recorded.version == 1 and self.table.merges_rows:
-                exists = await self.table.exists(conn, key)
-                if exists:
-                    recorded = await skip_implicit_version(conn, self.name, key, recorded)
-            if expected_version is not None:
-                assert floor == 0, "compare-and-set needs versions that step by one"
-                if exists is None:
-                    exists = await self.table.exists(conn, key)
-                current = recorded.version - 1 if exists else 0
-                if current != expected_version:
-                    raise VersionConflict(key, expected_version, current)
-            yield conn, recorded
+        async with database_errors(), self.pool.connection() as conn:
+            while True:
+                async with conn.transaction():
+                    locked = await self._lock_key(conn, key, reason, floor)
+                    if locked is None:
+                        raise Rollback  # the row appeared meanwhile: again
+                    exists, recorded = locked
+                    if expected_version is not None:
+                        assert floor == 0, "compare-and-set needs versions that step by one"
+                        if exists is None:
+                            exists = await self.table.exists(conn, key)
+                        current = recorded.version - 1 if exists else 0
+                        if current != expected_version:
+                            raise VersionConflict(key, expected_version, current)
+                    yield conn, recorded
+                    return
+
+    async def _lock_key(
+        self, conn: AsyncConnection, key: str, reason: str, floor: int
+    ) -> tuple[bool | None, RecordedWrite] | None:
+        """Lock the key's row (mapped tables), then bump its version (which
+        locks the version row): whether the row exists (None: not looked at)
+        and the new version; None if the row was inserted in between.
+
+        The change triggers of other programs' writes lock a mapped row, then
+        its version row; locking them in the opposite order deadlocked with
+        them. A row that did not exist could not be locked first: if another
+        writer inserted it before we got the version row, start again (and
+        lock it first)."""
+        if not self.table.merges_rows:
+            return None, await record_write(conn, self.name, key, reason, floor)
+        exists = await self.table.exists(conn, key, lock=True)
+        recorded = await record_write(conn, self.name, key, reason, floor)
+        if not exists and await self.table.exists(conn, key):
+            return None
+        if recorded.version == 1 and exists:
+            recorded = await skip_implicit_version(conn, self.name, key, recorded)
+        return exists, recorded
 
     def message(self, key: str | None, version: int, reason: str) -> bytes:
         return Invalidation(self.name, key, version, reason, self.origin).encode()
