@@ -730,10 +730,16 @@ async def test_unknown_fields_are_ignored(
 # -- locks and watches with hostile names and numbers ----------------------------------------
 
 LOCK_TTL = st.integers(1, MAX_LOCK_TTL_MS) | INT64
+MIN_LOCK_TTL_MS = 100  # cachecoord.coordination.locks.MIN_TTL_MS
 
 
 def lock_status(name: str, ttl_ms: int, wait_timeout_ms: int = 0) -> grpc.StatusCode:
-    bad = not name or len(name.encode()) > MAX_KEY_BYTES or not 0 < ttl_ms <= MAX_LOCK_TTL_MS
+    bad = (
+        not name
+        or len(name.encode()) > MAX_KEY_BYTES
+        or "\x00" in name
+        or not MIN_LOCK_TTL_MS <= ttl_ms <= MAX_LOCK_TTL_MS
+    )
     return Code.INVALID_ARGUMENT if bad or wait_timeout_ms < 0 else OK
 
 

@@ -52,6 +52,7 @@ APP_TSCONFIG = {
 APP_MAIN = r"""
 import { credentials, Metadata } from "@grpc/grpc-js";
 import {
+  AcquireLockRequest,
   CacheCoordServiceClient,
   traceparent,
   unary,
@@ -123,7 +124,9 @@ async function main(): Promise<void> {
 
   const lock = await unary(
     client.acquireLock.bind(client),
-    { name: `${prefix}lock`, ttlMs: 5_000n, waitTimeoutMs: 0n },
+    // fromPartial (as the client's README says): fields added to the contract
+    // later take their defaults instead of breaking this code's compilation.
+    AcquireLockRequest.fromPartial({ name: `${prefix}lock`, ttlMs: 5_000n, waitTimeoutMs: 0n }),
     md(),
     deadline(),
   );

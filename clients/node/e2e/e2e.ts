@@ -10,6 +10,7 @@ import { strict as assert } from "node:assert";
 import { credentials, Metadata, status, type ClientReadableStream } from "@grpc/grpc-js";
 
 import {
+  AcquireLockRequest,
   CacheCoordServiceClient,
   type HoldLockRequest,
   HoldLockRequest_Acquire,
@@ -182,14 +183,14 @@ async function run(client: CacheCoordServiceClient): Promise<Record<string, unkn
   const name = `${prefix}lock`;
   const lock = await unary(
     client.acquireLock.bind(client),
-    { name, ttlMs: 10_000n, waitTimeoutMs: 0n },
+    AcquireLockRequest.fromPartial({ name, ttlMs: 10_000n, waitTimeoutMs: 0n }),
     metadata(),
     options(),
   );
   assert.ok(lock.token.length > 0 && lock.fencingToken > 0n);
   const busy = await unary(
     client.acquireLock.bind(client),
-    { name, ttlMs: 10_000n, waitTimeoutMs: 0n },
+    AcquireLockRequest.fromPartial({ name, ttlMs: 10_000n, waitTimeoutMs: 0n }),
     metadata(),
     options(),
   ).then(
@@ -219,7 +220,7 @@ async function run(client: CacheCoordServiceClient): Promise<Record<string, unkn
   assert.equal(await held.next(), null);
   const again = await unary(
     client.acquireLock.bind(client),
-    { name, ttlMs: 10_000n, waitTimeoutMs: 0n },
+    AcquireLockRequest.fromPartial({ name, ttlMs: 10_000n, waitTimeoutMs: 0n }),
     metadata(),
     options(),
   );
