@@ -90,10 +90,11 @@ def _lock(principal: Principal, request: Any) -> None:
 
 
 def _hold_lock(principal: Principal, request: Any) -> None:
-    # Checked on every message of the stream; only `acquire` names a lock
-    # (release and keep_alive act on the lock the stream already holds).
-    if request.WhichOneof("kind") == "acquire":
-        principal.require_lock(request.acquire.name)
+    # Checked on every message of the stream; only `acquire` and `resume` name
+    # a lock (release and keep_alive act on the lock the stream already holds).
+    kind = request.WhichOneof("kind")
+    if kind in ("acquire", "resume"):
+        principal.require_lock(getattr(request, kind).name)
 
 
 RULES: Mapping[str, Rule] = {

