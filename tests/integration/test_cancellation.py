@@ -90,12 +90,6 @@ async def cancel_many(stub: pb_grpc.CacheCoordServiceAsyncStub, rounds: int) -> 
                 await call
 
 
-@pytest.mark.xfail(
-    reason="needs storage/redis_store.py to use its pipelines in `async with` (a pipeline "
-    "cancelled while loading its scripts keeps its connection: 'Unclosed Pipeline client'); "
-    "the patch is in the issue 20 report",
-    strict=False,
-)
 async def test_cancelled_calls_log_no_error_and_stay_within_max_connections(
     serve: ServeProcess, own_redis: RedisServer
 ) -> None:

@@ -307,11 +307,11 @@ class EntryStore:
             else:
                 raws = await self.client.mget(names)
             return cast("list[bytes | None]", raws)
-        pipe = self.client.pipeline(transaction=False)
-        for key in key_list:
-            keys, args = self._entry_keys(key)
-            await queue_script(pipe, self._get, keys, args)
-        return cast("list[bytes | None]", await pipe.execute())
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in key_list:
+                keys, args = self._entry_keys(key)
+                await queue_script(pipe, self._get, keys, args)
+            return cast("list[bytes | None]", await pipe.execute())
 
     @_guarded
     async def take_leases(
@@ -320,12 +320,12 @@ class EntryStore:
         """Try to take the lease of each missing key: True where this caller got
         it, False where another holds it, the value where the key is cached
         after all (unless *even_if_cached*)."""
-        pipe = self.client.pipeline(transaction=False)
-        for key, token in tokens.items():
-            keys, args = self._entry_keys(key)
-            lease_args = [*args, token, lease_ms, int(even_if_cached)]
-            await queue_script(pipe, self._lease, keys, lease_args)
-        results = await pipe.execute()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key, token in tokens.items():
+                keys, args = self._entry_keys(key)
+                lease_args = [*args, token, lease_ms, int(even_if_cached)]
+                await queue_script(pipe, self._lease, keys, lease_args)
+            results = await pipe.execute()
         return {
             key: result if isinstance(result, bytes) else bool(result)
             for key, result in zip(tokens, results, strict=True)
@@ -337,13 +337,13 @@ class EntryStore:
         still holds, and publish the notice."""
         if not fills:
             return {}
-        pipe = self.client.pipeline(transaction=False)
-        for key, (token, envelope, px, notice) in fills.items():
-            keys, args = self._entry_keys(key)
-            await queue_script(
-                pipe, self._fill, keys, [*args, token, envelope, px, self.keys.channel, notice]
-            )
-        results = await pipe.execute()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key, (token, envelope, px, notice) in fills.items():
+                keys, args = self._entry_keys(key)
+                await queue_script(
+                    pipe, self._fill, keys, [*args, token, envelope, px, self.keys.channel, notice]
+                )
+            results = await pipe.execute()
         return {key: bool(ok) for key, ok in zip(fills, results, strict=True)}
 
     @_guarded
@@ -353,11 +353,13 @@ class EntryStore:
         values were dropped."""
         if not messages:
             return 0
-        pipe = self.client.pipeline(transaction=False)
-        for key, message in messages.items():
-            keys, args = self._entry_keys(key)
-            await queue_script(pipe, self._invalidate, keys, [*args, self.keys.channel, message])
-        return sum(int(n) for n in await pipe.execute())
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key, message in messages.items():
+                keys, args = self._entry_keys(key)
+                await queue_script(
+                    pipe, self._invalidate, keys, [*args, self.keys.channel, message]
+                )
+            return sum(int(n) for n in await pipe.execute())
 
     @_guarded
     async def store(self, key: str, envelope: bytes, px: int, version: int, message: bytes) -> bool:
@@ -391,10 +393,10 @@ class EntryStore:
         if socket_timeout := kwargs.get("socket_timeout"):
             timeout_ms = max(1, min(timeout_ms, int(socket_timeout * 1000 * 0.8)))
         if not isinstance(client, redis.RedisCluster):
-            pipe = client.pipeline(transaction=False)
-            await queue_script(pipe, script, keys, args)
-            pipe.wait(replicas, timeout_ms)
-            replies = await pipe.execute()
+            async with client.pipeline(transaction=False) as pipe:
+                await queue_script(pipe, script, keys, args)
+                pipe.wait(replicas, timeout_ms)
+                replies = await pipe.execute()
             return replies[0], int(replies[1])
         await client.initialize()
         for attempt in range(2):
@@ -431,10 +433,10 @@ class EntryStore:
         dropped = 0
         for pattern in self.keys.scan_patterns:
             async for batch in _batches(self.client.scan_iter(match=pattern, count=1000)):
-                pipe = self.client.pipeline(transaction=False)
-                for name in batch:
-                    await queue_script(pipe, self._drop_if_clean, [name], [])
-                dropped += sum(int(n) for n in await pipe.execute())
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for name in batch:
+                        await queue_script(pipe, self._drop_if_clean, [name], [])
+                    dropped += sum(int(n) for n in await pipe.execute())
         await self.client.publish(self.keys.channel, message)
         return dropped
 

@@ -490,31 +490,34 @@ class Flusher:
             by_queue[entry.queue].append(entry.id)
         if not by_queue:
             return
-        pipe = self._client.pipeline(transaction=False)
-        for queue, ids in by_queue.items():
-            pipe.xack(queue, GROUP, *ids)
-            pipe.xdel(queue, *ids)
-            pipe.hdel(self._errors_key, *ids)
-        await pipe.execute()
+        async with self._client.pipeline(transaction=False) as pipe:
+            for queue, ids in by_queue.items():
+                pipe.xack(queue, GROUP, *ids)
+                pipe.xdel(queue, *ids)
+                pipe.hdel(self._errors_key, *ids)
+            await pipe.execute()
 
     async def _settle_cached(self, rows: list[Queued], stored: dict[str, bytes]) -> None:
         """Flushed values become ordinary cache entries: they get a TTL (and a
         mapped row is replaced by the row as stored), unless rewritten meanwhile."""
         settings = self._settings
-        pipe = self._client.pipeline(transaction=False)
-        for row in rows:
-            ttl: int = settings.negative_ttl if row.kind == "n" else settings.ttl
-            ttl = max(1, round(ttl * (1 + settings.ttl_jitter * (2 * random.random() - 1))))
-            row_now = stored.get(row.key)
-            replacement = (
-                b""
-                if row_now is None
-                else envelope.encode(row.version, time.time_ns() // 1_000_000 + ttl, 0, row_now)
-            )
-            await queue_script(
-                pipe, self._settle, [self._keys.value(row.key)], [row.version, ttl, replacement]
-            )
-        await pipe.execute()
+        async with self._client.pipeline(transaction=False) as pipe:
+            for row in rows:
+                ttl: int = settings.negative_ttl if row.kind == "n" else settings.ttl
+                ttl = max(1, round(ttl * (1 + settings.ttl_jitter * (2 * random.random() - 1))))
+                row_now = stored.get(row.key)
+                replacement = (
+                    b""
+                    if row_now is None
+                    else envelope.encode(row.version, time.time_ns() // 1_000_000 + ttl, 0, row_now)
+                )
+                await queue_script(
+                    pipe,
+                    self._settle,
+                    [self._keys.value(row.key)],
+                    [row.version, ttl, replacement],
+                )
+            await pipe.execute()
 
 
 def _describe(err: Exception) -> str:
