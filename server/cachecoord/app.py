@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import suppress
 from functools import partial
 from typing import Any
@@ -111,6 +111,7 @@ class App:
             name: classes[name](ns, tables[name], stores[name], backends)
             for name, ns in settings.namespaces.items()
         }
+        self._report_state(breaker, strategies)
         locks = Locks(client)
         bus = Bus(
             settings.redis.url, cluster=client if isinstance(client, redis.RedisCluster) else None
@@ -200,6 +201,27 @@ class App:
         closers, self._closers = self._closers, []
         for close in reversed(closers):
             await close()
+
+    def _report_state(self, breaker: CircuitBreaker, strategies: dict[str, Strategy]) -> None:
+        """Export the breaker's state and the near caches' sizes as metrics,
+        until the instance stops."""
+
+        def breaker_open() -> bool:
+            return breaker.is_open
+
+        def near_cache_sizes() -> Iterator[tuple[str, int]]:
+            for name, strategy in strategies.items():
+                if strategy.reader.near is not None:
+                    yield name, len(strategy.reader.near)
+
+        instruments.watch_breaker(breaker_open)
+        instruments.watch_near_caches(near_cache_sizes)
+
+        async def unwatch() -> None:
+            instruments.unwatch(breaker_open)
+            instruments.unwatch(near_cache_sizes)
+
+        self._closers.append(unwatch)
 
     async def _check_eviction_policy(self, client: redis.Redis | redis.RedisCluster) -> None:
         """Refuse write-behind under an allkeys-* policy: Redis could evict a

@@ -325,6 +325,13 @@ def watch_near_caches(probe: Callable[[], Iterable[tuple[str, int]]]) -> None:
     _near_cache_probes.append(probe)
 
 
+def unwatch(probe: object) -> None:
+    """Unregister a probe given to watch_breaker or watch_near_caches."""
+    for probes in (_breaker_probes, _near_cache_probes):
+        if probe in probes:
+            probes.remove(probe)  # type: ignore[arg-type]
+
+
 def _breaker_open(options: CallbackOptions) -> Iterable[Observation]:
     for probe in _breaker_probes:
         yield Observation(1 if probe() else 0)

@@ -42,6 +42,8 @@ WANTED = {
     "cachecoord_write_behind_queue_pending",
     "cachecoord_write_behind_dead_letters",
     "cachecoord_outbox_backlog",
+    "cachecoord_redis_breaker_open",
+    "cachecoord_near_cache_size",
     "cachecoord_invalidations_published_total",
     "cachecoord_invalidations_received_total",
 }

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 
 from cachecoord.model import Entry, Layer
 
@@ -36,8 +37,11 @@ from cachecoord.model import Entry, Layer
 class NearCache:
     """Bounded LRU of entries with a maximum age."""
 
-    def __init__(self, max_entries: int, max_ttl_ms: int) -> None:
+    def __init__(
+        self, max_entries: int, max_ttl_ms: int, on_evict: Callable[[], None] | None = None
+    ) -> None:
         self._max_entries = max_entries
+        self._on_evict = on_evict  # an entry was dropped to make room
         self._max_ttl = max_ttl_ms / 1000
         self._entries: OrderedDict[str, tuple[float, Entry]] = OrderedDict()
         # Every invalidation and flush takes the next sequence number. A read
@@ -89,6 +93,8 @@ class NearCache:
         self._entries.move_to_end(entry.key)
         if len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)
+            if self._on_evict is not None:
+                self._on_evict()
 
     def invalidate(self, key: str | None, version: int) -> None:
         """A change of *key* (None: every key) to *version* happened somewhere."""

@@ -97,8 +97,10 @@ class Reader:
         self._loads: SingleFlight[str, Read] = SingleFlight(f"load-{settings.name}")
         self._refreshes: SingleFlight[str, None] = SingleFlight(f"refresh-{settings.name}")
         self._fill_waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+        namespace = {"cache.namespace": settings.name}
+        evicted = partial(instruments.near_cache_evictions.add, 1, namespace)
         self.near = (
-            NearCache(settings.near_cache_entries, settings.near_cache_ttl)
+            NearCache(settings.near_cache_entries, settings.near_cache_ttl, on_evict=evicted)
             if settings.near_cache_entries
             else None
         )
