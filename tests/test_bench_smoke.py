@@ -81,6 +81,11 @@ EXPECTED = {
         "get_hit_workers_2_rps",
         "workers_2_over_1_ratio",
     ],
+    # 8 holders over 2 instances through connection recycling, a Redis freeze
+    # and a drain: 15 s with --quick.
+    "locks": ["holds", "overlapping_holds", "orphaned_locks"],
+    # The history checker over 3 instances with faults: 20 s with --quick.
+    "consistency": ["stale_reads_beyond_bound", "reads_checked", "worst_staleness_ms"],
     # The App in-process under cProfile: about 6 s.
     "profile": [
         "profile_plain_cpu_us",

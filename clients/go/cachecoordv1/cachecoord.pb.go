@@ -1561,7 +1561,9 @@ type Invalidation struct {
 	AllKeys bool `protobuf:"varint,3,opt,name=all_keys,json=allKeys,proto3" json:"all_keys,omitempty"`
 	// The version the change created (0 when unknown, e.g. a plain Invalidate).
 	Version int64 `protobuf:"varint,4,opt,name=version,proto3" json:"version,omitempty"`
-	// What happened: put, delete, invalidate or db_change.
+	// What happened: put, delete, invalidate, db_change, or rejected (PostgreSQL
+	// refused a write-behind write that had been acknowledged: the key moved to
+	// a new, higher version holding PostgreSQL's row).
 	Reason string `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
 	// The cachecoord instance that made the change.
 	Origin string `protobuf:"bytes,6,opt,name=origin,proto3" json:"origin,omitempty"`

@@ -192,10 +192,14 @@ class WatchEvent:
         all_keys: True when every key of the namespace was invalidated.
         version: The version the change created; 0 when unknown (a plain
             invalidate), so a cached copy of any version is invalid.
-        reason: INVALIDATION: ``put``, ``delete``, ``invalidate`` or
-            ``db_change``. RESET: ``subscribed`` (the first event of every
-            stream), ``resubscribed`` (the server lost its own subscription)
-            or ``overflow`` (this client read too slowly).
+        reason: INVALIDATION: ``put``, ``delete``, ``invalidate``,
+            ``db_change`` or ``rejected`` (PostgreSQL refused an acknowledged
+            write-behind write; the key moved to a higher version holding
+            PostgreSQL's row). RESET: ``subscribed`` (the first event of every
+            stream), ``resubscribed`` (the server lost its own subscription),
+            ``overflow`` (this client read too slowly) or, with
+            ``watch(resume=True)``, ``reconnecting`` (the stream broke and is
+            being opened again).
         origin: The cachecoord instance that made the change.
     """
 

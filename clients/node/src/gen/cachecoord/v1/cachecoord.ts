@@ -437,7 +437,11 @@ export interface Invalidation {
   allKeys: boolean;
   /** The version the change created (0 when unknown, e.g. a plain Invalidate). */
   version: bigint;
-  /** What happened: put, delete, invalidate or db_change. */
+  /**
+   * What happened: put, delete, invalidate, db_change, or rejected (PostgreSQL
+   * refused a write-behind write that had been acknowledged: the key moved to
+   * a new, higher version holding PostgreSQL's row).
+   */
   reason: string;
   /** The cachecoord instance that made the change. */
   origin: string;

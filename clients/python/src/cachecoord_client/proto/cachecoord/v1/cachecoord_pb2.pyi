@@ -923,7 +923,10 @@ class Invalidation(_message.Message):
     version: _builtins.int
     """The version the change created (0 when unknown, e.g. a plain Invalidate)."""
     reason: _builtins.str
-    """What happened: put, delete, invalidate or db_change."""
+    """What happened: put, delete, invalidate, db_change, or rejected (PostgreSQL
+    refused a write-behind write that had been acknowledged: the key moved to
+    a new, higher version holding PostgreSQL's row).
+    """
     origin: _builtins.str
     """The cachecoord instance that made the change."""
     def __init__(
