@@ -48,3 +48,6 @@ class Deleted:
 class LockGrant:
     token: str
     fencing_token: int
+    taken_at: float = 0.0
+    """``time.monotonic()`` just before the Redis call that took (or resumed)
+    the lock: its TTL runs from no earlier than this."""

@@ -1036,3 +1036,34 @@ async def test_a_resuming_sync_watch_gets_a_reset_and_later_events_across_recycl
             stream.close()
     assert (WatchEventKind.RESET, "reconnecting") in seen
     assert seen[-1][0] is WatchEventKind.INVALIDATION
+
+
+async def test_a_hold_that_waited_longer_than_its_ttl_keeps_the_lock_it_got(
+    client: AsyncClient, name: str
+) -> None:
+    # The TTL runs from the call that took the lock, not from when the wait
+    # for it began: a hold that waited 1 s for a 300 ms TTL was declared lost
+    # at its first renewal (and the lock it had just been granted released).
+    first = await client.acquire_lock(name, ttl_ms=1_000)
+    async with client.hold_lock(name, ttl_ms=300, wait_timeout_ms=5_000) as lock:
+        assert lock.fencing_token > first.fencing_token
+        await asyncio.sleep(1.0)  # about ten renewals
+        await assert_held(client, name)
+
+
+async def test_closing_the_client_interrupts_its_hold_block(target: str, name: str) -> None:
+    # Closing the channel cancels the stream (the server releases the lock):
+    # the block must not run on as if it still held it.
+    holder_client = AsyncClient(target)
+    entered = asyncio.Event()
+
+    async def block() -> None:
+        async with holder_client.hold_lock(name, ttl_ms=5_000):
+            entered.set()
+            await asyncio.sleep(30)
+
+    task = asyncio.create_task(block())
+    await asyncio.wait_for(entered.wait(), 5)
+    await holder_client.close()
+    with pytest.raises(LockLost):
+        await asyncio.wait_for(task, 2)

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RENEWALS_PER_TTL = 3
+_letting_go: set[asyncio.Task[bool]] = set()  # releases nobody awaits any more
 DRIFT_FACTOR = 0.01
 """Share of the TTL kept as a margin for clock drift between us and Redis
 (as Redlock does), plus `DRIFT_MIN` seconds."""
@@ -109,7 +110,6 @@ class Hold:
         holder = asyncio.current_task()
         if holder is None:
             raise RuntimeError("Hold must be entered from a task")
-        started = time.monotonic()
         if self._resume_token:
             try:
                 self._grant = await self._locks.resume(self._name, self._resume_token, self._ttl_ms)
@@ -120,7 +120,8 @@ class Hold:
                 ) from None
         else:
             self._grant = await self._locks.acquire(self._name, self._ttl_ms, self._wait_timeout_ms)
-        self._valid_until = started + self._ttl_ms / 1000
+        # From the call that took it, not from when the wait for it began.
+        self._valid_until = self._grant.taken_at + self._ttl_ms / 1000
         self._holder = holder
         self._renewal = asyncio.create_task(
             self._renew(self._grant), name=f"lock-renewal[{self._name}]"
@@ -142,6 +143,9 @@ class Hold:
         try:
             kept = await asyncio.shield(let_go)
         except asyncio.CancelledError:
+            # Kept referenced until done: the loop holds tasks only weakly.
+            _letting_go.add(let_go)
+            let_go.add_done_callback(_letting_go.discard)
             let_go.add_done_callback(self._log_late_failure)
             raise
         except (RedisError, OSError, Unavailable) as err:

@@ -163,11 +163,12 @@ class Locks:
         started = time.monotonic()
         while True:
             released.clear()
+            attempted = time.monotonic()
             got, value = await self._attempt(name, token, ttl_ms)
             if got:
                 if telemetry.METRICS:
                     instruments.lock_wait.record((time.monotonic() - started) * 1000)
-                return LockGrant(token=token, fencing_token=int(value))
+                return LockGrant(token=token, fencing_token=int(value), taken_at=attempted)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 waited = f" after waiting {wait_timeout_ms} ms" if wait_timeout_ms else ""
@@ -188,6 +189,11 @@ class Locks:
                 got, value = await asyncio.shield(attempt)
         except asyncio.CancelledError:
             attempt.add_done_callback(lambda done: self._release_if_taken(done, name, token))
+            raise
+        except Unavailable:
+            # Redis may have run the script before the error (a timeout on the
+            # reply): let go of whatever this token may hold, nobody will.
+            self.release_in_background(name, token)
             raise
         return int(got), int(value)
 
@@ -239,13 +245,14 @@ class Locks:
         _check(name, ttl_ms)
         if not token:
             raise InvalidArgument("resume: token must not be empty")
+        attempted = time.monotonic()
         with _redis_errors():
             result = await self._resume(
                 keys=[keys.lock_key(name), keys.fencing_key(name)], args=[token, ttl_ms]
             )
         if not result[0]:
             raise LockNotHeld(f"lock {name!r} is not held by this token any more")
-        return LockGrant(token=token, fencing_token=int(result[1]))
+        return LockGrant(token=token, fencing_token=int(result[1]), taken_at=attempted)
 
     def hold(self, name: str, ttl_ms: int, wait_timeout_ms: int, *, resume_token: str = "") -> Hold:
         """Hold the lock for the duration of an ``async with`` block.

@@ -663,6 +663,10 @@ def _client_margin(valid_for: float) -> float:
     return valid_for * 0.01 + 0.005
 
 
+_RELEASING: set[asyncio.Task[None]] = set()
+"""Releases of handed-off locks whose holder left (see _AsyncHold.close)."""
+
+
 class _AsyncHold:
     """One lock held through a chain of HoldLock streams: the first takes it,
     each later one resumes it after the server handed it off.
@@ -691,6 +695,8 @@ class _AsyncHold:
         self._cancelled_holder = False
         self._leaving = False
         self._handed_off = False  # the last stream ended with handoff, not yet resumed
+        self._resuming = False  # between a handoff and the new stream's `acquired`
+        self._releasing: asyncio.Task[None] | None = None
         self._error: CacheCoordError | None = None  # how the chain ended, if it failed
 
     async def take(self, wait_timeout_ms: int, seconds: float) -> HeldLock:
@@ -725,11 +731,20 @@ class _AsyncHold:
             raise self._error
 
     def close(self) -> None:
-        """Cancel the current stream (the server then releases the lock) and the follower."""
+        """Cancel the current stream (the server then releases the lock) and the
+        follower. Between a hand-off and its resume no stream holds the lock:
+        it is then released by its token, or it would outlive the block by
+        its TTL."""
         self._leaving = True
         self._call.cancel()
         if self._follower is not None:
             self._follower.cancel()
+        if self._resuming and self._lock is not None and self._releasing is None:
+            self._releasing = asyncio.get_running_loop().create_task(
+                self._release_handed_off(self._lock), name=f"release-lock[{self._name}]"
+            )
+            _RELEASING.add(self._releasing)  # the loop keeps tasks only weakly
+            self._releasing.add_done_callback(_RELEASING.discard)
 
     def took_back_cancellation(self) -> LockLost | None:
         """The loss to raise if we cancelled the holder and nobody else did; else None."""
@@ -748,7 +763,10 @@ class _AsyncHold:
             if self._leaving:
                 self._handed_off = True
                 return
-            if not await self._resume(time.monotonic() + handoff - _client_margin(handoff)):
+            self._resuming = True
+            resumed = await self._resume(time.monotonic() + handoff - _client_margin(handoff))
+            self._resuming = False
+            if not resumed:
                 return
 
     async def _read_to_end(self, call: _HoldCall) -> float | None:
@@ -766,6 +784,14 @@ class _AsyncHold:
                     handoff = response.handoff.valid_for_ms / 1000
         except grpc.RpcError as err:
             self._fail(_convert.hold_error(self._name, err, lost or not self._leaving))
+            return None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this follower is being stopped
+            # The call was cancelled under us (the channel was closed): the
+            # server ends the stream and releases the lock.
+            self._fail(LockLost(f"the stream holding lock {self._name!r} was cancelled"))
             return None
         if lost:
             return None

@@ -586,6 +586,11 @@ class _Stream:
         self.letting_go.set()
 
 
+_RELEASE_ON_CLOSE_S = 2.0
+"""Deadline of the ReleaseLock a hold sends when it is closed between a
+hand-off and its resume."""
+
+
 class _SyncHold:
     """One lock held through a chain of HoldLock streams (see the asyncio
     client's `_AsyncHold`): a thread follows the current stream, resumes the
@@ -605,6 +610,7 @@ class _SyncHold:
         self._follower: threading.Thread | None = None
         self._leaving = False
         self._handed_off = False
+        self._resuming = False  # between a handoff and the new stream's `acquired`
         self._error: CacheCoordError | None = None
 
     def take(self, wait_timeout_ms: int, seconds: float) -> HeldLock:
@@ -640,10 +646,16 @@ class _SyncHold:
             raise self._error
 
     def close(self) -> None:
+        """Close the current stream (the server then releases the lock).
+        Between a hand-off and its resume no stream holds the lock: it is
+        then released by its token, or it would outlive the block by its TTL."""
         with self._mutex:
             self._leaving = True
             if self._stream is not None:
                 self._stream.close()
+            resuming = self._resuming
+        if resuming and self._lock is not None:
+            self._release_handed_off(self._lock, _RELEASE_ON_CLOSE_S)
 
     def _follow(self) -> None:
         try:
@@ -656,7 +668,12 @@ class _SyncHold:
                     self._handed_off = True
                     return
                 valid_for = handoff - (handoff * 0.01 + 0.005)
-                if not self._resume(time.monotonic() + valid_for):
+                with self._mutex:
+                    self._resuming = True
+                resumed = self._resume(time.monotonic() + valid_for)
+                with self._mutex:
+                    self._resuming = False
+                if not resumed:
                     return
         except Exception as err:  # a bug must not leave the holder believing it holds the lock
             self._fail(CacheCoordError(f"following lock {self._name!r} failed: {err!r}"))
