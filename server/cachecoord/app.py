@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import suppress
 from functools import partial
@@ -290,12 +291,14 @@ def _decoded(*handlers: Callable[[Message], None]) -> Callable[[bytes], None]:
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring a malformed invalidation message: %.200r", raw)
             return
-        if telemetry.METRICS:
-            instruments.invalidations_received.add(
-                1, {"cache.namespace": message.namespace, "cache.reason": message.reason}
-            )
         for handler in handlers:
             handler(message)
+        if telemetry.METRICS:
+            attributes = {"cache.namespace": message.namespace, "cache.reason": message.reason}
+            instruments.invalidations_received.add(1, attributes)
+            if message.at > 0:  # applied here (near cache, Watch) just now
+                delay = max(0.0, time.time() - message.at)
+                instruments.propagation_delay.record(delay, attributes)
 
     return handle
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import psycopg
@@ -160,6 +161,7 @@ async def test_invalidate_drops_cached_copy_and_publishes(
     event = json.loads(message["data"])
     assert (event["namespace"], event["key"], event["reason"]) == ("blobs", key, "invalidate")
     assert event["origin"]
+    assert time.time() - 5 < event["at"] <= time.time()  # when it was published
     assert (await client.get("blobs", key)).layer is Layer.DATABASE
 
 

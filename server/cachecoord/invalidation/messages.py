@@ -1,16 +1,21 @@
 """The invalidation message published on ``cc:inv:<namespace>``.
 
 JSON, one object per key: ``{"namespace": "users", "key": "1", "version": 7,
-"reason": "put", "origin": "host-1234"}``. ``key`` is null when the whole
-namespace was invalidated. ``version`` is the version the change created (0
-when unknown, e.g. a plain Invalidate). ``origin`` is the instance that made
-the change. Documented in the README; other programs may subscribe.
+"reason": "put", "origin": "host-1234", "at": 1796519670.675}``. ``key`` is
+null when the whole namespace was invalidated. ``version`` is the version the
+change created (0 when unknown, e.g. a plain Invalidate). ``origin`` is the
+instance that made the change, ``at`` when it published it (Unix time in
+seconds; absent or 0 when unknown): receivers measure the propagation delay
+from it (cachecoord.invalidation.propagation.duration), so it is only as
+good as the clocks of the hosts agree. Documented in the README; other
+programs may subscribe.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +25,7 @@ class Invalidation:
     version: int
     reason: str
     origin: str
+    at: float = field(default_factory=time.time)
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -33,4 +39,5 @@ class Invalidation:
             version=int(data.get("version", 0)),
             reason=str(data.get("reason", "")),
             origin=str(data.get("origin", "")),
+            at=float(data.get("at") or 0.0),
         )

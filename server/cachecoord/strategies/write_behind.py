@@ -56,7 +56,8 @@ redis.call('XADD', KEYS[3], '*', 'k', ARGV[8], 'v', version, 't', ARGV[2], 'p', 
   'c', ARGV[11])
 redis.call('PUBLISH', ARGV[5], '{"namespace":' .. cjson.encode(ARGV[7]) .. ',"key":' ..
   cjson.encode(ARGV[8]) .. ',"version":' .. version .. ',"reason":' .. cjson.encode(ARGV[9]) ..
-  ',"origin":' .. cjson.encode(ARGV[10]) .. '}')
+  ',"origin":' .. cjson.encode(ARGV[10]) .. ',"at":' .. string.format('%.6f', clock / 1000000) ..
+  '}')
 return {1, tonumber(version)}
 """
 
