@@ -190,7 +190,10 @@ misses = meter.create_counter(
     "cachecoord.cache.misses", unit="{miss}", description="Reads that had to load PostgreSQL"
 )
 load_duration = meter.create_histogram(
-    "cachecoord.load.duration", unit="ms", description="Time of a PostgreSQL load after a miss"
+    "cachecoord.load.duration",
+    unit="s",
+    description="Time of a PostgreSQL load after a miss",
+    explicit_bucket_boundaries_advisory=_SECONDS,
 )
 coalesced = meter.create_counter(
     "cachecoord.stampede.coalesced",
@@ -208,7 +211,10 @@ invalidations_received = meter.create_counter(
     description="Invalidation messages received from any instance",
 )
 lock_wait = meter.create_histogram(
-    "cachecoord.lock.wait", unit="ms", description="Time AcquireLock waited for a held lock"
+    "cachecoord.lock.wait",
+    unit="s",
+    description="Time AcquireLock waited for a held lock",
+    explicit_bucket_boundaries_advisory=_SECONDS,
 )
 dead_lettered = meter.create_counter(
     "cachecoord.write_behind.dead_lettered",

@@ -44,6 +44,7 @@ WANTED = {
     "cachecoord_outbox_backlog",
     "cachecoord_redis_breaker_open",
     "cachecoord_invalidation_propagation_duration_seconds_bucket",
+    "cachecoord_load_duration_seconds_bucket",
     "cachecoord_near_cache_size",
     "cachecoord_invalidations_published_total",
     "cachecoord_invalidations_received_total",

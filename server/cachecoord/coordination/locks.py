@@ -167,7 +167,7 @@ class Locks:
             got, value = await self._attempt(name, token, ttl_ms)
             if got:
                 if telemetry.METRICS:
-                    instruments.lock_wait.record((time.monotonic() - started) * 1000)
+                    instruments.lock_wait.record(time.monotonic() - started)
                 return LockGrant(token=token, fencing_token=int(value), taken_at=attempted)
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -411,7 +411,8 @@ class Reader:
                 rows = await self.table.load(conn, keys)
                 load_ms = (time.monotonic() - started) * 1000
         if telemetry.METRICS:
-            instruments.load_duration.record(load_ms, {"cache.namespace": self.settings.name})
+            attributes = {"cache.namespace": self.settings.name}
+            instruments.load_duration.record(load_ms / 1000, attributes)
         return rows, round(load_ms), mark
 
 
