@@ -5,9 +5,12 @@ the SDK itself: ``OTEL_SERVICE_NAME`` (default ``cachecoord``),
 ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_EXPORTER_OTLP_ENDPOINT`` (and the
 ``_TRACES_``/``_METRICS_`` variants), ``OTEL_EXPORTER_OTLP_PROTOCOL`` (``grpc``
 or ``http/protobuf``), ``OTEL_TRACES_SAMPLER`` and ``OTEL_TRACES_SAMPLER_ARG``,
-``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER`` (``otlp``, ``console``,
-``prometheus`` for metrics, ``none``), ``OTEL_SDK_DISABLED``. With none of
-them set, nothing is exported and the hot paths skip span work entirely.
+``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER`` / ``OTEL_LOGS_EXPORTER``
+(``otlp``, ``console``, ``prometheus`` for metrics, ``none``),
+``OTEL_SDK_DISABLED``. With none of them set, nothing is exported and the
+hot paths skip span work entirely. Log records go over OTLP too (with their
+trace and span ids) when an OTLP endpoint or ``OTEL_LOGS_EXPORTER`` asks for
+them, besides the lines on standard error.
 
 The rest of the code uses only the API (``trace.get_tracer``,
 ``metrics.get_meter``) and asks :data:`TRACING` whether spans are wanted.
@@ -56,7 +59,8 @@ def configure(environ: Mapping[str, str] | None = None) -> Telemetry:
         return telemetry
     traces = _exporters(env, "TRACES")
     metric_exporters = _exporters(env, "METRICS")
-    if not traces and not metric_exporters:
+    logs = _exporters(env, "LOGS")
+    if not traces and not metric_exporters and not logs:
         return telemetry
 
     from opentelemetry.sdk.resources import Resource
@@ -72,6 +76,8 @@ def configure(environ: Mapping[str, str] | None = None) -> Telemetry:
     if metric_exporters:
         telemetry.providers.append(_meter_provider(resource, metric_exporters, env))
         METRICS = True
+    if logs:
+        telemetry.providers.append(_logger_provider(resource, logs, env))
     return telemetry
 
 
@@ -82,6 +88,7 @@ class TelemetryError(Exception):
 _SUPPORTED = {
     "TRACES": ("otlp", "console", "none"),
     "METRICS": ("otlp", "prometheus", "console", "none"),
+    "LOGS": ("otlp", "console", "none"),
 }
 
 
@@ -190,6 +197,39 @@ def _meter_provider(resource: Any, exporters: list[str], env: Mapping[str, str])
         readers.append(PeriodicExportingMetricReader(exporter))
     provider = MeterProvider(resource=resource, metric_readers=readers)
     metrics.set_meter_provider(provider)
+    return provider
+
+
+def _logger_provider(resource: Any, exporters: list[str], env: Mapping[str, str]) -> Any:
+    """Send the records of Python's logging over OTLP (or to the console):
+    a handler on the root logger, beside the standard-error one."""
+    from opentelemetry._logs import set_logger_provider
+    from opentelemetry.instrumentation.logging.handler import LoggingHandler
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import (
+        BatchLogRecordProcessor,
+        ConsoleLogRecordExporter,
+        LogRecordExporter,
+    )
+
+    provider = LoggerProvider(resource=resource)
+    for name in exporters:
+        exporter: LogRecordExporter
+        if name == "console":
+            exporter = ConsoleLogRecordExporter()
+        elif _http(env, "LOGS"):
+            from opentelemetry.exporter.otlp.proto.http._log_exporter import (
+                OTLPLogExporter as HTTPLogExporter,
+            )
+
+            exporter = HTTPLogExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+
+            exporter = OTLPLogExporter()
+        provider.add_log_record_processor(BatchLogRecordProcessor(exporter))
+    set_logger_provider(provider)
+    logging.getLogger().addHandler(LoggingHandler(logger_provider=provider))
     return provider
 
 

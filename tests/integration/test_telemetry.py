@@ -18,6 +18,8 @@ import grpc
 import pytest
 import pytest_asyncio
 from opentelemetry import propagate, trace
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2 as logs_pb
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc as logs_grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as metrics_pb
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as metrics_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as trace_pb
@@ -33,10 +35,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
-class Receiver(trace_grpc.TraceServiceServicer, metrics_grpc.MetricsServiceServicer):
+class Receiver(
+    trace_grpc.TraceServiceServicer,
+    metrics_grpc.MetricsServiceServicer,
+    logs_grpc.LogsServiceServicer,
+):
     """A minimal OTLP/gRPC collector: keeps what it is sent."""
 
     spans: list[Any] = field(default_factory=list)
+    log_records: list[Any] = field(default_factory=list)
     metric_names: set[str] = field(default_factory=set)
     resources: list[dict[str, Any]] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
@@ -49,6 +56,12 @@ class Receiver(trace_grpc.TraceServiceServicer, metrics_grpc.MetricsServiceServi
                     self.spans.extend(scope_spans.spans)
             self.arrived.set()
             return trace_pb.ExportTraceServiceResponse()
+        if isinstance(request, logs_pb.ExportLogsServiceRequest):
+            for resource_logs in request.resource_logs:
+                for scope_logs in resource_logs.scope_logs:
+                    self.log_records.extend(scope_logs.log_records)
+            self.arrived.set()
+            return logs_pb.ExportLogsServiceResponse()
         for resource_metrics in request.resource_metrics:
             for scope_metrics in resource_metrics.scope_metrics:
                 self.metric_names.update(m.name for m in scope_metrics.metrics)
@@ -73,6 +86,7 @@ async def receiver() -> AsyncIterator[tuple[Receiver, int]]:
     server = grpc.aio.server()
     trace_grpc.add_TraceServiceServicer_to_server(collector, server)
     metrics_grpc.add_MetricsServiceServicer_to_server(collector, server)
+    logs_grpc.add_LogsServiceServicer_to_server(collector, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     yield collector, port
@@ -481,3 +495,20 @@ async def test_an_unsupported_exporter_stops_start_up_with_a_clear_error(
     assert process.returncode == 2
     (line,) = err.decode().strip().splitlines()
     assert variable in line
+
+
+async def test_log_records_are_exported_over_otlp(
+    receiver: tuple[Receiver, int], traced_server: int
+) -> None:
+    # The collector's logs pipeline (deploy/otel-collector.yaml) gets the
+    # server's log records, not only its standard error.
+    collector, _ = receiver
+
+    def bodies() -> list[str]:
+        return [record.body.string_value for record in collector.log_records]
+
+    for _ in range(100):
+        if any("serving on port" in body for body in bodies()):
+            break
+        await asyncio.sleep(0.1)
+    assert any("serving on port" in body for body in bodies()), bodies()[:5]
