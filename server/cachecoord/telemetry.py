@@ -229,7 +229,11 @@ def _logger_provider(resource: Any, exporters: list[str], env: Mapping[str, str]
             exporter = OTLPLogExporter()
         provider.add_log_record_processor(BatchLogRecordProcessor(exporter))
     set_logger_provider(provider)
-    logging.getLogger().addHandler(LoggingHandler(logger_provider=provider))
+    handler = LoggingHandler(logger_provider=provider)
+    # Not the SDK's own records (an export that failed): each would be
+    # exported, fail and be logged again.
+    handler.addFilter(lambda record: not record.name.startswith("opentelemetry"))
+    logging.getLogger().addHandler(handler)
     return provider
 
 
