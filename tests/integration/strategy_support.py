@@ -27,10 +27,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.exceptions import ResponseError
 
 from cachecoord.app import App
-from cachecoord.config import Settings
+from cachecoord.config import Settings, load
 from cachecoord.storage import envelope
 from cachecoord.storage.keys import KeySpace
 from cachecoord_client import AsyncClient
+from conftest import Backend
 
 T = TypeVar("T")
 
@@ -259,3 +260,38 @@ outbox_interval = "200ms"
 """
     )
     return path
+
+
+Instance = tuple[App, AsyncClient]
+Start = Callable[[], Awaitable[Instance]]
+
+
+@asynccontextmanager
+async def instances(
+    backend: Backend, tmp: Path, namespaces: str, name: str
+) -> AsyncIterator[Start]:
+    """Start instances (``name-1``, ``name-2``...) serving *namespaces* on one
+    Redis and one database, in this process; stop them all on the way out."""
+    running: list[Instance] = []
+
+    async def start_one() -> Instance:
+        config = serve_config(
+            tmp,
+            listen="127.0.0.1:0",
+            redis_url=backend.url,
+            postgres_url=backend.dsn,
+            instance_id=f"{name}-{len(running) + 1}",
+            namespaces=namespaces,
+        )
+        app = App(load(config, backend.env))
+        await app.start()
+        client = AsyncClient(f"127.0.0.1:{app.port}")
+        running.append((app, client))
+        return app, client
+
+    try:
+        yield start_one
+    finally:
+        for app, client in running:
+            await client.close()
+            await app.stop()

@@ -24,10 +24,9 @@ import psycopg
 import pytest
 import pytest_asyncio
 from psycopg import AsyncConnection
-from strategy_support import poll, serve_config
+from strategy_support import Start, instances, poll
 
 from cachecoord.app import App
-from cachecoord.config import load
 from cachecoord.model import Row
 from cachecoord.storage import envelope
 from cachecoord.storage.tables import Table
@@ -54,35 +53,14 @@ ttl_jitter = 0
 early_refresh_beta = 6
 """
 
-Instance = tuple[App, AsyncClient]
-Start = Callable[[], Awaitable[Instance]]
 Load = Callable[[AsyncConnection, Sequence[str]], Awaitable[dict[str, Row]]]
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def start(own_backend: Backend, tmp_path: Path) -> AsyncIterator[Start]:
     """Starts instances sharing one Redis and one database; stops them after."""
-    running: list[Instance] = []
-
-    async def start_one() -> Instance:
-        config = serve_config(
-            tmp_path,
-            listen="127.0.0.1:0",
-            redis_url=own_backend.url,
-            postgres_url=own_backend.dsn,
-            instance_id=f"coordination-{len(running) + 1}",
-            namespaces=NAMESPACES,
-        )
-        app = App(load(config, own_backend.env))
-        await app.start()
-        client = AsyncClient(f"127.0.0.1:{app.port}")
-        running.append((app, client))
-        return app, client
-
-    yield start_one
-    for app, client in running:
-        await client.close()
-        await app.stop()
+    async with instances(own_backend, tmp_path, NAMESPACES, "coordination") as start_one:
+        yield start_one
 
 
 @pytest.fixture
