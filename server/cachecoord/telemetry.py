@@ -18,6 +18,7 @@ The rest of the code uses only the API (``trace.get_tracer``,
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -125,11 +126,16 @@ def _resource_keys(env: Mapping[str, str]) -> set[str]:
     return {pair.split("=", 1)[0].strip() for pair in pairs if "=" in pair}
 
 
-def _http(env: Mapping[str, str], signal: str) -> bool:
+def _otlp(env: Mapping[str, str], signal: str, module: str, name: str) -> Any:
+    """The OTLP exporter class *name* of *signal*, over gRPC or HTTP as
+    ``OTEL_EXPORTER_OTLP[_<SIGNAL>]_PROTOCOL`` says (both packages name their
+    classes alike); it reads its endpoint and headers from the environment."""
     protocol = env.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or env.get(
         "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"
     )
-    return protocol.startswith("http")
+    transport = "http" if protocol.startswith("http") else "grpc"
+    exporters = importlib.import_module(f"opentelemetry.exporter.otlp.proto.{transport}.{module}")
+    return getattr(exporters, name)()
 
 
 def _tracer_provider(resource: Any, exporters: list[str], env: Mapping[str, str]) -> Any:
@@ -142,19 +148,11 @@ def _tracer_provider(resource: Any, exporters: list[str], env: Mapping[str, str]
 
     provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
     for name in exporters:
-        exporter: SpanExporter
-        if name == "console":
-            exporter = ConsoleSpanExporter()
-        elif _http(env, "TRACES"):
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-                OTLPSpanExporter as HTTPSpanExporter,
-            )
-
-            exporter = HTTPSpanExporter()
-        else:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-            exporter = OTLPSpanExporter()
+        exporter: SpanExporter = (
+            ConsoleSpanExporter()
+            if name == "console"
+            else _otlp(env, "TRACES", "trace_exporter", "OTLPSpanExporter")
+        )
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return provider
@@ -181,19 +179,11 @@ def _meter_provider(resource: Any, exporters: list[str], env: Mapping[str, str])
             )
             readers.append(PrometheusMetricReader())
             continue
-        exporter: MetricExporter
-        if name == "console":
-            exporter = ConsoleMetricExporter()
-        elif _http(env, "METRICS"):
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-                OTLPMetricExporter as HTTPMetricExporter,
-            )
-
-            exporter = HTTPMetricExporter()
-        else:
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-
-            exporter = OTLPMetricExporter()
+        exporter: MetricExporter = (
+            ConsoleMetricExporter()
+            if name == "console"
+            else _otlp(env, "METRICS", "metric_exporter", "OTLPMetricExporter")
+        )
         readers.append(PeriodicExportingMetricReader(exporter))
     provider = MeterProvider(resource=resource, metric_readers=readers)
     metrics.set_meter_provider(provider)
@@ -214,19 +204,11 @@ def _logger_provider(resource: Any, exporters: list[str], env: Mapping[str, str]
 
     provider = LoggerProvider(resource=resource)
     for name in exporters:
-        exporter: LogRecordExporter
-        if name == "console":
-            exporter = ConsoleLogRecordExporter()
-        elif _http(env, "LOGS"):
-            from opentelemetry.exporter.otlp.proto.http._log_exporter import (
-                OTLPLogExporter as HTTPLogExporter,
-            )
-
-            exporter = HTTPLogExporter()
-        else:
-            from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
-
-            exporter = OTLPLogExporter()
+        exporter: LogRecordExporter = (
+            ConsoleLogRecordExporter()
+            if name == "console"
+            else _otlp(env, "LOGS", "_log_exporter", "OTLPLogExporter")
+        )
         provider.add_log_record_processor(BatchLogRecordProcessor(exporter))
     set_logger_provider(provider)
     handler = LoggingHandler(logger_provider=provider)
