@@ -331,8 +331,11 @@ async def test_locks(kind: Kind, server: Server) -> None:
         assert await call("extend_lock", "job", lock.token, ttl_ms=60_000) is None
         assert await call("release_lock", "job", lock.token) is None
     acquire, extend, release = server.recorder.calls
+    # The client chooses the token (so that it can release a lock whose
+    # answer never came): a fresh random one per acquisition.
+    assert len(acquire.request.token) >= 16
     assert acquire.request == pb.AcquireLockRequest(
-        name="job", ttl_ms=30_000, wait_timeout_ms=2_000
+        name="job", ttl_ms=30_000, wait_timeout_ms=2_000, token=acquire.request.token
     )
     assert extend.request == pb.ExtendLockRequest(name="job", token="tok-1", ttl_ms=60_000)
     assert release.request == pb.ReleaseLockRequest(name="job", token="tok-1")
