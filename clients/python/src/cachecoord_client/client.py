@@ -147,6 +147,8 @@ class AsyncClient:
         self._channel = channel
         self._owns_channel = owns_channel
         self._stub: CacheCoordServiceAsyncStub = cachecoord_pb2_grpc.CacheCoordServiceStub(channel)
+        # Releases of locks granted to cancelled callers: close() waits for them.
+        self._letting_go: set[asyncio.Task[None]] = set()
 
     @property
     def default_timeout(self) -> float:
@@ -154,7 +156,13 @@ class AsyncClient:
         return self._default_timeout
 
     async def close(self) -> None:
-        """Close the channel, cancelling calls in flight; a no-op for a borrowed channel."""
+        """Close the channel, cancelling calls in flight; a no-op for a borrowed channel.
+
+        Releases of locks whose AcquireLock was cancelled (see `acquire_lock`)
+        are waited for first, up to ``default_timeout``: cut by the close, they
+        would leave those locks to their TTL."""
+        if self._letting_go:
+            await asyncio.wait(self._letting_go, timeout=self._default_timeout)
         if self._owns_channel:
             await self._channel.close(None)
 
@@ -364,8 +372,8 @@ class AsyncClient:
         token: str,
     ) -> None:
         task = asyncio.create_task(self._let_go(call, answer, name, token))
-        _background.add(task)
-        task.add_done_callback(_background.discard)
+        self._letting_go.add(task)  # referenced until done (the loop's are weak)
+        task.add_done_callback(self._letting_go.discard)
 
     async def _let_go(
         self,
@@ -650,9 +658,6 @@ async def _answer_of(
 ) -> pb.AcquireLockResponse:
     return await call
 
-
-_background: set[asyncio.Task[None]] = set()
-"""Releases of locks granted to cancelled callers, kept from the garbage collector."""
 
 _RESUME_RETRY_FIRST = 0.02
 _RESUME_RETRY_MAX = 0.5
