@@ -136,6 +136,10 @@ class Queued:
         )
 
 
+_TRANSIENT = (RedisError, OSError, psycopg.OperationalError, psycopg.InterfaceError)
+"""Backend failures a flush waits out (logged without a traceback)."""
+
+
 class Flusher:
     """Flushes one write-behind namespace; ``open()``, then ``close()``."""
 
@@ -207,8 +211,13 @@ class Flusher:
                     # Let writes gather for a whole interval: Puts to one key
                     # within it become one row write (coalescing).
                     await asyncio.sleep(max(0.0, started + interval - time.monotonic()))
-            except (RedisError, OSError, psycopg.OperationalError, psycopg.InterfaceError) as err:
-                log.warning("write-behind %s: flush deferred (%s)", self._ns.name, err)
+            except Exception as err:
+                if isinstance(err, _TRANSIENT):
+                    log.warning("write-behind %s: flush deferred (%s)", self._ns.name, err)
+                else:
+                    # Unforeseen (a bug): it must not stop this namespace's
+                    # flushing for good; the entries stay queued, tried again.
+                    log.exception("write-behind %s: flush failed; retrying", self._ns.name)
                 if self._draining:
                     return
                 await asyncio.sleep(backoff)
