@@ -506,9 +506,8 @@ def _lock(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return exit_codes.for_status(err.code)
-    except CacheCoordError as err:
-        print(f"cachecoord: {err.code.name}: {err.details}", file=sys.stderr)
-        return 1
+    except CacheCoordError as err:  # not taken (held, unreachable), or not released
+        return failed(args, err)
     return code
 
 

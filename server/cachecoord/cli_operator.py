@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from cachecoord import exit_codes, operations
 from cachecoord.cli_output import value_fields
@@ -77,7 +77,7 @@ def _runner(action: Action) -> Callable[[argparse.Namespace], int]:
             doc, text, code = asyncio.run(_connected(action, settings, args))
         except ConfigError as err:
             return _fail(args, "usage", str(err), exit_codes.USAGE)
-        except (RedisError, OSError) as err:
+        except (RedisError, RedisClusterException, OSError) as err:
             return _fail(args, "redis", f"Redis at redis.url: {err}", exit_codes.FAILURE)
         except psycopg.Error as err:
             return _fail(args, "postgres", f"PostgreSQL at postgres.url: {err}", exit_codes.FAILURE)
@@ -185,8 +185,8 @@ async def _replay(
 ) -> tuple[Any, str]:
     ns = _namespace(settings, args)
     ids = _ids(args)
-    if ids is None:
-        ids = [d.id for d in await operations.dead_letters(client, ns)]
+    if ids is None:  # --all: every one, not a first page
+        ids = [d.id for d in await operations.dead_letters(client, ns, limit=None)]
     results = await operations.replay(client, settings.postgres.url, ns, ids)
     docs = [{"id": r.id, "key": r.key, "outcome": r.outcome, "version": r.version} for r in results]
     lines = [
@@ -204,7 +204,7 @@ async def _drop(
 ) -> tuple[Any, str]:
     ns = _namespace(settings, args)
     ids = _ids(args)
-    if ids is None:
-        ids = [d.id for d in await operations.dead_letters(client, ns)]
+    if ids is None:  # --all: every one, not a first page
+        ids = [d.id for d in await operations.dead_letters(client, ns, limit=None)]
     dropped = await operations.drop(client, ns, ids)
     return {"namespace": ns.name, "dropped": dropped}, f"{dropped} dead letter(s) dropped"

@@ -167,9 +167,13 @@ async def queue_status(client: RedisClient, ns: NamespaceSettings) -> QueueStatu
 
 
 async def dead_letters(
-    client: RedisClient, ns: NamespaceSettings, ids: list[str] | None = None, limit: int = 1000
+    client: RedisClient,
+    ns: NamespaceSettings,
+    ids: list[str] | None = None,
+    limit: int | None = 1000,
 ) -> list[DeadLetter]:
-    """The namespace's dead letters, oldest first (only *ids* when given)."""
+    """The namespace's dead letters, oldest first (only *ids* when given; at
+    most *limit*, or all of them with None)."""
     stream = keyspace(ns).dead_letters
     entries: list[Any] = []
     if ids:

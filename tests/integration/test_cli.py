@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import uuid
+from pathlib import Path
 
 import grpc
 import pytest
@@ -402,3 +403,16 @@ async def test_lock_with_a_missing_command_reports_it_and_releases(
     assert "/nonexistent/command" in result.stderr
     after = await client.acquire_lock(name, ttl_ms=10_000, wait_timeout_ms=0)
     await client.release_lock(name, after.token)
+
+
+async def test_lock_held_by_another_exits_64_plus_aborted_without_running_the_command(
+    app: App, client: AsyncClient, name: str, tmp_path: Path
+) -> None:
+    other = await client.acquire_lock(name, ttl_ms=10_000)
+    marker = tmp_path / "ran"
+    try:
+        result = await cachecoord(app, "lock", name, "--wait-ms", "0", "--", "touch", str(marker))
+    finally:
+        await client.release_lock(name, other.token)
+    assert result.code == 64 + grpc.StatusCode.ABORTED.value[0], result.stderr
+    assert not marker.exists()

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from cachecoord import instruments, telemetry
 from cachecoord.config import NamespaceSettings
-from cachecoord.errors import Unavailable, VersionConflict
+from cachecoord.errors import ConstraintViolation, Unavailable, VersionConflict
 from cachecoord.invalidation.messages import Invalidation
 from cachecoord.invalidation.outbox import Outbox
 from cachecoord.model import Deleted, Entry
@@ -42,6 +42,10 @@ class Backends:
     pool: AsyncConnectionPool[AsyncConnection]
     outbox: Outbox
     origin: str
+
+
+_ROW_ATTEMPTS = 3
+"""Transactions a write starts over when its row appeared under it."""
 
 
 class Strategy(abc.ABC):
@@ -117,7 +121,7 @@ class Strategy(abc.ABC):
         records the outbox row, and checks *expected_version* (the writer holds
         the key's version row lock until commit, so the check cannot race)."""
         async with database_errors(), self.pool.connection() as conn:
-            while True:
+            for _ in range(_ROW_ATTEMPTS):
                 async with conn.transaction():
                     locked = await self._lock_key(conn, key, reason, floor)
                     if locked is None:
@@ -132,6 +136,12 @@ class Strategy(abc.ABC):
                             raise VersionConflict(key, expected_version, current)
                     yield conn, recorded
                     return
+            # A row that each attempt sees but cannot lock (row-level security
+            # that lets cachecoord's role read it but not update it, say).
+            raise ConstraintViolation(
+                f"the row of key {key!r} could not be locked for the write; "
+                "check that cachecoord's PostgreSQL role may update the table"
+            )
 
     async def _lock_key(
         self, conn: AsyncConnection, key: str, reason: str, floor: int
