@@ -14,18 +14,15 @@ import asyncio
 import json
 import os
 import shutil
-import time
 import uuid
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from recycling_support import held_across_recycling
 
 from cachecoord.app import App
-from cachecoord.config import Duration
-from cachecoord_client import AsyncClient, LockNotAcquired
-from conftest import settings_for
-from local_servers import PostgresServer, RedisServer
+from cachecoord_client import AsyncClient
+from local_servers import PostgresServer
 
 GO_DIR = Path(__file__).resolve().parents[2] / "clients" / "go"
 MODULE = "github.com/cachecoord/cachecoord/clients/go"
@@ -192,44 +189,11 @@ async def test_go_client_builds_and_runs_against_the_server(
     assert got.found
     assert got.value == b"from go"
     assert got.version == result["version"]
-    await _hold_across_recycling(bin_dir / "holdlock", postgres_server, tmp_path)
-
-
-async def _hold_across_recycling(
-    holdlock: Path, postgres_server: PostgresServer, tmp_path: Path
-) -> None:
-    """The Go hold-lock example keeps its lock for 4 s on a server that closes
-    every connection after 0.5 s (1 s grace); a Python client is refused it
-    throughout."""
-    with RedisServer(tmp_path / "redis") as redis_server:
-        settings = settings_for(tmp_path, redis_server.url, postgres_server.dsn)
-        server = replace(
-            settings.server,
-            max_connection_age=Duration(500),
-            max_connection_age_grace=Duration(1000),
-        )
-        app = App(replace(settings, server=server))
-        await app.start()
-        try:
-            target, name = f"127.0.0.1:{app.port}", f"go-hold-{uuid.uuid4().hex[:12]}"
-            proc = await asyncio.create_subprocess_exec(
-                holdlock, target, name, "4",
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            )  # fmt: skip
-            assert proc.stdout is not None
-            held = await asyncio.wait_for(proc.stdout.readline(), RUN_S)
-            assert held.startswith(b"holding"), held
-            refused = 0
-            async with AsyncClient(target) as competitor:
-                until = time.monotonic() + 3.0  # within the Go program's 4 s hold
-                while time.monotonic() < until:
-                    with pytest.raises(LockNotAcquired):
-                        await competitor.acquire_lock(name, ttl_ms=1_000, timeout=1.0)
-                    refused += 1
-                    await asyncio.sleep(0.05)
-            rest, _ = await asyncio.wait_for(proc.communicate(), RUN_S)
-            assert proc.returncode == 0, held + rest
-            assert b"held throughout, released" in rest, rest
-            assert refused > 10
-        finally:
-            await app.stop()
+    # Its hold-lock example keeps a lock across connection recycling.
+    await held_across_recycling(
+        [bin_dir / "holdlock"],
+        postgres_server,
+        tmp_path,
+        held=b"holding",
+        released=b"held throughout, released",
+    )

@@ -9,18 +9,15 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import time
 import uuid
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from recycling_support import held_across_recycling
 
 from cachecoord.app import App
-from cachecoord.config import Duration
-from cachecoord_client import AsyncClient, LockNotAcquired
-from conftest import settings_for
-from local_servers import PostgresServer, RedisServer
+from cachecoord_client import AsyncClient
+from local_servers import PostgresServer
 
 NODE_DIR = Path(__file__).resolve().parents[2] / "clients" / "node"
 E2E = NODE_DIR / "dist" / "e2e" / "e2e.js"
@@ -96,35 +93,6 @@ async def test_node_hold_lock_is_never_granted_to_another_across_connection_recy
     # holdLock() helper is handed off and resumes several times while a
     # Python client keeps trying to take the same lock.
     node = _built_e2e()
-    with RedisServer(tmp_path / "redis") as redis_server:
-        settings = settings_for(tmp_path, redis_server.url, postgres_server.dsn)
-        server = replace(
-            settings.server,
-            max_connection_age=Duration(500),
-            max_connection_age_grace=Duration(1000),
-        )
-        app = App(replace(settings, server=server))
-        await app.start()
-        try:
-            target, name = f"127.0.0.1:{app.port}", f"node-hold-{uuid.uuid4().hex[:12]}"
-            proc = await asyncio.create_subprocess_exec(
-                str(node), str(HOLD), target, name, "4",
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            )  # fmt: skip
-            assert proc.stdout is not None
-            held = await asyncio.wait_for(proc.stdout.readline(), RUN_S)
-            assert held.startswith(b"held"), held
-            refused = 0
-            async with AsyncClient(target) as competitor:
-                until = time.monotonic() + 3.0  # within the node program's 4 s hold
-                while time.monotonic() < until:
-                    with pytest.raises(LockNotAcquired):
-                        await competitor.acquire_lock(name, ttl_ms=1_000, timeout=1.0)
-                    refused += 1
-                    await asyncio.sleep(0.05)
-            rest, _ = await asyncio.wait_for(proc.communicate(), RUN_S)
-            assert proc.returncode == 0, held + rest
-            assert rest.startswith(b"released"), rest
-            assert refused > 10
-        finally:
-            await app.stop()
+    await held_across_recycling(
+        [node, HOLD], postgres_server, tmp_path, held=b"held", released=b"released"
+    )
