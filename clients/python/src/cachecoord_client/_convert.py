@@ -72,6 +72,24 @@ SERVICE_CONFIG = json.dumps(
 )
 
 
+# Resuming a stream (a held lock after a hand-off, a Watch after a break).
+
+RESUME_RETRY_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
+"""A resume that fails with these is tried again while the lock's TTL allows."""
+
+RESUME_RETRY_FIRST = 0.02
+"""Seconds before the first retry of a resume; each retry doubles it."""
+
+RESUME_RETRY_MAX = 0.5
+"""The longest wait between two retries of a held lock's resume."""
+
+
 def channel_options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
     """The caller's channel options, plus the retry policy unless given."""
     given = list(options)

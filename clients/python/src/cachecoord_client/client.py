@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
 import time
@@ -18,10 +17,9 @@ import grpc
 import grpc.aio
 
 from cachecoord_client import _convert
+from cachecoord_client._hold_async import AsyncHold
 from cachecoord_client.errors import (
     CacheCoordError,
-    DeadlineExceeded,
-    LockLost,
     Unavailable,
     from_rpc_error,
 )
@@ -38,6 +36,14 @@ from cachecoord_client.types import (
 )
 from cachecoord_client.watch import AsyncWatchStream
 
+if True:  # ASYNC
+    import asyncio
+else:  # What the blocking client (generated: scripts/gen_sync_client.py) uses instead
+    import threading
+    from collections.abc import Iterator
+
+    from cachecoord_client._hold_sync import SyncHold
+
 if TYPE_CHECKING:
     from cachecoord_client.proto.cachecoord.v1.cachecoord_pb2_grpc import (
         CacheCoordServiceAsyncStub,
@@ -48,7 +54,6 @@ __all__ = ["AsyncClient"]
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
-_HoldCall = grpc.aio.StreamStreamCall[pb.HoldLockRequest, pb.HoldLockResponse]
 
 
 class AsyncClient:
@@ -94,14 +99,15 @@ class AsyncClient:
             RuntimeError: No event loop is running in this thread.
         """
         settings = _convert.settings(default_timeout, token)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            raise RuntimeError(
-                "AsyncClient must be created inside the running event loop that uses it "
-                "(grpc.aio binds its channel to that loop); create it in a coroutine, "
-                "or use the blocking cachecoord_client.Client"
-            ) from None
+        if True:  # ASYNC
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                raise RuntimeError(
+                    "AsyncClient must be created inside the running event loop that uses it "
+                    "(grpc.aio binds its channel to that loop); create it in a coroutine, "
+                    "or use the blocking cachecoord_client.Client"
+                ) from None
         channel_options = _convert.channel_options(options)
         if credentials is None:
             channel = grpc.aio.insecure_channel(target, options=channel_options)
@@ -147,8 +153,9 @@ class AsyncClient:
         self._channel = channel
         self._owns_channel = owns_channel
         self._stub: CacheCoordServiceAsyncStub = cachecoord_pb2_grpc.CacheCoordServiceStub(channel)
-        # Releases of locks granted to cancelled callers: close() waits for them.
-        self._letting_go: set[asyncio.Task[None]] = set()
+        if True:  # ASYNC
+            # Releases of locks granted to cancelled callers: close() waits for them.
+            self._letting_go: set[asyncio.Task[None]] = set()
 
     @property
     def default_timeout(self) -> float:
@@ -161,10 +168,14 @@ class AsyncClient:
         Releases of locks whose AcquireLock was cancelled (see `acquire_lock`)
         are waited for first, up to ``default_timeout``: cut by the close, they
         would leave those locks to their TTL."""
-        if self._letting_go:
-            await asyncio.wait(self._letting_go, timeout=self._default_timeout)
+        if True:  # ASYNC
+            if self._letting_go:
+                await asyncio.wait(self._letting_go, timeout=self._default_timeout)
         if self._owns_channel:
-            await self._channel.close(None)
+            if True:  # ASYNC
+                await self._channel.close(None)
+            else:
+                self._channel.close()
 
     async def __aenter__(self) -> Self:
         """Return the client itself."""
@@ -351,52 +362,77 @@ class AsyncClient:
         request = _convert.acquire_lock_request(name, ttl_ms, wait_timeout_ms)
         request.token = secrets.token_urlsafe(24)  # ours: releasable without the answer
         timeout = _convert.lock_deadline(timeout, self._default_timeout, wait_timeout_ms)
-        call = self._stub.AcquireLock(request, timeout=timeout, metadata=self._metadata)
-        answer = asyncio.ensure_future(_answer_of(call))
-        try:
-            return _convert.to_lock(name, await asyncio.shield(answer))
-        except asyncio.CancelledError:
-            self._let_go_later(call, answer, name, request.token)
-            raise
-        except grpc.RpcError as err:
-            error = from_rpc_error(err)
-            if error.code in UNKNOWN_OUTCOME:  # the lock may have been taken: let it go
+        if True:  # ASYNC
+            call = self._stub.AcquireLock(request, timeout=timeout, metadata=self._metadata)
+            answer = asyncio.ensure_future(_answer_of(call))
+            try:
+                return _convert.to_lock(name, await asyncio.shield(answer))
+            except asyncio.CancelledError:
                 self._let_go_later(call, answer, name, request.token)
-            raise error from err
+                raise
+            except grpc.RpcError as err:
+                error = from_rpc_error(err)
+                if error.code in UNKNOWN_OUTCOME:  # the lock may have been taken: let it go
+                    self._let_go_later(call, answer, name, request.token)
+                raise error from err
+        else:
+            try:
+                return _convert.to_lock(name, self._call(self._stub.AcquireLock, request, timeout))
+            except CacheCoordError as err:
+                if err.code in UNKNOWN_OUTCOME:  # the lock may have been taken: let it go
+                    threading.Thread(
+                        target=self._release_quietly,
+                        args=(name, request.token),
+                        name=f"release-lock[{name}]",
+                        daemon=True,
+                    ).start()
+                raise
 
-    def _let_go_later(
-        self,
-        call: grpc.aio.UnaryUnaryCall[Any, pb.AcquireLockResponse],
-        answer: asyncio.Future[pb.AcquireLockResponse],
-        name: str,
-        token: str,
-    ) -> None:
-        task = asyncio.create_task(self._let_go(call, answer, name, token))
-        self._letting_go.add(task)  # referenced until done (the loop's are weak)
-        task.add_done_callback(self._letting_go.discard)
+    if True:  # ASYNC
 
-    async def _let_go(
-        self,
-        call: grpc.aio.UnaryUnaryCall[Any, pb.AcquireLockResponse],
-        answer: asyncio.Future[pb.AcquireLockResponse],
-        name: str,
-        token: str,
-    ) -> None:
-        """Release what an AcquireLock whose caller gave up may have taken.
+        def _let_go_later(
+            self,
+            call: grpc.aio.UnaryUnaryCall[Any, pb.AcquireLockResponse],
+            answer: asyncio.Future[pb.AcquireLockResponse],
+            name: str,
+            token: str,
+        ) -> None:
+            task = asyncio.create_task(self._let_go(call, answer, name, token))
+            self._letting_go.add(task)  # referenced until done (the loop's are weak)
+            task.add_done_callback(self._letting_go.discard)
 
-        A cancelled call may still answer for a moment (cancelling it at once
-        could cross its answer); then it is cancelled, and the lock released
-        by its token whatever the answer was (the server releases what it
-        takes after it sees the cancellation, too)."""
-        with contextlib.suppress(TimeoutError, grpc.RpcError, asyncio.CancelledError):
-            async with asyncio.timeout(_ABANDONED_ACQUIRE_GRACE):
-                token = (await asyncio.shield(answer)).token or token
-        call.cancel()
-        release = _convert.release_lock_request(name, token)
-        with contextlib.suppress(grpc.RpcError):
-            await self._stub.ReleaseLock(
-                release, timeout=self._default_timeout, metadata=self._metadata
-            )
+        async def _let_go(
+            self,
+            call: grpc.aio.UnaryUnaryCall[Any, pb.AcquireLockResponse],
+            answer: asyncio.Future[pb.AcquireLockResponse],
+            name: str,
+            token: str,
+        ) -> None:
+            """Release what an AcquireLock whose caller gave up may have taken.
+
+            A cancelled call may still answer for a moment (cancelling it at once
+            could cross its answer); then it is cancelled, and the lock released
+            by its token whatever the answer was (the server releases what it
+            takes after it sees the cancellation, too)."""
+            with contextlib.suppress(TimeoutError, grpc.RpcError, asyncio.CancelledError):
+                async with asyncio.timeout(_ABANDONED_ACQUIRE_GRACE):
+                    token = (await asyncio.shield(answer)).token or token
+            call.cancel()
+            release = _convert.release_lock_request(name, token)
+            with contextlib.suppress(grpc.RpcError):
+                await self._stub.ReleaseLock(
+                    release, timeout=self._default_timeout, metadata=self._metadata
+                )
+
+    else:
+
+        def _release_quietly(self, name: str, token: str) -> None:
+            with contextlib.suppress(grpc.RpcError):
+                self._stub.ReleaseLock(
+                    _convert.release_lock_request(name, token),
+                    timeout=self._default_timeout,
+                    metadata=self._metadata,
+                )
 
     async def release_lock(self, name: str, token: str, *, timeout: float | None = None) -> None:
         """Release a held lock.
@@ -496,83 +532,155 @@ class AsyncClient:
             )
         return AsyncWatchStream(self._stub.Watch(request, timeout=timeout, metadata=self._metadata))
 
-    @contextlib.asynccontextmanager
-    async def hold_lock(
-        self,
-        name: str,
-        *,
-        ttl_ms: int,
-        wait_timeout_ms: int = 0,
-        timeout: float | None = None,
-    ) -> AsyncIterator[HeldLock]:
-        """Hold a distributed lock for the duration of an ``async with`` block.
+    if True:  # ASYNC
 
-        The lock is held by a HoldLock stream: the server renews it while the
-        block runs and releases it when the block exits, or as soon as this
-        process dies or its connection breaks, so a crashed holder does not
-        keep others waiting for a whole TTL. When the server is about to close
-        the stream's connection (``max_connection_age``, a drain, a restart)
-        it hands the lock off instead, and the client takes it over on a new
-        stream (``resume``), the token and fencing token unchanged; the block
-        notices nothing.
+        @contextlib.asynccontextmanager
+        async def hold_lock(
+            self,
+            name: str,
+            *,
+            ttl_ms: int,
+            wait_timeout_ms: int = 0,
+            timeout: float | None = None,
+        ) -> AsyncIterator[HeldLock]:
+            """Hold a distributed lock for the duration of an ``async with`` block.
 
-        If the lock is lost while the block runs (the server found another
-        holder or no lock, could not renew it within its TTL, the stream
-        broke, or a handed-off lock could not be resumed before it expired),
-        the block's task is cancelled at once and ``hold_lock`` raises
-        `LockLost` in its place; the yielded `HeldLock` says so too (``lost``,
-        ``check()``).
+            The lock is held by a HoldLock stream: the server renews it while the
+            block runs and releases it when the block exits, or as soon as this
+            process dies or its connection breaks, so a crashed holder does not
+            keep others waiting for a whole TTL. When the server is about to close
+            the stream's connection (``max_connection_age``, a drain, a restart)
+            it hands the lock off instead, and the client takes it over on a new
+            stream (``resume``), the token and fencing token unchanged; the block
+            notices nothing.
 
-        A block that ends normally releases the lock and waits for the
-        server's confirmation; a block that raises (or is cancelled) cancels
-        the stream, the server releases the lock at once, and the block's
-        exception propagates.
+            If the lock is lost while the block runs (the server found another
+            holder or no lock, could not renew it within its TTL, the stream
+            broke, or a handed-off lock could not be resumed before it expired),
+            the block's task is cancelled at once and ``hold_lock`` raises
+            `LockLost` in its place; the yielded `HeldLock` says so too (``lost``,
+            ``check()``).
 
-        Example:
-            >>> async with client.hold_lock("report", ttl_ms=30_000) as lock:  # doctest: +SKIP
-            ...     await write_report(fencing_token=lock.fencing_token)
+            A block that ends normally releases the lock and waits for the
+            server's confirmation; a block that raises (or is cancelled) cancels
+            the stream, the server releases the lock at once, and the block's
+            exception propagates.
 
-        Args:
-            name: Lock name.
-            ttl_ms: Time to live of the lock (100 to 86400000 ms). The server
-                renews it every third of this, so it only matters when the
-                server itself stops, or between a hand-off and its resume: the
-                lock then expires after it.
-            wait_timeout_ms: How long to wait for a held lock; 0 fails at once.
-            timeout: Deadline in seconds to take the lock, and again to release
-                it; None uses ``wait_timeout_ms / 1000 + default_timeout`` to
-                take it and ``default_timeout`` to release it. Holding it has
-                no deadline.
+            Example:
+                >>> async with client.hold_lock("report", ttl_ms=30_000) as lock:  # doctest: +SKIP
+                ...     await write_report(fencing_token=lock.fencing_token)
 
-        Yields:
-            The lock, with its token and fencing token.
+            Args:
+                name: Lock name.
+                ttl_ms: Time to live of the lock (100 to 86400000 ms). The server
+                    renews it every third of this, so it only matters when the
+                    server itself stops, or between a hand-off and its resume: the
+                    lock then expires after it.
+                wait_timeout_ms: How long to wait for a held lock; 0 fails at once.
+                timeout: Deadline in seconds to take the lock, and again to release
+                    it; None uses ``wait_timeout_ms / 1000 + default_timeout`` to
+                    take it and ``default_timeout`` to release it. Holding it has
+                    no deadline.
 
-        Raises:
-            LockNotAcquired: The lock is still held by someone else.
-            LockLost: The lock was lost while the block ran (raised in place
-                of the block's cancellation, or on leaving it), so the block's
-                work may not have been exclusive.
-            DeadlineExceeded: The lock was not taken, or its release not
-                confirmed, within ``timeout``.
-            CacheCoordError: Any other failure.
-        """
-        hold = _AsyncHold(self._stub, self._metadata, name, ttl_ms)
-        try:
-            take = _convert.lock_deadline(timeout, self._default_timeout, wait_timeout_ms)
-            lock = await hold.take(wait_timeout_ms, take)
+            Yields:
+                The lock, with its token and fencing token.
+
+            Raises:
+                LockNotAcquired: The lock is still held by someone else.
+                LockLost: The lock was lost while the block ran (raised in place
+                    of the block's cancellation, or on leaving it), so the block's
+                    work may not have been exclusive.
+                DeadlineExceeded: The lock was not taken, or its release not
+                    confirmed, within ``timeout``.
+                CacheCoordError: Any other failure.
+            """
+            hold = AsyncHold(self._stub, self._metadata, name, ttl_ms)
             try:
+                take = _convert.lock_deadline(timeout, self._default_timeout, wait_timeout_ms)
+                lock = await hold.take(wait_timeout_ms, take)
+                try:
+                    yield lock
+                except asyncio.CancelledError:
+                    lost = hold.took_back_cancellation()
+                    if lost is not None:
+                        raise lost from None
+                    raise
+                await hold.release(_convert.deadline(timeout, self._default_timeout))
+            finally:
+                # grpc.aio never cancels a call that is merely dropped (grpc
+                # #43462: it is never garbage-collected), so the stream, and the
+                # lock, would live until the channel closes. No-op once it ended.
+                hold.close()
+
+    else:
+
+        @contextlib.contextmanager
+        def hold_lock(
+            self,
+            name: str,
+            *,
+            ttl_ms: int,
+            wait_timeout_ms: int = 0,
+            timeout: float | None = None,
+        ) -> Iterator[HeldLock]:
+            """Hold a distributed lock for the duration of a ``with`` block.
+
+            The lock is held by a HoldLock stream: the server renews it while the
+            block runs and releases it when the block exits, or as soon as this
+            process dies or its connection breaks, so a crashed holder does not
+            keep others waiting for a whole TTL. When the server is about to close
+            the stream's connection (``max_connection_age``, a drain, a restart)
+            it hands the lock off instead, and a thread of the client takes it
+            over on a new stream (``resume``), the token and fencing token
+            unchanged; the block notices nothing.
+
+            A thread cannot be interrupted: the yielded `HeldLock` tells the block
+            the moment the lock is lost (``lost``, ``check()``, ``wait_lost()``),
+            and leaving the block then raises `LockLost`.
+
+            A block that ends normally releases the lock and waits for the
+            server's confirmation; a block that raises cancels the stream, the
+            server releases the lock at once, and the block's exception propagates.
+
+            Example:
+                >>> with client.hold_lock("report", ttl_ms=30_000) as lock:  # doctest: +SKIP
+                ...     for part in parts:
+                ...         lock.check()  # raises LockLost once the lock is lost
+                ...         write_report(part, fencing_token=lock.fencing_token)
+
+            Args:
+                name: Lock name.
+                ttl_ms: Time to live of the lock (100 to 86400000 ms). The server
+                    renews it every third of this, so it only matters when the
+                    server itself stops, or between a hand-off and its resume: the
+                    lock then expires after it.
+                wait_timeout_ms: How long to wait for a held lock; 0 fails at once.
+                timeout: Deadline in seconds to take the lock, and again to release
+                    it; None uses ``wait_timeout_ms / 1000 + default_timeout`` to
+                    take it and ``default_timeout`` to release it. Holding it has
+                    no deadline.
+
+            Yields:
+                The lock, with its token and fencing token.
+
+            Raises:
+                LockNotAcquired: The lock is still held by someone else.
+                LockLost: On leaving the block: the lock was lost while the block
+                    ran (its renewal failed, the stream broke, or it could not be
+                    resumed), so the block's work may not have been exclusive.
+                DeadlineExceeded: The lock was not taken, or its release not
+                    confirmed, within ``timeout``.
+                CacheCoordError: Any other failure.
+            """
+            hold = SyncHold(self._stub, self._metadata, name, ttl_ms)
+            try:
+                take = _convert.lock_deadline(timeout, self._default_timeout, wait_timeout_ms)
+                lock = hold.take(wait_timeout_ms, take)
                 yield lock
-            except asyncio.CancelledError:
-                lost = hold.took_back_cancellation()
-                if lost is not None:
-                    raise lost from None
-                raise
-            await hold.release(_convert.deadline(timeout, self._default_timeout))
-        finally:
-            # grpc.aio never cancels a call that is merely dropped (grpc
-            # #43462: it is never garbage-collected), so the stream, and the
-            # lock, would live until the channel closes. No-op once it ended.
-            hold.close()
+                hold.release(_convert.deadline(timeout, self._default_timeout))
+            finally:
+                # Cancels the stream (a no-op once it ended), frees grpc's request thread.
+                hold.close()
 
 
 WATCH_RESUME_FOR = 10.0
@@ -587,7 +695,7 @@ class _ResumingWatchStream(AsyncWatchStream):
         self._open_call = open_call
         self._stopped = False
         self._broken_since: float | None = None
-        self._retry_in = _RESUME_RETRY_FIRST
+        self._retry_in = _convert.RESUME_RETRY_FIRST
 
     async def __anext__(self) -> WatchEvent:
         while True:
@@ -615,28 +723,34 @@ class _ResumingWatchStream(AsyncWatchStream):
                 self._reopen()
                 return WatchEvent(kind=WatchEventKind.RESET, reason="reconnecting")
             self._broken_since = None
-            self._retry_in = _RESUME_RETRY_FIRST
+            self._retry_in = _convert.RESUME_RETRY_FIRST
             return event
 
     def _reopen(self) -> None:
         self._call.cancel()
-        self._call = self._open_call()
+        if self._stopped:
+            return
+        if True:  # ASYNC
+            self._call = self._open_call()
+        else:
+            self._call = self._open_call()
+            self._responses = iter(self._call)
         self._closed = False
 
-    def cancel(self) -> None:
-        """Cancel the call for good; iteration then stops."""
-        self._stopped = True
-        super().cancel()
+    if True:  # ASYNC
 
+        def cancel(self) -> None:
+            """Cancel the call for good; iteration then stops."""
+            self._stopped = True
+            super().cancel()
 
-_RESUME_RETRY_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-    }
-)
-"""A resume that fails with these is tried again while the lock's TTL allows."""
+    else:
+
+        def close(self) -> None:
+            """Cancel the call for good; iteration then stops. Thread-safe."""
+            self._stopped = True
+            super().close()
+
 
 UNKNOWN_OUTCOME = frozenset(
     {
@@ -649,257 +763,11 @@ UNKNOWN_OUTCOME = frozenset(
 )
 """Failures of an AcquireLock after which the lock may have been taken anyway."""
 
-_ABANDONED_ACQUIRE_GRACE = 0.25
-"""Seconds an AcquireLock whose caller was cancelled may still answer before it is cancelled."""
+if True:  # ASYNC
+    _ABANDONED_ACQUIRE_GRACE = 0.25
+    """Seconds an AcquireLock whose caller was cancelled may still answer before it is cancelled."""
 
-
-async def _answer_of(
-    call: grpc.aio.UnaryUnaryCall[Any, pb.AcquireLockResponse],
-) -> pb.AcquireLockResponse:
-    return await call
-
-
-_RESUME_RETRY_FIRST = 0.02
-_RESUME_RETRY_MAX = 0.5
-
-
-def _client_margin(valid_for: float) -> float:
-    """What a client keeps back from a server's ``valid_for_ms`` (the event's transit)."""
-    return valid_for * 0.01 + 0.005
-
-
-_RELEASING: set[asyncio.Task[None]] = set()
-"""Releases of handed-off locks whose holder left (see _AsyncHold.close)."""
-
-
-class _AsyncHold:
-    """One lock held through a chain of HoldLock streams: the first takes it,
-    each later one resumes it after the server handed it off.
-
-    A task of its own follows the current stream. It resumes on `handoff`,
-    and when the stream says `lost`, breaks, or a resume fails, marks the
-    lock lost and cancels the holder's task (like ``asyncio.timeout``,
-    `took_back_cancellation` then turns that cancellation into `LockLost`).
-    """
-
-    def __init__(
-        self,
-        stub: CacheCoordServiceAsyncStub,
-        metadata: Any,
-        name: str,
-        ttl_ms: int,
-    ) -> None:
-        self._stub = stub
-        self._metadata = metadata
-        self._name = name
-        self._ttl_ms = ttl_ms
-        self._call: _HoldCall = stub.HoldLock(None, metadata=metadata)
-        self._lock: HeldLock | None = None
-        self._follower: asyncio.Task[None] | None = None
-        self._holder: asyncio.Task[Any] | None = None
-        self._cancelled_holder = False
-        self._leaving = False
-        self._handed_off = False  # the last stream ended with handoff, not yet resumed
-        self._resuming = False  # between a handoff and the new stream's `acquired`
-        self._releasing: asyncio.Task[None] | None = None
-        self._error: CacheCoordError | None = None  # how the chain ended, if it failed
-
-    async def take(self, wait_timeout_ms: int, seconds: float) -> HeldLock:
-        """Send ``acquire`` and wait up to *seconds* for ``acquired``."""
-        request = _convert.hold_lock_acquire(self._name, self._ttl_ms, wait_timeout_ms)
-        request.acquire.resumable = True
-        granted = await _take_held(self._call, self._name, request, seconds)
-        self._lock = HeldLock(
-            name=granted.name, token=granted.token, fencing_token=granted.fencing_token
-        )
-        self._holder = asyncio.current_task()
-        self._follower = asyncio.create_task(self._follow(), name=f"hold-lock[{self._name}]")
-        return self._lock
-
-    async def release(self, seconds: float) -> None:
-        """Let go: half-close the current stream and wait for its end; a lock
-        that was just handed off is released with ReleaseLock instead."""
-        assert self._follower is not None
-        assert self._lock is not None
-        self._leaving = True
-        try:
-            async with asyncio.timeout(seconds):
-                await self._half_close(self._call)
-                await asyncio.shield(self._follower)
-                if self._error is None and self._handed_off:
-                    await self._release_handed_off(self._lock)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"the release of lock {self._name!r} was not confirmed within {seconds:.3f} s"
-            ) from None
-        if self._error is not None:
-            raise self._error
-
-    def close(self) -> None:
-        """Cancel the current stream (the server then releases the lock) and the
-        follower. Between a hand-off and its resume no stream holds the lock:
-        it is then released by its token, or it would outlive the block by
-        its TTL."""
-        self._leaving = True
-        self._call.cancel()
-        if self._follower is not None:
-            self._follower.cancel()
-        if self._resuming and self._lock is not None and self._releasing is None:
-            self._releasing = asyncio.get_running_loop().create_task(
-                self._release_handed_off(self._lock), name=f"release-lock[{self._name}]"
-            )
-            _RELEASING.add(self._releasing)  # the loop keeps tasks only weakly
-            self._releasing.add_done_callback(_RELEASING.discard)
-
-    def took_back_cancellation(self) -> LockLost | None:
-        """The loss to raise if we cancelled the holder and nobody else did; else None."""
-        if not self._cancelled_holder or self._holder is None or self._lock is None:
-            return None
-        if self._holder.uncancel() > 0:
-            return None
-        error = self._lock._loss.error
-        return error if error is not None else LockLost(f"lock {self._name!r} was lost")
-
-    async def _follow(self) -> None:
-        while True:
-            handoff = await self._read_to_end(self._call)
-            if handoff is None:
-                return
-            if self._leaving:
-                self._handed_off = True
-                return
-            self._resuming = True
-            resumed = await self._resume(time.monotonic() + handoff - _client_margin(handoff))
-            self._resuming = False
-            if not resumed:
-                return
-
-    async def _read_to_end(self, call: _HoldCall) -> float | None:
-        """Read *call* to its end; the ``valid_for`` seconds of its handoff,
-        or None once the chain ended (released, or failed: see ``_fail``)."""
-        lost = False
-        handoff: float | None = None
-        try:
-            while isinstance(response := await call.read(), pb.HoldLockResponse):
-                kind = response.WhichOneof("kind")
-                if kind == "lost":
-                    lost = True
-                    self._fail(LockLost(f"lock {self._name!r} was lost while held"))
-                elif kind == "handoff":
-                    handoff = response.handoff.valid_for_ms / 1000
-        except grpc.RpcError as err:
-            self._fail(_convert.hold_error(self._name, err, lost or not self._leaving))
-            return None
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # this follower is being stopped
-            # The call was cancelled under us (the channel was closed): the
-            # server ends the stream and releases the lock.
-            self._fail(LockLost(f"the stream holding lock {self._name!r} was cancelled"))
-            return None
-        if lost:
-            return None
-        if handoff is None and not self._leaving:
-            self._fail(LockLost(f"the stream holding lock {self._name!r} ended unexpectedly"))
-        return handoff
-
-    async def _resume(self, valid_until: float) -> bool:
-        """Take the handed-off lock over on a new stream before *valid_until*."""
-        assert self._lock is not None
-        resume = pb.HoldLockRequest.Resume(
-            name=self._name, token=self._lock.token, ttl_ms=self._ttl_ms
-        )
-        retry_in = _RESUME_RETRY_FIRST
-        why = "no time was left"
-        while (left := valid_until - time.monotonic()) > 0:
-            call: _HoldCall = self._stub.HoldLock(None, metadata=self._metadata)
-            self._call = call
-            try:
-                async with asyncio.timeout(left):
-                    with contextlib.suppress(asyncio.InvalidStateError):
-                        await call.write(pb.HoldLockRequest(resume=resume))
-                    response = await call.read()
-            except TimeoutError:
-                call.cancel()
-                why = "the server did not answer"
-                break
-            except grpc.RpcError as err:
-                error = from_rpc_error(err)
-                if error.code not in _RESUME_RETRY_CODES:
-                    self._fail(_convert.hold_error(self._name, err, True))
-                    return False
-                why = str(error)
-                await asyncio.sleep(min(retry_in, max(0.0, valid_until - time.monotonic())))
-                retry_in = min(retry_in * 2, _RESUME_RETRY_MAX)
-                continue
-            if (
-                isinstance(response, pb.HoldLockResponse)
-                and response.WhichOneof("kind") == "acquired"
-                and response.acquired.fencing_token == self._lock.fencing_token
-            ):
-                if self._leaving:  # release() may have half-closed the previous stream
-                    await self._half_close(call)
-                return True
-            call.cancel()
-            self._fail(LockLost(f"lock {self._name!r} was lost while handed off"))
-            return False
-        self._fail(LockLost(f"lock {self._name!r} could not be resumed before it expired ({why})"))
-        return False
-
-    async def _release_handed_off(self, lock: HeldLock) -> None:
-        request = _convert.release_lock_request(lock.name, lock.token)
-        try:
-            await self._stub.ReleaseLock(request, metadata=self._metadata)
-        except grpc.RpcError as err:
-            error = from_rpc_error(err)
-            if error.code is grpc.StatusCode.FAILED_PRECONDITION:  # not held: it was lost
-                self._error = LockLost(f"lock {self._name!r} was lost while handed off")
-            else:
-                self._error = error
-
-    @staticmethod
-    async def _half_close(call: _HoldCall) -> None:
-        # Half-closing releases the lock, as a `release` message does. A
-        # write would race with the server ending the stream (a lost lock),
-        # and grpc.aio answers a write to an ended stream by replacing the
-        # server's status with a local INTERNAL: the ABORTED would be lost.
-        with contextlib.suppress(asyncio.InvalidStateError, grpc.RpcError):
-            await call.done_writing()
-
-    def _fail(self, error: CacheCoordError) -> None:
-        """The chain ended with *error*: the lock may be lost, which
-        interrupts the holder at once unless it is already letting go."""
-        if self._error is None:
-            self._error = error
-        if self._lock is None:
-            return
-        lost = (
-            error
-            if isinstance(error, LockLost)
-            else LockLost(f"lock {self._name!r} may be lost: {error}")
-        )
-        if self._lock._mark_lost(lost) and not self._leaving and self._holder is not None:
-            self._cancelled_holder = True
-            self._holder.cancel()
-
-
-async def _take_held(
-    call: _HoldCall, name: str, request: pb.HoldLockRequest, seconds: float
-) -> Lock:
-    """Send the HoldLock request and wait up to *seconds* for ``acquired``."""
-    try:
-        async with asyncio.timeout(seconds):
-            with contextlib.suppress(asyncio.InvalidStateError):  # ended already: read says why
-                await call.write(request)
-            response = await call.read()
-    except TimeoutError:
-        raise DeadlineExceeded(f"lock {name!r} was not acquired within {seconds:.3f} s") from None
-    except grpc.RpcError as err:
-        raise from_rpc_error(err) from err
-    if not isinstance(response, pb.HoldLockResponse):
-        raise CacheCoordError(
-            f"HoldLock for {name!r} ended before the lock was acquired",
-            code=grpc.StatusCode.INTERNAL,
-        )
-    return _convert.to_held_lock(name, response)
+    async def _answer_of(
+        call: grpc.aio.UnaryUnaryCall[Any, pb.AcquireLockResponse],
+    ) -> pb.AcquireLockResponse:
+        return await call

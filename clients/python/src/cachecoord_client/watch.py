@@ -119,7 +119,7 @@ class WatchStream(Iterator[WatchEvent]):
     `cachecoord_client.errors.CacheCoordError` when the call fails.
     """
 
-    def __init__(self, call: _SyncWatchCall) -> None:
+    def __init__(self, call: WatchCall) -> None:
         """Wrap a started Watch call (see ``Client.watch``)."""
         self._call = call
         self._responses = iter(call)
@@ -168,7 +168,7 @@ class WatchStream(Iterator[WatchEvent]):
                 call.cancel()
 
 
-class _SyncWatchCall(Protocol):
+class WatchCall(Protocol):
     """A running blocking Watch call (grpc-stubs leaves ``cancel`` untyped)."""
 
     def __iter__(self) -> Iterator[pb.WatchResponse]: ...
