@@ -52,8 +52,8 @@ bench: install
 ## check: lint, types, proto lint and breaking changes, generated-stub
 ## freshness (Python, TypeScript, Go), the Node.js client's types, Dockerfile lint,
 ## the Prometheus alert rules
-check: lock-check lint typecheck proto-lint proto-breaking stubs-check node-client dockerfile-lint \
-	rules-check
+check: lock-check lint typecheck proto-lint proto-breaking stubs-check sync-client-check node-client \
+	dockerfile-lint rules-check
 
 lint: install
 	$(BIN)/ruff check .
@@ -82,6 +82,17 @@ stubs-check: stubs
 	@git diff --exit-code -- $(GENERATED) && \
 	test -z "$$(git status --porcelain -- $(GENERATED))" || \
 	(echo "generated stubs are stale: run 'make stubs' and commit"; exit 1)
+
+## sync-client: regenerate the blocking Python client (sync.py) from the asyncio one (client.py)
+SYNC_CLIENT := clients/python/src/cachecoord_client/sync.py
+.PHONY: sync-client sync-client-check
+sync-client: install
+	$(BIN)/python scripts/gen_sync_client.py
+
+sync-client-check: sync-client
+	@git diff --exit-code -- $(SYNC_CLIENT) && \
+	test -z "$$(git status --porcelain -- $(SYNC_CLIENT))" || \
+	(echo "the blocking client is stale: run 'make sync-client' and commit $(SYNC_CLIENT)"; exit 1)
 
 dockerfile-lint: install
 	$(BIN)/hadolint Dockerfile
