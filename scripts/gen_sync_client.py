@@ -57,7 +57,7 @@ import shutil
 import subprocess
 import sys
 import tokenize
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,13 +173,19 @@ class GenerationError(Exception):
     """client.py cannot be converted as it is; the message says where and why."""
 
 
-def generate(source: str, *, ruff: str | None = None) -> str:
+def generate(
+    source: str,
+    *,
+    ruff: str | None = None,
+    docstring_edits: Mapping[str, Sequence[tuple[str, str]]] = DOCSTRING_EDITS,
+) -> str:
     """The blocking module for the asyncio module *source*.
 
     Args:
         source: The text of the asyncio module.
         ruff: The ruff executable that sorts imports and formats the result;
             None skips both (the unit tests check the conversion alone).
+        docstring_edits: `DOCSTRING_EDITS`, or others for another source.
 
     Raises:
         GenerationError: A marked block is malformed, a docstring edit does not
@@ -188,7 +194,7 @@ def generate(source: str, *, ruff: str | None = None) -> str:
     text = _unwrap_async_blocks(source)
     text = _drop_async_lint_directives(text)
     text = _rename(text)
-    text = _edit_docstrings(text)
+    text = _edit_docstrings(text, docstring_edits)
     _check(text)
     text = _import_introduced_modules(text)
     text = HEADER + text
@@ -313,11 +319,11 @@ def _definitions(node: ast.AST) -> Iterator[ast.ClassDef | ast.FunctionDef | ast
             yield from _definitions(child)
 
 
-def _edit_docstrings(source: str) -> str:
+def _edit_docstrings(source: str, docstring_edits: Mapping[str, Sequence[tuple[str, str]]]) -> str:
     found = dict(_docstrings(ast.parse(source)))
     offsets = _Offsets(source)
     spans: list[tuple[int, int, str]] = []
-    for name, edits in DOCSTRING_EDITS.items():
+    for name, edits in docstring_edits.items():
         node = found.get(".".join(NAMES.get(part, part) for part in name.split(".")))
         if node is None:
             raise GenerationError(f"DOCSTRING_EDITS: client.py has no docstring of {name}")
