@@ -18,19 +18,21 @@ The conversion, in order:
    ``if True``, and mypy does not check it: the blocking code is type-checked
    in sync.py. Whatever differs beyond a few lines lives in hand-written
    module pairs instead (``_hold_async``/``_hold_sync``), mapped by name.
-2. Docstrings that must say something else (`DOCSTRING_EDITS`): each edit
+   File directives for ruff's ASYNC rules (``# ruff: noqa: ASYNC109``) go,
+   with the comment that gives their reason.
+2. Keywords: ``await`` is removed, ``async def``/``async with``/``async for``
+   lose their ``async``.
+3. Names (`NAMES`): identifiers renamed wherever they appear (names,
+   attributes, imports, definitions, ``__all__`` strings, and the same words
+   in docstrings and comments). Dotted names (`DOTTED`): ``grpc.aio.X``
+   becomes ``grpc.X``, ``asyncio.sleep`` ``time.sleep``, and so on; a module
+   a dotted mapping introduces is imported. ``import asyncio`` and ``import
+   grpc.aio`` are dropped (`DROPPED_IMPORTS`).
+4. Prose (`PROSE`): phrases of docstrings and comments (``async with``,
+   ``an async iterator``...).
+5. Docstrings that must say something else (`DOCSTRING_EDITS`): each edit
    must match its docstring exactly once, so an edited source docstring
    fails the generation instead of drifting silently.
-3. Keywords: ``await`` is removed, ``async def``/``async with``/``async for``
-   lose their ``async``.
-4. Names (`NAMES`): identifiers renamed wherever they appear (names,
-   attributes, imports, definitions, and the same words in docstrings and
-   comments). Dotted names (`DOTTED`): ``grpc.aio.X`` becomes ``grpc.X``,
-   ``asyncio.sleep`` ``time.sleep``, and so on; a module a dotted mapping
-   introduces is imported. ``import asyncio`` and ``import grpc.aio`` are
-   dropped (`DROPPED_IMPORTS`).
-5. Prose (`PROSE`): phrases of docstrings and comments (``async with``,
-   ``an async iterator``...).
 6. Checks: the result must hold no ``await``/``async``, no ``asyncio``, no
    ``grpc.aio`` and no name that still looks asynchronous (``AsyncX``,
    ``__aenter__``, ``aclose``): a new asyncio construct without a mapping
@@ -292,7 +294,75 @@ def _drop_async_lint_directives(source: str) -> str:
     return "".join(lines)
 
 
-# 2. Docstrings that must say something else.
+# 2-4. Keywords, names, prose.
+
+
+def _rename(source: str) -> str:
+    tree = ast.parse(source)
+    offsets = _Offsets(source)
+    spans: list[tuple[int, int, str]] = []
+    prose_strings = {
+        offsets.span(node.value)[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+    }
+    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    for tok, after in itertools.pairwise(tokens):
+        start = offsets.at(*tok.start)
+        end = offsets.at(*tok.end)
+        if tok.type == tokenize.NAME and tok.string in ("async", "await"):
+            if after.start[0] == tok.end[0]:  # the spaces up to the next token go too
+                end = offsets.at(*after.start)
+            spans.append((start, end, ""))
+        elif tok.type == tokenize.NAME and tok.string in NAMES:
+            spans.append((start, end, NAMES[tok.string]))
+        elif tok.type == tokenize.STRING and tok.string[1:-1] in NAMES:  # __all__
+            spans.append((start, end, tok.string[0] + NAMES[tok.string[1:-1]] + tok.string[-1]))
+        elif tok.type == tokenize.COMMENT or (
+            tok.type == tokenize.STRING and start in prose_strings
+        ):
+            prose = _prose(tok.string)
+            if prose != tok.string:
+                spans.append((start, end, prose))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and (dotted := _dotted(node)) in DOTTED:
+            spans.append((*offsets.span(node), DOTTED[dotted]))
+        elif isinstance(node, ast.Import) and any(a.name in DROPPED_IMPORTS for a in node.names):
+            if not all(a.name in DROPPED_IMPORTS for a in node.names):
+                raise GenerationError(
+                    f"line {node.lineno}: import {', '.join(sorted(DROPPED_IMPORTS))} "
+                    "in statements of their own"
+                )
+            first = offsets.at(node.lineno, 0)
+            spans.append((first, offsets.at((node.end_lineno or node.lineno) + 1, 0), ""))
+        elif isinstance(node, ast.ImportFrom) and node.module == "asyncio":
+            raise GenerationError(
+                f"line {node.lineno}: write asyncio.X (mapped by DOTTED) instead of "
+                "`from asyncio import X`"
+            )
+    return _apply(source, spans)
+
+
+def _prose(text: str) -> str:
+    for old, new in PROSE:
+        text = text.replace(old, new)
+    for old, new in NAMES.items():
+        text = re.sub(rf"\b{re.escape(old)}\b", new, text)
+    return text
+
+
+def _dotted(node: ast.expr) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return None if base is None else f"{base}.{node.attr}"
+    return None
+
+
+# 5. Docstrings that must say something else.
 
 
 def _docstrings(node: ast.AST, name: str = "") -> Iterator[tuple[str, ast.Constant]]:
@@ -343,71 +413,6 @@ def _edit_docstrings(source: str, docstring_edits: Mapping[str, Sequence[tuple[s
             literal = re.sub(pattern, replacement.replace("\\", "\\\\"), literal, count=1)
         spans.append((start, end, literal))
     return _apply(source, spans)
-
-
-# 3-5. Keywords, names, prose.
-
-
-def _rename(source: str) -> str:
-    tree = ast.parse(source)
-    offsets = _Offsets(source)
-    spans: list[tuple[int, int, str]] = []
-    prose_strings = {
-        offsets.span(node.value)[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Expr)
-        and isinstance(node.value, ast.Constant)
-        and isinstance(node.value.value, str)
-    }
-    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
-    for tok, after in itertools.pairwise(tokens):
-        start = offsets.at(*tok.start)
-        end = offsets.at(*tok.end)
-        if tok.type == tokenize.NAME and tok.string in ("async", "await"):
-            if after.start[0] == tok.end[0]:  # the spaces up to the next token go too
-                end = offsets.at(*after.start)
-            spans.append((start, end, ""))
-        elif tok.type == tokenize.NAME and tok.string in NAMES:
-            spans.append((start, end, NAMES[tok.string]))
-        elif tok.type == tokenize.STRING and tok.string[1:-1] in NAMES:  # __all__
-            spans.append((start, end, tok.string[0] + NAMES[tok.string[1:-1]] + tok.string[-1]))
-        elif tok.type == tokenize.COMMENT or (
-            tok.type == tokenize.STRING and start in prose_strings
-        ):
-            prose = _prose(tok.string)
-            if prose != tok.string:
-                spans.append((start, end, prose))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and (dotted := _dotted(node)) in DOTTED:
-            spans.append((*offsets.span(node), DOTTED[dotted]))
-        elif isinstance(node, ast.Import) and any(a.name in DROPPED_IMPORTS for a in node.names):
-            if not all(a.name in DROPPED_IMPORTS for a in node.names):
-                raise GenerationError(f"line {node.lineno}: import {DROPPED_IMPORTS} alone")
-            first = offsets.at(node.lineno, 0)
-            spans.append((first, offsets.at((node.end_lineno or node.lineno) + 1, 0), ""))
-        elif isinstance(node, ast.ImportFrom) and node.module == "asyncio":
-            raise GenerationError(
-                f"line {node.lineno}: write asyncio.X (mapped by DOTTED) instead of "
-                "`from asyncio import X`"
-            )
-    return _apply(source, spans)
-
-
-def _prose(text: str) -> str:
-    for old, new in PROSE:
-        text = text.replace(old, new)
-    for old, new in NAMES.items():
-        text = re.sub(rf"\b{re.escape(old)}\b", new, text)
-    return text
-
-
-def _dotted(node: ast.expr) -> str | None:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        base = _dotted(node.value)
-        return None if base is None else f"{base}.{node.attr}"
-    return None
 
 
 # 6. Checks.
