@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from cachecoord.config.rules import HOST_PORT_RE, at_least, between, host_port, positive, prefixed
 from cachecoord.config.values import (
@@ -135,6 +135,15 @@ class PostgresSettings:
     (needed behind pgbouncer in transaction mode)."""
     outbox_interval: Duration = Duration(1_000)
     """How often the outbox drainer looks for invalidations left behind."""
+
+    @property
+    def redacted_url(self) -> str:
+        """The URL without its password, for messages (secrets are never logged)."""
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if not 0 <= self.min_connections <= self.max_connections or self.max_connections < 1:
