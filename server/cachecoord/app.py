@@ -97,7 +97,11 @@ class App:
             ) from None
         client = connect(settings.redis)
         opened.push_async_callback(client.aclose)
-        behind = [n for n, ns in settings.namespaces.items() if _writes_behind(ns.strategy)]
+        behind = [
+            name
+            for name, ns in settings.namespaces.items()
+            if ns.strategy is StrategyName.WRITE_BEHIND
+        ]
         try:
             await eviction.check_write_behind(client, behind)
         except eviction.UnsafeEviction as err:
@@ -224,10 +228,6 @@ def _reporting_state(breaker: CircuitBreaker, strategies: dict[str, Strategy]) -
     finally:
         instruments.unwatch(breaker_open)
         instruments.unwatch(near_cache_sizes)
-
-
-def _writes_behind(strategy: StrategyName) -> bool:
-    return strategy is StrategyName.WRITE_BEHIND
 
 
 def _strategy(name: StrategyName, namespace: str) -> type[Strategy]:
