@@ -24,7 +24,6 @@ directly, at the URLs of the server's ``--config``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
 import os
@@ -37,14 +36,11 @@ from typing import Any, NoReturn
 
 import grpc
 
-from cachecoord import cli_operator, exit_codes
+from cachecoord import cli_operator, cli_server, exit_codes
 from cachecoord.cli_output import value_fields
-from cachecoord.config import ConfigError, load
 from cachecoord_client import CacheCoordError, Client, LockLost, WatchEventKind
 from cachecoord_client.errors import from_rpc_error
 from cachecoord_client.types import HeldLock
-
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,27 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cachecoord {_version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the server")
-    serve.add_argument("--config", type=Path, default=os.environ.get("CACHECOORD_CONFIG"))
-    serve.add_argument(
-        "--log-level",
-        type=_one_of("log level", _LOG_LEVELS, str.upper),
-        default=os.environ.get("CACHECOORD_LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO (default), WARNING, ERROR or CRITICAL",
-    )
-    serve.add_argument(
-        "--log-format",
-        type=_one_of("log format", ("text", "json"), str.lower),
-        default=os.environ.get("CACHECOORD_LOG_FORMAT", "text"),
-        help="text (default), or json: one JSON object per line, with trace and span ids",
-    )
-    serve.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="server processes sharing the port (SO_REUSEPORT); about one per core",
-    )
-    serve.set_defaults(run=_serve)
+    cli_server.add_serve(commands)
 
     client = _Parser(add_help=False)
     client.add_argument("--target", default=os.environ.get("CACHECOORD_TARGET", "127.0.0.1:50051"))
@@ -176,13 +152,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_operator.add_commands(commands)
 
-    triggers = commands.add_parser(
-        "triggers", help="install or remove the change triggers of a mapped namespace"
-    )
-    triggers.add_argument("action", choices=["install", "uninstall"])
-    triggers.add_argument("namespace")
-    triggers.add_argument("--config", type=Path, default=os.environ.get("CACHECOORD_CONFIG"))
-    triggers.set_defaults(run=_triggers)
+    cli_server.add_triggers(commands)
 
     lock = commands.add_parser("lock", parents=[client], help="run a command while holding a lock")
     lock.add_argument("name")
@@ -190,84 +160,6 @@ def _parser() -> argparse.ArgumentParser:
     lock.add_argument("--wait-ms", type=int, default=10_000, help="how long to wait for it")
     lock.set_defaults(run=_lock)
     return parser
-
-
-def _one_of(what: str, choices: Sequence[str], normal: Any) -> Any:
-    """An argparse type: *normal*(value) if among *choices*, else a usage error.
-    (A type, not ``choices``, so that a default from the environment is checked too.)"""
-
-    def check(value: str) -> str:
-        normalized: str = normal(value)
-        if normalized not in choices:
-            raise argparse.ArgumentTypeError(
-                f"invalid {what} {value!r}: choose from {', '.join(choices)}"
-            )
-        return normalized
-
-    check.__name__ = what
-    return check
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from cachecoord import telemetry
-    from cachecoord.app import StartupError, serve
-
-    telemetry.configure_logging(args.log_level, json_lines=args.log_format == "json")
-    try:
-        settings = load(args.config, os.environ)
-    except ConfigError as err:
-        print(f"cachecoord: configuration error: {err}", file=sys.stderr)
-        return 2
-    try:
-        telemetry.check()
-    except telemetry.TelemetryError as err:
-        print(f"cachecoord: cannot start: {err}", file=sys.stderr)
-        return exit_codes.USAGE
-    if args.workers != 1:
-        return _serve_workers(args, settings.server.listen)
-    try:
-        import uvloop
-
-        runner: Any = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    configured = telemetry.configure()
-    try:
-        runner(serve(settings))
-    except (ConfigError, StartupError) as err:
-        print(f"cachecoord: cannot start: {err}", file=sys.stderr)
-        return 2
-    finally:
-        configured.shutdown()
-    return 0
-
-
-def _serve_workers(args: argparse.Namespace, listen: str) -> int:
-    from cachecoord.workers import supervise
-
-    if not 1 < args.workers <= 256:
-        print("cachecoord: --workers must be between 1 and 256", file=sys.stderr)
-        return 2
-    if listen.endswith(":0"):
-        print("cachecoord: --workers needs a fixed port in server.listen (not :0)", file=sys.stderr)
-        return 2
-    serve_args = ["--log-level", args.log_level, "--log-format", args.log_format]
-    if args.config is not None:
-        serve_args += ["--config", str(args.config)]
-    return supervise(serve_args, args.workers)
-
-
-def _triggers(args: argparse.Namespace) -> int:
-    from cachecoord.app import change_triggers
-
-    try:
-        settings = load(args.config, os.environ)
-        message = asyncio.run(change_triggers(settings, args.namespace, args.action))
-    except ConfigError as err:
-        print(f"cachecoord: {err}", file=sys.stderr)
-        return 2
-    print(message)
-    return 0
 
 
 def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[bytes], None]
 
 
-class Bus:
+class Bus(background.Component):
     """Dispatches messages of subscribed channels to handlers."""
 
     def __init__(
@@ -48,7 +48,7 @@ class Bus:
         self._handlers: dict[str, Handler] = {}
         self._reset_handlers: list[Callable[[], None]] = []
         self._reconnect_delay = reconnect_delay
-        self._task: asyncio.Task[None] | None = None
+        self._loop = background.Loop(self._run, name="cachecoord-bus")
         self.subscribed = asyncio.Event()
 
     def on(self, channel: str, handler: Handler) -> None:
@@ -60,13 +60,12 @@ class Bus:
         self._reset_handlers.append(handler)
 
     async def open(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="cachecoord-bus")
+        """Subscribe (and keep resubscribing) in the background."""
+        self._loop.start()
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            await background.stop(task)
+        """Stop listening and close the subscriber's connection."""
+        await self._loop.stop()
         await self._client.aclose()
 
     @staticmethod

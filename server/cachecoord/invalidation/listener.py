@@ -22,7 +22,7 @@ from cachecoord.invalidation.triggers import CHANNEL
 log = logging.getLogger(__name__)
 
 
-class ChangeListener:
+class ChangeListener(background.Component):
     """Calls *on_change* for every notification, and after every (re)connect."""
 
     def __init__(
@@ -31,18 +31,17 @@ class ChangeListener:
         self._url = url
         self._on_change = on_change
         self._reconnect_delay = reconnect_delay
-        self._task: asyncio.Task[None] | None = None
+        self._loop = background.Loop(self._run, name="cachecoord-listener")
         self.listening = asyncio.Event()
 
     async def open(self) -> None:
-        if self._task is None:
-            with instruments.quiet():  # only a reconnect makes a span
-                self._task = asyncio.create_task(self._run(), name="cachecoord-listener")
+        """LISTEN (and keep reconnecting) in the background."""
+        with instruments.quiet():  # only a reconnect makes a span
+            self._loop.start()
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            await background.stop(task)
+        """Stop listening; the connection closes with the loop."""
+        await self._loop.stop()
 
     async def _run(self) -> None:
         reconnecting = False

@@ -45,7 +45,7 @@ DELETE FROM cachecoord.outbox WHERE id IN (
 _NO_FLUSH_WAIT = "SET LOCAL synchronous_commit TO off"
 
 
-class Outbox:
+class Outbox(background.Component):
     """Finishes committed invalidations; see the module docstring."""
 
     def __init__(
@@ -66,7 +66,7 @@ class Outbox:
         self._batch = batch
         self._done: list[int] = []
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._loop = background.Loop(self._run, name="cachecoord-outbox")
         self.backlog: int | None = None
         """Outbox rows of the namespaces served here, as last counted (with metrics on)."""
 
@@ -81,16 +81,17 @@ class Outbox:
             self._wake.set()
 
     async def open(self) -> None:
+        """Drain every ``interval_ms`` (and when woken) in the background."""
+        if self._loop.running:
+            return
         instruments.watch_outbox(self._probe)
-        if self._task is None:
-            with instruments.quiet():  # an empty drain makes no span; a real one its own
-                self._task = asyncio.create_task(self._run(), name="cachecoord-outbox")
+        with instruments.quiet():  # an empty drain makes no span; a real one its own
+            self._loop.start()
 
     async def close(self) -> None:
+        """Stop draining, and forget the rows already finished."""
         instruments.unwatch_outbox(self._probe)
-        task, self._task = self._task, None
-        if task is not None:
-            await background.stop(task)
+        await self._loop.stop()
         await self._forget_done()
 
     async def drain(self) -> int:

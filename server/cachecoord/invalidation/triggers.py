@@ -12,9 +12,12 @@ it), and every instance drains it at start and after every reconnect.
 
 from __future__ import annotations
 
+import psycopg
 from psycopg import AsyncConnection, sql
 
-from cachecoord.config import NamespaceSettings
+from cachecoord.config import ConfigError, Kind, NamespaceSettings, Settings
+from cachecoord.storage import postgres
+from cachecoord.storage.tables import MappedTable
 
 CHANNEL = "cachecoord_outbox"
 
@@ -98,3 +101,31 @@ async def uninstall(conn: AsyncConnection, ns: NamespaceSettings, table: sql.Com
                 trigger=trigger, table=table
             )
         )
+
+
+async def change_triggers(settings: Settings, namespace: str, action: str) -> str:
+    """``cachecoord triggers install|uninstall``: install or uninstall the
+    triggers of mapped *namespace*, on a connection of its own; returns what
+    was done. ConfigError if the namespace is not mapped or PostgreSQL refuses."""
+    ns = settings.namespaces.get(namespace)
+    if ns is None or ns.kind is not Kind.MAPPED:
+        mapped = [n for n, s in settings.namespaces.items() if s.kind is Kind.MAPPED]
+        raise ConfigError(
+            f"{namespace!r} is not a mapped namespace of this configuration; mapped namespaces: "
+            + (", ".join(mapped) or "(none)")
+        )
+    try:
+        async with await psycopg.AsyncConnection.connect(settings.postgres.url) as conn:
+            await postgres.install_schema_on(conn)
+            table = (await MappedTable.introspect(conn, ns)).table
+            if action == "install":
+                await install(conn, ns, table)
+            else:
+                await uninstall(conn, ns, table)
+            await conn.commit()
+    except psycopg.Error as err:
+        raise ConfigError(
+            f"cannot use PostgreSQL at {settings.postgres.redacted_url} (postgres.url): {err}"
+        ) from None
+    done = "installed on" if action == "install" else "removed from"
+    return f"change triggers of namespace {namespace!r} {done} table {ns.table!r}"

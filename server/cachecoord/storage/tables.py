@@ -9,14 +9,15 @@ psycopg.sql and values are always bound parameters.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import psycopg
 from psycopg import AsyncConnection, sql
+from psycopg_pool import AsyncConnectionPool
 
-from cachecoord.config import ConfigError, NamespaceSettings
+from cachecoord.config import ConfigError, Kind, NamespaceSettings
 from cachecoord.errors import InvalidArgument
 from cachecoord.model import Row
 from cachecoord.storage.key_forms import (
@@ -332,3 +333,18 @@ async def _check_canonical_form(
                 f"writes the key {sample!r} as {theirs!r}, not {ours!r} as cachecoord expects; "
                 "its keys cannot be checked for their canonical form"
             )
+
+
+async def open_tables(
+    pool: AsyncConnectionPool[AsyncConnection], namespaces: Mapping[str, NamespaceSettings]
+) -> dict[str, Table]:
+    """The table of each namespace: a mapped one introspected (ConfigError if
+    it cannot serve), a managed one cachecoord's own."""
+    tables: dict[str, Table] = {}
+    async with pool.connection() as conn:
+        for name, ns in namespaces.items():
+            if ns.kind is Kind.MAPPED:
+                tables[name] = await MappedTable.introspect(conn, ns)
+            else:
+                tables[name] = ManagedTable(name)
+    return tables
