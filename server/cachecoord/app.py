@@ -26,6 +26,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from cachecoord import instruments, telemetry
 from cachecoord.cache import Cache
 from cachecoord.config import ConfigError, Invalidation, Kind, Settings, StrategyName
+from cachecoord.consistency import Observer
 from cachecoord.coordination.locks import Locks
 from cachecoord.invalidation import triggers
 from cachecoord.invalidation.bus import Bus
@@ -38,6 +39,7 @@ from cachecoord.rpc.auth import Authorizer
 from cachecoord.rpc.servicer import CacheCoordServicer
 from cachecoord.storage import keys, postgres
 from cachecoord.storage.breaker import CircuitBreaker
+from cachecoord.storage.consistency_log import ConsistencyLog
 from cachecoord.storage.keys import KeySpace
 from cachecoord.storage.redis_store import EntryStore, connect
 from cachecoord.storage.tables import ManagedTable, MappedTable, Table
@@ -120,8 +122,18 @@ class App:
         bus.on(keys.LOCK_CHANNEL, lambda name: locks.on_release_notice(name.decode()))
         bus.on_reset(locks.wake_all)
         watch_hub = WatchHub(max_backlog=settings.server.watch_backlog)
+        handlers: list[Callable[[Message], None]] = [watch_hub.publish]
+        if settings.server.consistency_sample > 0:
+            observer = Observer(
+                {name: strategy.reader for name, strategy in strategies.items()},
+                ConsistencyLog(client),
+                fraction=settings.server.consistency_sample,
+                delay=settings.server.consistency_delay / 1000,
+            )
+            self._closers.append(observer.close)
+            handlers.append(observer.saw)
         for strategy in strategies.values():
-            bus.on(strategy.store.keys.channel, _decoded(strategy.on_message, watch_hub.publish))
+            bus.on(strategy.store.keys.channel, _decoded(strategy.on_message, *handlers))
             bus.on_reset(strategy.on_reset)
         bus.on_reset(watch_hub.reset)
         self.cache = Cache(strategies, settings.server, watch_hub)

@@ -111,6 +111,12 @@ class ServerSettings:
     """host:port of a second, plaintext listener that serves only grpc.health.v1,
     so that probes work while the main port requires TLS (or client
     certificates); empty: health is served on the main port only."""
+    consistency_sample: float = 0.0
+    """Fraction (0 to 1) of the changes this instance hears of that the
+    consistency observer reads back after consistency_delay; 0: off."""
+    consistency_delay: Duration = Duration(5_000)
+    """How long after a change the observer checks it: the staleness bound
+    being measured."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,6 +503,10 @@ def _check(settings: Settings, source: str) -> None:
         fail("server.max_connection_age_grace", 'must be at least "200ms"')
     if server.lock_first_message_timeout <= 0:
         fail("server.lock_first_message_timeout", "must be positive")
+    if not 0 <= server.consistency_sample <= 1:
+        fail("server.consistency_sample", "must be between 0 (off) and 1")
+    if server.consistency_delay <= 0:
+        fail("server.consistency_delay", "must be positive")
     if not settings.redis.url.startswith(("redis://", "rediss://", "unix://")):
         fail("redis.url", "must start with redis://, rediss:// or unix://")
     if settings.redis.cluster:
