@@ -51,10 +51,15 @@ def change(version: int, reason: str = "put", key: str | None = "k") -> Invalida
 async def observe(
     layers: Layers, *changes: Invalidation, rolls: list[float] | None = None
 ) -> tuple[Counts, list[Violation]]:
-    counts, found = Counts(), []
+    counts, found = Counts(), list[Violation]()
     rng = iter(rolls or [0.0] * len(changes))
     observer = Observer(
-        {"ns": layers}, counts, fraction=0.5, delay=0, rng=lambda: next(rng), on_violation=found.append
+        {"ns": layers},
+        counts,
+        fraction=0.5,
+        delay=0,
+        rng=lambda: next(rng),
+        on_violation=found.append,
     )
     for item in changes:
         observer.saw(item)
@@ -122,4 +127,5 @@ async def test_a_check_whose_layer_cannot_be_read_is_skipped_not_counted() -> No
     layers = Layers(Versions(None, 1, 5))
     layers.fail = RedisConnectionError("down")
     counts, found = await observe(layers, change(5))
-    assert counts.recorded == [] and found == []
+    assert counts.recorded == []
+    assert found == []
