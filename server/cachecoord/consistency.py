@@ -184,8 +184,9 @@ class Observer:
                     "consistency.path": path,
                 }
                 instruments.consistency_checks.add(1, attributes)
-                if any(layer == bad for bad, _ in found):
-                    instruments.consistency_violations.add(1, attributes)
+                # 0 too: the series exists (and rates are 0) before a violation.
+                violated = any(layer == bad for bad, _ in found)
+                instruments.consistency_violations.add(int(violated), attributes)
         try:
             await self._recorder.record(change.namespace, 1, 1 if found else 0)
         except RedisError as err:
