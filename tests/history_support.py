@@ -164,14 +164,27 @@ CREATE TABLE IF NOT EXISTS users (
 """
 
 
-def settings(workdir: Path, redis_url: str, dsn: str, name: str, *, cluster: bool) -> Settings:
+def settings(
+    workdir: Path, redis_url: str, dsn: str, name: str, *, cluster: bool, observe: float = 0.0
+) -> Settings:
     """An instance's settings, loaded from a TOML file as ``cachecoord serve`` would."""
     path = config_file(workdir, redis_url, dsn, name, listen="127.0.0.1:0")
-    return load(path, _env(cluster))
+    return load(path, _env(cluster, observe))
 
 
-def _env(cluster: bool) -> dict[str, str]:
-    return {"CACHECOORD_REDIS_CLUSTER": "true"} if cluster else {}
+def _env(cluster: bool, observe: float = 0.0) -> dict[str, str]:
+    """*observe*: the fraction of changes the consistency observer checks
+    after CONSISTENCY_DELAY (0: off)."""
+    env = {"CACHECOORD_REDIS_CLUSTER": "true"} if cluster else {}
+    if observe:
+        env["CACHECOORD_SERVER_CONSISTENCY_SAMPLE"] = str(observe)
+        env["CACHECOORD_SERVER_CONSISTENCY_DELAY"] = f"{int(CONSISTENCY_DELAY * 1000)}ms"
+    return env
+
+
+CONSISTENCY_DELAY = 5.0
+"""Past every bound of the run's paths (the outbox's grace and interval, a
+Redis freeze): an older layer then is a violation."""
 
 
 def config_file(workdir: Path, redis_url: str, dsn: str, name: str, *, listen: str) -> Path:
@@ -200,7 +213,7 @@ class ServeProcess:
     """An instance as a ``cachecoord serve`` process, so that it can be killed."""
 
     def __init__(
-        self, workdir: Path, redis_url: str, dsn: str, name: str, *, cluster: bool
+        self, workdir: Path, redis_url: str, dsn: str, name: str, *, cluster: bool, observe: float
     ) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -209,7 +222,7 @@ class ServeProcess:
         self._log = workdir / f"{name}.log"
         self._env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("CACHECOORD_")},
-            **_env(cluster),
+            **_env(cluster, observe),
         }
         self._proc: asyncio.subprocess.Process | None = None
 
@@ -554,6 +567,7 @@ class Workload:
     local_readers: int = 2  # per instance, through its LocalCache
     instances: int = 3  # in this process (slow loads apply to these)
     processes: int = 1  # more, as ``cachecoord serve`` processes (one can be killed)
+    observe: float = 0.0  # the consistency observer's sample (0: off)
 
 
 def _keys(namespace: str, count: int) -> list[str]:
@@ -631,7 +645,12 @@ async def run_history(
     stop = asyncio.Event()
     try:
         for number in range(workload.instances):
-            app = App(settings(workdir, redis_urls[0], dsn, f"history-{number}", cluster=cluster))
+            name = f"history-{number}"
+            app = App(
+                settings(
+                    workdir, redis_urls[0], dsn, name, cluster=cluster, observe=workload.observe
+                )
+            )
             await app.start()
             apps.append(app)
             clients.append(AsyncClient(f"127.0.0.1:{app.port}"))
@@ -641,7 +660,9 @@ async def run_history(
         await change_triggers(apps[0].settings, MAPPED, "install")
         for _ in range(workload.processes):
             name = f"history-{len(clients)}"
-            process = ServeProcess(workdir, redis_urls[0], dsn, name, cluster=cluster)
+            process = ServeProcess(
+                workdir, redis_urls[0], dsn, name, cluster=cluster, observe=workload.observe
+            )
             processes.append(process)
             clients.append(AsyncClient(f"127.0.0.1:{process.port}"))
             alive.append(True)

@@ -85,7 +85,13 @@ EXPECTED = {
     # and a drain: 15 s with --quick.
     "locks": ["holds", "overlapping_holds", "orphaned_locks"],
     # The history checker over 3 instances with faults: 20 s with --quick.
-    "consistency": ["stale_reads_beyond_bound", "reads_checked", "worst_staleness_ms"],
+    "consistency": [
+        "stale_reads_beyond_bound",
+        "reads_checked",
+        "worst_staleness_ms",
+        "consistency_nines",
+        "observer_cpu_ratio",
+    ],
     # The App in-process under cProfile: about 6 s.
     "profile": [
         "profile_plain_cpu_us",

@@ -28,6 +28,7 @@ from grpc_health.v1._async import HealthServicer
 from cachecoord import instruments, telemetry
 from cachecoord.cache import Cache
 from cachecoord.config import ConfigError, Invalidation, Settings, StrategyName
+from cachecoord.consistency import Observer
 from cachecoord.coordination.locks import Locks
 from cachecoord.invalidation.bus import Bus
 from cachecoord.invalidation.listener import ChangeListener
@@ -40,6 +41,7 @@ from cachecoord.rpc.auth import Authorizer
 from cachecoord.rpc.servicer import CacheCoordServicer
 from cachecoord.storage import eviction, keys, postgres
 from cachecoord.storage.breaker import CircuitBreaker
+from cachecoord.storage.consistency_log import ConsistencyLog
 from cachecoord.storage.keys import KeySpace
 from cachecoord.storage.redis_store import EntryStore, connect
 from cachecoord.storage.tables import open_tables
@@ -132,8 +134,18 @@ class App:
         bus.on(keys.LOCK_CHANNEL, lambda name: locks.on_release_notice(name.decode()))
         bus.on_reset(locks.wake_all)
         watch_hub = WatchHub(max_backlog=settings.server.watch_backlog)
+        handlers: list[Callable[[Message], None]] = [watch_hub.publish]
+        if settings.server.consistency_sample > 0:
+            observer = Observer(
+                {name: strategy.reader for name, strategy in strategies.items()},
+                ConsistencyLog(client),
+                fraction=settings.server.consistency_sample,
+                delay=settings.server.consistency_delay / 1000,
+            )
+            opened.push_async_callback(observer.close)
+            handlers.append(observer.saw)
         for strategy in strategies.values():
-            bus.on(strategy.store.keys.channel, _decoded(strategy.on_message, watch_hub.publish))
+            bus.on(strategy.store.keys.channel, _decoded(strategy.on_message, *handlers))
             bus.on_reset(strategy.on_reset)
         bus.on_reset(watch_hub.reset)
         self.cache = Cache(strategies, settings.server, watch_hub)

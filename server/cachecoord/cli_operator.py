@@ -5,6 +5,7 @@ dead letters (operations.py does the work; this module parses and prints).
     cachecoord dead-letters list NAMESPACE [--limit N] --config FILE [--json]
     cachecoord dead-letters replay NAMESPACE (ID... | --all) --config FILE [--json]
     cachecoord dead-letters drop NAMESPACE (ID... | --all) --config FILE [--json]
+    cachecoord consistency report [NAMESPACE...] [--minutes N] --config FILE [--json]
 
 They need the server's configuration (``--config`` or ``$CACHECOORD_CONFIG``)
 for the Redis and PostgreSQL URLs and the namespaces' settings.
@@ -28,6 +29,8 @@ from redis.exceptions import RedisClusterException, RedisError
 from cachecoord import exit_codes, operations
 from cachecoord.cli_output import value_fields
 from cachecoord.config import ConfigError, NamespaceSettings, Settings, load
+from cachecoord.consistency import nines
+from cachecoord.storage.consistency_log import KEEP_MINUTES, ConsistencyLog
 from cachecoord.storage.redis_store import connect
 
 Action = Callable[
@@ -68,6 +71,19 @@ def add_commands(commands: Any) -> None:
         action.add_argument("ids", nargs="*", metavar="id", help="dead-letter ids (from list)")
         action.add_argument("--all", action="store_true", help="every dead letter of the namespace")
         action.set_defaults(run=_runner(run))
+
+    consistency = commands.add_parser(
+        "consistency", help="what the consistency observer found (operator)"
+    )
+    consistency_actions = consistency.add_subparsers(required=True, metavar="ACTION")
+    report = consistency_actions.add_parser(
+        "report",
+        parents=[common],
+        help="checks, violations and nines within the bound over the last minutes, per namespace",
+    )
+    report.add_argument("namespaces", nargs="*", metavar="namespace")
+    report.add_argument("--minutes", type=int, default=60, help="the window (default 60)")
+    report.set_defaults(run=_runner(_report))
 
 
 def _runner(action: Action) -> Callable[[argparse.Namespace], int]:
@@ -208,3 +224,39 @@ async def _drop(
         ids = [d.id for d in await operations.dead_letters(client, ns, limit=None)]
     dropped = await operations.drop(client, ns, ids)
     return {"namespace": ns.name, "dropped": dropped}, f"{dropped} dead letter(s) dropped"
+
+
+async def _report(
+    client: operations.RedisClient, settings: Settings, args: argparse.Namespace
+) -> tuple[Any, str]:
+    if not 1 <= args.minutes <= KEEP_MINUTES:
+        raise ConfigError(f"--minutes must be between 1 and {KEEP_MINUTES}")
+    names = args.namespaces or sorted(settings.namespaces)
+    unknown = [name for name in names if name not in settings.namespaces]
+    if unknown:
+        raise ConfigError(f"no such namespace: {', '.join(unknown)}")
+    log = ConsistencyLog(client)
+    docs, lines = [], [f"last {args.minutes} min\tchecks\tviolations\tconsistent\tnines"]
+    for name in names:
+        counts = await log.counts(name, args.minutes)
+        rate = counts.violations / counts.checks if counts.checks else 0.0
+        found = nines(counts.checks, counts.violations)
+        docs.append(
+            {
+                "namespace": name,
+                "checks": counts.checks,
+                "violations": counts.violations,
+                "consistent": None if not counts.checks else 1 - rate,
+                "nines": None if not counts.checks else round(found, 2),
+                "nines_lower_bound": counts.checks > 0 and counts.violations == 0,
+            }
+        )
+        if not counts.checks:
+            lines.append(f"{name}\t0\t0\t-\t-")
+        else:
+            at_least = ">=" if not counts.violations else ""
+            lines.append(
+                f"{name}\t{counts.checks}\t{counts.violations}\t{(1 - rate) * 100:.6g}%"
+                f"\t{at_least}{found:.2f}"
+            )
+    return {"minutes": args.minutes, "namespaces": docs}, "\n".join(lines)

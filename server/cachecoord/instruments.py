@@ -372,3 +372,13 @@ propagation_delay = meter.create_histogram(
     description="From a change's commit (the message's timestamp) to its invalidation here",
     explicit_bucket_boundaries_advisory=_SECONDS,
 )
+consistency_checks = meter.create_counter(
+    "cachecoord.consistency.checks",
+    unit="{check}",
+    description="Sampled changes whose key the consistency observer read back, per layer",
+)
+consistency_violations = meter.create_counter(
+    "cachecoord.consistency.violations",
+    unit="{check}",
+    description="Checks that found a layer older than the change after the bound",
+)

@@ -48,6 +48,8 @@ WANTED = {
     "cachecoord_near_cache_size",
     "cachecoord_invalidations_published_total",
     "cachecoord_invalidations_received_total",
+    "cachecoord_consistency_checks_total",  # the consistency observer (issue 21)
+    "cachecoord_consistency_violations_total",
 }
 
 
@@ -91,6 +93,8 @@ async def metrics_server(
 listen = "127.0.0.1:{port}"
 shutdown_grace = "1s"
 instance_id = "metrics"
+consistency_sample = 1
+consistency_delay = "100ms"
 [redis]
 url = "{redis_server.url.rsplit("/", 1)[0]}/4"
 [postgres]

@@ -71,6 +71,14 @@ class ServerSettings:
     """host:port of a second, plaintext listener that serves only grpc.health.v1,
     so that probes work while the main port requires TLS (or client
     certificates); empty: health is served on the main port only."""
+    consistency_sample: float = field(
+        default=0.0, metadata=between(0, 1, fix="must be between 0 (off) and 1")
+    )
+    """Fraction of the changes this instance hears of that the consistency
+    observer reads back after consistency_delay; 0: off."""
+    consistency_delay: Duration = field(default=Duration(5_000), metadata=positive())
+    """How long after a change the observer checks it: the staleness bound
+    being measured."""
 
     def problems(self) -> Iterator[tuple[str, str]]:
         health = HOST_PORT_RE.fullmatch(self.health_listen)

@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 
 from cachecoord import instruments, telemetry
 from cachecoord.config import NamespaceSettings, StrategyName
+from cachecoord.consistency import Versions
 from cachecoord.coordination.single_flight import Shared, SingleFlight
 from cachecoord.errors import Unavailable
 from cachecoord.instruments import span
@@ -414,6 +415,27 @@ class Reader:
             attributes = {"cache.namespace": self.settings.name}
             instruments.load_duration.record(load_ms / 1000, attributes)
         return rows, round(load_ms), mark
+
+    # -- the consistency observer ---------------------------------------------
+
+    @property
+    def postgres_may_lag(self) -> bool:
+        return self._postgres_may_lag
+
+    async def versions(self, key: str) -> Versions:
+        """What the near cache, Redis and PostgreSQL hold of *key*, read in
+        that order (raises RedisError if Redis cannot be read)."""
+        near = self.near.get(key) if self.near is not None else None
+        raw = await self.store.get(key)
+        return Versions(
+            near.version if near is not None else None,
+            envelope.decode(raw).version if raw is not None else None,
+            await self.database_version(key),
+        )
+
+    async def database_version(self, key: str) -> int:
+        async with database_errors(), self.pool.connection() as conn:
+            return (await self.table.load(conn, [key]))[key].version
 
 
 def _now_ms() -> int:
