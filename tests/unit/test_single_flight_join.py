@@ -144,3 +144,73 @@ async def test_a_cancelled_reader_does_not_cancel_the_load_others_wait_for() -> 
     load.release.set()
     assert await staying == b"v"
     assert gone.cancelled()
+
+
+# -- read_through: the reader's side, its miss, its ticket, its retry -----------
+
+
+class Cache:
+    """The cache a reader looks in: a miss until :attr:`value` is set; counts looks."""
+
+    def __init__(self) -> None:
+        self.value: bytes | None = None
+        self.looks = 0
+
+    async def look(self) -> bytes | None:
+        self.looks += 1
+        return self.value
+
+
+async def test_a_hit_is_answered_without_a_load() -> None:
+    flight: SingleFlight[str, bytes] = SingleFlight("test")
+    cache, load = Cache(), HeldLoad(flight, b"unused")
+    cache.value = b"cached"
+    assert await flight.read_through("k", cache.look, load) == b"cached"
+    assert load.calls == 0
+
+
+async def test_a_read_that_misses_after_a_write_reads_again_instead_of_taking_the_older_load() -> (
+    None
+):
+    """Issue 17 scenario 1 from the reader's side: its ticket is taken after
+    its own miss, so the older load is refused; it looks again (once) and
+    its own load answers the new row."""
+    flight: SingleFlight[str, bytes] = SingleFlight("test")
+    old = HeldLoad(flight, b"old")
+    first = asyncio.create_task(flight.read_through("k", Cache().look, old))
+    await old.queried.wait()  # the older load has read the old row
+    # ... a write is acknowledged; a Get starts and misses:
+    cache, new = Cache(), HeldLoad(flight, b"new")
+    second = asyncio.create_task(flight.read_through("k", cache.look, new))
+    await asyncio.sleep(0)
+    old.release.set()
+    new.release.set()
+    assert await first == b"old"
+    assert await second == b"new"
+    assert cache.looks == 2
+    assert (old.calls, new.calls) == (1, 1)
+
+
+async def test_a_read_refused_once_takes_a_hit_found_on_its_second_look() -> None:
+    flight: SingleFlight[str, bytes] = SingleFlight("test")
+    old = HeldLoad(flight, b"old")
+    first = asyncio.create_task(flight.read_through("k", Cache().look, old))
+    await old.queried.wait()
+    cache, unused = Cache(), HeldLoad(flight, b"unused")
+    second = asyncio.create_task(flight.read_through("k", cache.look, unused))
+    await asyncio.sleep(0)
+    cache.value = b"filled meanwhile"
+    old.release.set()
+    assert await first == b"old"
+    assert await second == b"filled meanwhile"
+    assert unused.calls == 0
+
+
+async def test_concurrent_misses_before_the_query_share_one_load() -> None:
+    flight: SingleFlight[str, bytes] = SingleFlight("test")
+    load = HeldLoad(flight, b"v")
+    readers = [asyncio.create_task(flight.read_through("k", Cache().look, load)) for _ in range(5)]
+    await load.queried.wait()
+    load.release.set()
+    assert await asyncio.gather(*readers) == [b"v"] * 5
+    assert load.calls == 1

@@ -65,6 +65,30 @@ class SingleFlight(Generic[K, V]):
         shared = await asyncio.shield(task)
         return shared.value if may_join(ticket, started, shared.as_of) else None
 
+    async def read_through(
+        self,
+        key: K,
+        look: Callable[[], Awaitable[V | None]],
+        load: Callable[[], Awaitable[Shared[V]]],
+    ) -> V:
+        """Read *key*: *look* in the cache (None: a miss), and on a miss take
+        the load of *key* this flight runs if it can serve this read, else
+        start *load* (:meth:`run`); a refused reader looks again.
+
+        The reader's ticket is taken right after its first miss, and kept: a
+        load it finds after a refusal started after that ticket, so it is
+        refused at most once, and looks at most twice.
+        """
+        ticket = 0
+        while True:
+            found = await look()
+            if found is not None:
+                return found
+            ticket = ticket or self.tick()
+            shared = await self.run(key, load, ticket)
+            if shared is not None:
+                return shared
+
     def spawn(self, key: K, load: Callable[[], Awaitable[Shared[V]]]) -> asyncio.Task[Shared[V]]:
         """Start *load* for *key* unless one is running; return the running task
         (a fire-and-forget load, such as a background refresh)."""

@@ -128,8 +128,11 @@ class Reader:
         instance: taken only if it can serve this read (see single_flight.py),
         otherwise this read starts over (at most once: the load it finds then
         started after this read's miss)."""
-        ticket = 0
-        while True:
+        stale: Entry | None = None
+
+        async def look() -> Read | None:
+            nonlocal stale
+            stale = None
             started = self._clock.monotonic()
             try:
                 with span("cache.redis", **{"cache.namespace": self.settings.name}):
@@ -138,25 +141,24 @@ class Reader:
                 self._check_postgres_can_answer(err)
                 log.debug("redis get failed, reading PostgreSQL: %s", err)
                 return Read(await self._load_uncached(key))
-            stale: Entry | None = None
             if raw is not None:
                 entry, reload = self._hit(key, raw)
                 if not reload:
                     return Read(entry, 0, started)
                 stale = entry
-            ticket = ticket or self._loads.tick()
             if key in self._loads and telemetry.METRICS:
                 instruments.coalesced.add(1, {"cache.namespace": self.settings.name})
-            try:
-                read = await self._loads.run(
-                    key, partial(self._miss, key, stale is not None), ticket
-                )
-            except Unavailable:
-                if stale is None:
-                    raise
-                return Read(stale)  # stale-if-error: PostgreSQL is down, this is all there is
-            if read is not None:
-                return read
+            return None
+
+        async def load() -> Shared[Read]:
+            return await self._miss(key, reload=stale is not None)
+
+        try:
+            return await self._loads.read_through(key, look, load)
+        except Unavailable:
+            if stale is None:
+                raise
+            return Read(stale)  # stale-if-error: PostgreSQL is down, this is all there is
 
     async def batch_get(self, keys: Sequence[str]) -> list[Entry]:
         entries: dict[str, Entry] = {}
