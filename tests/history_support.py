@@ -538,8 +538,7 @@ class RecordingLocalCache(LocalCache):
 
     def held(self, namespace: str, key: str) -> bool:
         """Whether a get of *key* now would be answered from memory."""
-        item = self._entries.get((namespace, key))
-        return item is not None and time.monotonic() < item[0]
+        return self._memory.holds((namespace, key))
 
 
 # -- the run -------------------------------------------------------------------

@@ -63,9 +63,31 @@ class SingleFlight(Generic[K, V]):
             return (await asyncio.shield(self._start(key, load)[1])).value
         started, task = running
         shared = await asyncio.shield(task)
-        if ticket < max(started, shared.as_of):
-            return shared.value
-        return None
+        return shared.value if may_join(ticket, started, shared.as_of) else None
+
+    async def read_through(
+        self,
+        key: K,
+        look: Callable[[], Awaitable[V | None]],
+        load: Callable[[], Awaitable[Shared[V]]],
+    ) -> V:
+        """Read *key*: *look* in the cache (None: a miss), and on a miss take
+        the load of *key* this flight runs if it can serve this read, else
+        start *load* (:meth:`run`); a refused reader looks again.
+
+        The reader's ticket is taken right after its first miss, and kept: a
+        load it finds after a refusal started after that ticket, so it is
+        refused at most once, and looks at most twice.
+        """
+        ticket = 0
+        while True:
+            found = await look()
+            if found is not None:
+                return found
+            ticket = ticket or self.tick()
+            shared = await self.run(key, load, ticket)
+            if shared is not None:
+                return shared
 
     def spawn(self, key: K, load: Callable[[], Awaitable[Shared[V]]]) -> asyncio.Task[Shared[V]]:
         """Start *load* for *key* unless one is running; return the running task
@@ -99,6 +121,16 @@ class SingleFlight(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self._loads)
+
+
+def may_join(ticket: int, started: int, as_of: int) -> bool:
+    """Whether a reader whose tick after its cache miss is *ticket* may take
+    the result of a load that began at tick *started* and is current as of
+    tick *as_of*: only if one of them came after the reader's miss. A write
+    acknowledged before the reader began is then reflected in the result
+    (it was acknowledged before that tick too); otherwise the load may have
+    read the row before the write, and the reader must read again."""
+    return ticket < max(started, as_of)
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

@@ -23,6 +23,9 @@ What may be kept, and for how long:
 Invalidations are applied here before they are passed on to Watch streams
 (see app.py), so an event tells that this instance no longer answers the
 older version.
+
+Time is read from the injected *clock* (``time.monotonic`` by default), so
+every rule above is unit-tested by moving a clock, not by sleeping.
 """
 
 from __future__ import annotations
@@ -38,8 +41,14 @@ class NearCache:
     """Bounded LRU of entries with a maximum age."""
 
     def __init__(
-        self, max_entries: int, max_ttl_ms: int, on_evict: Callable[[], None] | None = None
+        self,
+        max_entries: int,
+        max_ttl_ms: int,
+        on_evict: Callable[[], None] | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._clock = clock  # monotonic seconds: what read_at is measured in
         self._max_entries = max_entries
         self._on_evict = on_evict  # an entry was dropped to make room
         self._max_ttl = max_ttl_ms / 1000
@@ -57,7 +66,7 @@ class NearCache:
         if item is None:
             return None
         expires, entry = item
-        if time.monotonic() >= expires:
+        if self._clock() >= expires:
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
@@ -86,7 +95,7 @@ class NearCache:
             return
         ttl = self._max_ttl if entry.ttl_ms <= 0 else min(self._max_ttl, entry.ttl_ms / 1000)
         expires = read_at + ttl
-        if expires <= time.monotonic():
+        if expires <= self._clock():
             return
         near = Entry(entry.key, entry.value, entry.version, Layer.NEAR, False, entry.ttl_ms)
         self._entries[entry.key] = (expires, near)

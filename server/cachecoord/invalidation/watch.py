@@ -47,6 +47,44 @@ OVERFLOW = WatchEvent(EventKind.RESET, reason="overflow")
 HEARTBEAT = WatchEvent(EventKind.HEARTBEAT)
 
 
+class Backlog:
+    """The events a watcher has not read yet, at most *max_len* of them.
+
+    A RESET replaces everything before it (the client drops all it cached
+    anyway), and so does an overflow, as a RESET of its own (``overflow``);
+    events offered after a RESET, until it is read, are dropped: it covers
+    them. No I/O and no clock: :class:`Watcher` adds the waiting."""
+
+    def __init__(self, max_len: int) -> None:
+        self._max_len = max_len
+        self._events: deque[WatchEvent] = deque()
+        self._reset_pending = False
+
+    def offer(self, event: WatchEvent) -> None:
+        if event.kind is EventKind.RESET:
+            self._events.clear()
+            self._reset_pending = True
+        elif self._reset_pending:
+            return  # dropped: the pending RESET covers it
+        elif len(self._events) >= self._max_len:
+            self._events.clear()
+            self._reset_pending = True
+            event = OVERFLOW
+        self._events.append(event)
+
+    def take(self) -> WatchEvent | None:
+        """The oldest event not read yet, if any."""
+        if not self._events:
+            return None
+        event = self._events.popleft()
+        if event.kind is EventKind.RESET:
+            self._reset_pending = False
+        return event
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+
 class Watcher:
     """One Watch stream's view: events of some namespaces, optionally only
     keys with a prefix."""
@@ -54,39 +92,25 @@ class Watcher:
     def __init__(self, namespaces: frozenset[str], key_prefix: str, max_backlog: int) -> None:
         self.namespaces = namespaces
         self.key_prefix = key_prefix
-        self._max_backlog = max_backlog
-        self._backlog: deque[WatchEvent] = deque()
+        self._backlog = Backlog(max_backlog)
         self._ready = asyncio.Event()
-        self._overflowed = False
 
     def wants(self, change: Invalidation) -> bool:
         # A whole-namespace invalidation (key None) concerns every prefix.
         return change.key is None or change.key.startswith(self.key_prefix)
 
     def offer(self, event: WatchEvent) -> None:
-        if event.kind is EventKind.RESET:
-            self._backlog.clear()
-            self._overflowed = True
-        elif self._overflowed:
-            return  # dropped: the pending RESET covers it
-        elif len(self._backlog) >= self._max_backlog:
-            self._backlog.clear()
-            self._overflowed = True
-            event = OVERFLOW
-        self._backlog.append(event)
+        self._backlog.offer(event)
         self._ready.set()
 
     async def next(self, heartbeat: float) -> WatchEvent:
         """The next event, or HEARTBEAT after *heartbeat* seconds of quiet."""
-        while not self._backlog:
+        while (event := self._backlog.take()) is None:
             self._ready.clear()
             try:
                 await asyncio.wait_for(self._ready.wait(), heartbeat)
             except TimeoutError:
                 return HEARTBEAT
-        event = self._backlog.popleft()
-        if event.kind is EventKind.RESET:
-            self._overflowed = False
         return event
 
     @property

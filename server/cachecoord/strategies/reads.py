@@ -22,14 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import random
 import secrets
-import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
 from functools import partial
 
 from psycopg import AsyncConnection
@@ -37,6 +33,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.exceptions import RedisError
 
 from cachecoord import instruments, telemetry
+from cachecoord.clock import SYSTEM_CLOCK, SYSTEM_RANDOM, Clock, Random
 from cachecoord.config import NamespaceSettings, StrategyName
 from cachecoord.consistency import Versions
 from cachecoord.coordination.single_flight import Shared, SingleFlight
@@ -49,6 +46,14 @@ from cachecoord.storage import envelope
 from cachecoord.storage.postgres import database_errors
 from cachecoord.storage.redis_store import EntryStore
 from cachecoord.storage.tables import Table
+from cachecoord.strategies.read_decisions import (
+    FillWait,
+    Read,
+    decide_hit,
+    fill_ttl,
+    loaded_read,
+    plan_misses,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,27 +61,13 @@ log = logging.getLogger(__name__)
 _MAX_POLL = 0.1
 
 
-@dataclass(frozen=True, slots=True)
-class Read:
-    """An answer, and what is known of how current it is."""
-
-    entry: Entry
-    as_of: int = 0
-    """A tick of the reader's load flight taken just before the read that
-    produced *entry* (an SQL query, a Redis read, or a lease fill that Redis
-    accepted): *entry* reflects every write acknowledged before that tick
-    (see coordination/single_flight.py)."""
-    confirmed_at: float | None = None
-    """Monotonic time at which the read began, if Redis confirmed *entry*
-    current (a Redis read, or an accepted fill): the near cache may keep it
-    for near_cache_ttl from then. None: not to be kept."""
-
-
 _REFRESHED: Shared[None] = Shared(None, 0)
 
 
 class Reader:
-    """Get and BatchGet of one namespace."""
+    """Get and BatchGet of one namespace. What it does with what Redis and
+    PostgreSQL answer is decided in read_decisions.py, by the injected
+    *clock* and *rand* (the system's by default)."""
 
     def __init__(
         self,
@@ -86,8 +77,12 @@ class Reader:
         pool: AsyncConnectionPool[AsyncConnection],
         *,
         origin: str,
+        clock: Clock = SYSTEM_CLOCK,
+        rand: Random = SYSTEM_RANDOM,
     ) -> None:
         self.settings = settings
+        self._clock = clock
+        self._rand = rand
         self.origin = origin
         self.table = table
         self.store = store
@@ -101,7 +96,12 @@ class Reader:
         namespace = {"cache.namespace": settings.name}
         evicted = partial(instruments.near_cache_evictions.add, 1, namespace)
         self.near = (
-            NearCache(settings.near_cache_entries, settings.near_cache_ttl, on_evict=evicted)
+            NearCache(
+                settings.near_cache_entries,
+                settings.near_cache_ttl,
+                on_evict=evicted,
+                clock=clock.monotonic,
+            )
             if settings.near_cache_entries
             else None
         )
@@ -129,9 +129,12 @@ class Reader:
         instance: taken only if it can serve this read (see single_flight.py),
         otherwise this read starts over (at most once: the load it finds then
         started after this read's miss)."""
-        ticket = 0
-        while True:
-            started = time.monotonic()
+        stale: Entry | None = None
+
+        async def look() -> Read | None:
+            nonlocal stale
+            stale = None
+            started = self._clock.monotonic()
             try:
                 with span("cache.redis", **{"cache.namespace": self.settings.name}):
                     raw = await self.store.get(key)
@@ -139,25 +142,24 @@ class Reader:
                 self._check_postgres_can_answer(err)
                 log.debug("redis get failed, reading PostgreSQL: %s", err)
                 return Read(await self._load_uncached(key))
-            stale: Entry | None = None
             if raw is not None:
                 entry, reload = self._hit(key, raw)
                 if not reload:
                     return Read(entry, 0, started)
                 stale = entry
-            ticket = ticket or self._loads.tick()
             if key in self._loads and telemetry.METRICS:
                 instruments.coalesced.add(1, {"cache.namespace": self.settings.name})
-            try:
-                read = await self._loads.run(
-                    key, partial(self._miss, key, stale is not None), ticket
-                )
-            except Unavailable:
-                if stale is None:
-                    raise
-                return Read(stale)  # stale-if-error: PostgreSQL is down, this is all there is
-            if read is not None:
-                return read
+            return None
+
+        async def load() -> Shared[Read]:
+            return await self._miss(key, reload=stale is not None)
+
+        try:
+            return await self._loads.read_through(key, look, load)
+        except Unavailable:
+            if stale is None:
+                raise
+            return Read(stale)  # stale-if-error: PostgreSQL is down, this is all there is
 
     async def batch_get(self, keys: Sequence[str]) -> list[Entry]:
         entries: dict[str, Entry] = {}
@@ -188,7 +190,7 @@ class Reader:
     async def _batch_get(self, unique: list[str]) -> dict[str, Read]:
         entries: dict[str, Read] = {}
         redis_up = True
-        started = time.monotonic()
+        started = self._clock.monotonic()
         try:
             raws = await self.store.get_many(unique)
         except RedisError as err:
@@ -238,11 +240,18 @@ class Reader:
         """The entry for a row just read or written, its envelope and Redis PX
         (the TTL plus the stale window, during which it may be served stale)."""
         settings = self.settings
-        ttl: int = settings.negative_ttl if row.value is None else ttl_ms or settings.ttl
-        ttl = max(1, round(ttl * (1 + settings.ttl_jitter * (2 * random.random() - 1))))
-        stored = envelope.encode(row.version, _now_ms() + ttl, load_ms, row.value)
+        ttl, px = fill_ttl(
+            found=row.value is not None,
+            ttl_ms=ttl_ms or settings.ttl,
+            negative_ttl_ms=settings.negative_ttl,
+            jitter=settings.ttl_jitter,
+            stale_window_ms=settings.stale_window,
+            stale_if_error_ms=settings.stale_if_error,
+            rand=self._rand,
+        )
+        stored = envelope.encode(row.version, self._clock.time_ms() + ttl, load_ms, row.value)
         entry = Entry(key, row.value, row.version, Layer.DATABASE, ttl_ms=ttl)
-        return entry, stored, ttl + max(settings.stale_window, settings.stale_if_error)
+        return entry, stored, px
 
     def _notice(self, key: str, row: Row) -> bytes:
         return Invalidation(self.settings.name, key, row.version, "fill", self.origin).encode()
@@ -253,30 +262,21 @@ class Reader:
         """The cached entry, and whether it must be reloaded before serving:
         past its TTL and the stale window, it is only kept for stale-if-error."""
         cached = envelope.decode(raw)
-        now = _now_ms()
-        remaining = cached.fresh_until_ms - now
-        if cached.dirty:  # the newest value there is: PostgreSQL is behind it
-            return Entry(
-                key, cached.value, cached.version, Layer.REDIS, False, max(0, remaining)
-            ), False
-        stale = remaining <= 0
-        reload = stale and -remaining > self.settings.stale_window
-        if not reload and (
-            stale or self._refresh_early(now, cached.load_ms, cached.fresh_until_ms)
-        ):
+        hit = decide_hit(
+            now_ms=self._clock.time_ms(),
+            fresh_until_ms=cached.fresh_until_ms,
+            load_ms=cached.load_ms,
+            dirty=cached.dirty,
+            stale_window_ms=self.settings.stale_window,
+            beta=self.settings.early_refresh_beta,
+            rand=self._rand,
+        )
+        if hit.refresh:
             self._refreshes.spawn(
                 key, partial(self._refresh, key, cached.version, cached.fresh_until_ms)
             )
-        entry = Entry(key, cached.value, cached.version, Layer.REDIS, stale, max(0, remaining))
-        return entry, reload
-
-    def _refresh_early(self, now_ms: int, load_ms: int, fresh_until_ms: int) -> bool:
-        beta = self.settings.early_refresh_beta
-        if beta <= 0:
-            return False
-        # XFetch: -ln(U) is exponential, so the chance grows as expiry nears,
-        # and faster for keys that take long to load.
-        return now_ms - max(load_ms, 1) * beta * math.log(1.0 - random.random()) >= fresh_until_ms
+        entry = Entry(key, cached.value, cached.version, Layer.REDIS, hit.stale, hit.remaining_ms)
+        return entry, hit.reload
 
     async def _refresh(self, key: str, seen_version: int, seen_fresh_until: int) -> Shared[None]:
         """Reload *key* in the background if no other reader is doing it, nor
@@ -320,34 +320,28 @@ class Reader:
         that Redis confirmed (found there, or filled) may be kept by the near
         cache, and they count their age from when this load began."""
         tokens = {key: secrets.token_hex(8) for key in keys}
-        leased: dict[str, bool] = {}
-        found: dict[str, Read] = {}
-        began = time.monotonic()
+        taken: Mapping[str, bytes | bool] = {}
+        began = self._clock.monotonic()
         if redis_up:
             mark = self._loads.tick()
             with suppress(RedisError):
                 taken = await self.store.take_leases(
                     tokens, self.settings.lease, even_if_cached=reload
                 )
-                for key, outcome in taken.items():
-                    if isinstance(outcome, bytes):
-                        found[key] = Read(self._hit(key, outcome)[0], mark, began)
-                    else:
-                        leased[key] = outcome
-        if found:
-            keys = [key for key in keys if key not in found]
-            if not keys:
-                return found
-        if len(keys) == 1 and leased and not leased[keys[0]]:
-            filled = await self._await_fill(keys[0])
+        plan = plan_misses(keys, taken)
+        found = {key: Read(self._hit(key, raw)[0], mark, began) for key, raw in plan.cached.items()}
+        if not plan.load:
+            return found
+        if plan.wait_for is not None:
+            filled = await self._await_fill(plan.wait_for)
             if filled is not None:
-                return {**found, keys[0]: filled}
-        rows, load_ms, mark = await self._load(keys)
+                return {**found, plan.wait_for: filled}
+        rows, load_ms, mark = await self._load(plan.load)
         entries, fills = {}, {}
-        for key in keys:
+        for key in plan.load:
             entry, stored, px = self.fresh(key, rows[key], load_ms)
             entries[key] = entry
-            if leased.get(key):
+            if key in plan.fill:
                 fills[key] = (tokens[key], stored, px, self._notice(key, rows[key]))
         filled_mark, accepted = self._loads.tick(), {}
         try:
@@ -356,7 +350,13 @@ class Reader:
         except RedisError as err:
             log.debug("fill failed: %s", err)
         reads = {
-            key: Read(entry, filled_mark, began) if accepted.get(key) else Read(entry, mark)
+            key: loaded_read(
+                entry,
+                filled=bool(accepted.get(key)),
+                query_as_of=mark,
+                fill_as_of=filled_mark,
+                began=began,
+            )
             for key, entry in entries.items()
         }
         return {**reads, **found}
@@ -374,14 +374,12 @@ class Reader:
         if telemetry.METRICS:
             instruments.coalesced.add(1, {"cache.namespace": self.settings.name})
         try:
-            deadline = time.monotonic() + self.settings.lease_wait / 1000
-            poll = 0.01
-            while (remaining := deadline - time.monotonic()) > 0:
+            wait = FillWait(self.settings.lease_wait, self._clock, max_poll=_MAX_POLL)
+            while (timeout := wait.next_timeout()) is not None:
                 with suppress(TimeoutError):
-                    await asyncio.wait_for(filled.wait(), min(poll, remaining))
+                    await asyncio.wait_for(filled.wait(), timeout)
                 filled.clear()
-                poll = min(poll * 2, _MAX_POLL)
-                mark, read_at = self._loads.tick(), time.monotonic()
+                mark, read_at = self._loads.tick(), self._clock.monotonic()
                 try:
                     raw = await self.store.get(key)
                 except RedisError:
@@ -408,9 +406,9 @@ class Reader:
                 # Only the query is timed: XFetch needs what a reload costs,
                 # not how long this request waited for a connection.
                 mark = self._loads.tick()
-                started = time.monotonic()
+                started = self._clock.monotonic()
                 rows = await self.table.load(conn, keys)
-                load_ms = (time.monotonic() - started) * 1000
+                load_ms = (self._clock.monotonic() - started) * 1000
         if telemetry.METRICS:
             attributes = {"cache.namespace": self.settings.name}
             instruments.load_duration.record(load_ms / 1000, attributes)
@@ -436,7 +434,3 @@ class Reader:
     async def database_version(self, key: str) -> int:
         async with database_errors(), self.pool.connection() as conn:
             return (await self.table.load(conn, [key]))[key].version
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000

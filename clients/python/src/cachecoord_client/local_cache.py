@@ -33,21 +33,19 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
-from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Self
 
 from cachecoord_client.client import AsyncClient
 from cachecoord_client.errors import CacheCoordError, InvalidArgument, NamespaceNotFound
+from cachecoord_client.local_memory import LocalMemory
 from cachecoord_client.types import Deleted, Value, WatchEvent, WatchEventKind
 
 __all__ = ["LocalCache"]
 
 log = logging.getLogger(__name__)
 
-_Key = tuple[str, str]
 # A watch that fails like this will fail again: stop, and let open() raise it.
 _PERMANENT = (NamespaceNotFound, InvalidArgument)
 
@@ -86,17 +84,8 @@ class LocalCache:
         self._namespaces = frozenset(namespaces)
         if not self._namespaces or isinstance(namespaces, str | bytes):
             raise ValueError("namespaces must be a non-empty iterable of namespace names")
-        self._max_entries, self._max_age = max_entries, max_age
         self._silence, self._max_backoff = silence, max_backoff
-        self._entries: OrderedDict[_Key, tuple[float, Value]] = OrderedDict()
-        # Sequence numbers: every invalidation takes the next one. A Get may
-        # store its answer only if nothing it could have missed is newer than
-        # the number it started at.
-        self._seq = 0
-        self._flushed = 0  # the last RESET or stream failure
-        self._dropped: dict[str, int] = {}  # namespace -> its last all_keys invalidation
-        self._changed: dict[_Key, int] = {}  # keys with a Get in flight only
-        self._in_flight: Counter[_Key] = Counter()
+        self._memory = LocalMemory(max_entries, max_age)  # the rules of what it keeps
         self._live = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -107,7 +96,7 @@ class LocalCache:
 
     def __len__(self) -> int:
         """The number of entries held."""
-        return len(self._entries)
+        return len(self._memory)
 
     async def open(self, timeout: float | None = None) -> None:
         """Start watching, and wait up to *timeout* seconds (None: the client's
@@ -154,24 +143,15 @@ class LocalCache:
     async def get(self, namespace: str, key: str, *, timeout: float | None = None) -> Value:
         """Read a key: from memory if held and fresh, else from the server (then held)."""
         k = (namespace, key)
-        held = self._entries.get(k)
-        if held is not None and time.monotonic() < held[0]:
-            self._entries.move_to_end(k)
-            return held[1]
+        held = self._memory.get(k)
         if held is not None:
-            del self._entries[k]  # too old
-        start, began = self._seq, time.monotonic()
-        self._in_flight[k] += 1
+            return held
+        reading, value = self._memory.begin(k), None
         try:
             value = await self._client.get(namespace, key, timeout=timeout)
         finally:
-            self._in_flight[k] -= 1
-            missed = max(self._flushed, self._dropped.get(namespace, 0), self._changed.get(k, 0))
-            if not self._in_flight[k]:
-                del self._in_flight[k]
-                self._changed.pop(k, None)
-        if missed <= start and self._live.is_set() and namespace in self._namespaces:
-            self._store(k, value, began)
+            keep = self._live.is_set() and namespace in self._namespaces
+            self._memory.finish(k, reading, value if keep else None)
         return value
 
     async def put(
@@ -195,7 +175,7 @@ class LocalCache:
                 timeout=timeout,
             )
         finally:
-            self._invalidate((namespace, key), 0)  # failed writes may have happened too
+            self._memory.invalidate((namespace, key), 0)  # failed writes may have happened too
 
     async def delete(
         self,
@@ -211,53 +191,21 @@ class LocalCache:
                 namespace, key, expected_version=expected_version, timeout=timeout
             )
         finally:
-            self._invalidate((namespace, key), 0)
-
-    def _store(self, k: _Key, value: Value, began: float) -> None:
-        """Keep *value*, read by a Get that began at *began* (monotonic): its
-        age counts from then, not from when its answer came back."""
-        if value.stale:
-            return  # served while the server could not refresh it: not worth keeping
-        held = self._entries.get(k)
-        if held is not None and not _same_or_newer(value, held[1]):
-            # A slower Get overtaken by a faster one: keep neither, rather
-            # than let a reader see the older value after the newer one.
-            del self._entries[k]
-            return
-        age = self._max_age if value.ttl_ms <= 0 else min(self._max_age, value.ttl_ms / 1000)
-        if began + age <= time.monotonic():
-            return  # read too long ago already
-        self._entries[k] = (began + age, value)
-        self._entries.move_to_end(k)
-        if len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
-
-    def _invalidate(self, k: _Key, version: int) -> None:
-        self._seq += 1
-        if k in self._in_flight:
-            self._changed[k] = self._seq
-        held = self._entries.get(k)
-        if held is not None and (version == 0 or not held[1].found or held[1].version < version):
-            del self._entries[k]
+            self._memory.invalidate((namespace, key), 0)
 
     def _apply(self, event: WatchEvent) -> None:
         if event.kind is WatchEventKind.RESET:
             self._blind()  # the stream restarts: events may have been missed
             self._live.set()
         elif event.kind is WatchEventKind.INVALIDATION and event.all_keys:
-            self._seq += 1
-            self._dropped[event.namespace] = self._seq
-            for k in [k for k in self._entries if k[0] == event.namespace]:
-                del self._entries[k]
+            self._memory.drop_namespace(event.namespace)
         elif event.kind is WatchEventKind.INVALIDATION:
-            self._invalidate((event.namespace, event.key), event.version)
+            self._memory.invalidate((event.namespace, event.key), event.version)
 
     def _blind(self) -> None:
         """Forget everything and serve nothing from memory: events may be missed."""
         self._live.clear()
-        self._seq += 1
-        self._flushed = self._seq
-        self._entries.clear()
+        self._memory.forget_all()
 
     async def _watch(self) -> None:
         """Keep a Watch stream open, restarting it with backoff; stopped by cancellation."""
@@ -280,10 +228,3 @@ class LocalCache:
             self._blind()
             await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, self._max_backoff)
-
-
-def _same_or_newer(new: Value, old: Value) -> bool:
-    """Whether *new* may replace *old*: a not-found answer has no version to compare."""
-    if new.found and old.found:
-        return new.version >= old.version
-    return not new.found and not old.found
