@@ -83,6 +83,14 @@ export interface GetRequest {
   namespace: string;
   /** Key within the namespace (1 to 512 bytes of UTF-8), e.g. "42". */
   key: string;
+  /**
+   * Read-your-writes: the version a write returned (PutResponse.version,
+   * DeleteResponse.version), from this or any other service. A cached copy
+   * older than it is not served: the key is read again from PostgreSQL (and
+   * the answer says reloaded). 0 (unset): any version the staleness rules
+   * allow.
+   */
+  minVersion: bigint;
 }
 
 /** GetResponse carries the value of one key, or says that it does not exist. */
@@ -108,6 +116,11 @@ export interface GetResponse {
    * without caching.
    */
   ttlMs: bigint;
+  /**
+   * True when a cached copy older than GetRequest.min_version was skipped
+   * and the key was read again.
+   */
+  reloaded: boolean;
 }
 
 /** BatchGetRequest asks for many keys of one namespace. */
@@ -116,6 +129,17 @@ export interface BatchGetRequest {
   namespace: string;
   /** Keys to read (1 to 1000 of them); duplicates are answered once each. */
   keys: string[];
+  /**
+   * Read-your-writes per key (see GetRequest.min_version): a key listed
+   * here is not answered from a cached copy older than its version. Every
+   * key listed must also be in keys.
+   */
+  minVersions: { [key: string]: bigint };
+}
+
+export interface BatchGetRequest_MinVersionsEntry {
+  key: string;
+  value: bigint;
 }
 
 /** BatchGetResponse answers a BatchGetRequest. */
@@ -140,6 +164,11 @@ export interface Entry {
   stale: boolean;
   /** Milliseconds until the cached copy expires (see GetResponse.ttl_ms). */
   ttlMs: bigint;
+  /**
+   * True when a cached copy older than the key's min_version was skipped
+   * (see GetResponse.reloaded).
+   */
+  reloaded: boolean;
 }
 
 /** PutRequest writes one key. */
@@ -461,7 +490,7 @@ export interface Heartbeat {
 }
 
 function createBaseGetRequest(): GetRequest {
-  return { namespace: "", key: "" };
+  return { namespace: "", key: "", minVersion: 0n };
 }
 
 export const GetRequest: MessageFns<GetRequest> = {
@@ -471,6 +500,12 @@ export const GetRequest: MessageFns<GetRequest> = {
     }
     if (message.key !== "") {
       writer.uint32(18).string(message.key);
+    }
+    if (message.minVersion !== 0n) {
+      if (BigInt.asIntN(64, message.minVersion) !== message.minVersion) {
+        throw new globalThis.Error("value provided for field message.minVersion of type int64 too large");
+      }
+      writer.uint32(24).int64(message.minVersion);
     }
     return writer;
   },
@@ -504,6 +539,14 @@ export const GetRequest: MessageFns<GetRequest> = {
             message.key = reader.string();
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.minVersion = reader.int64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -520,6 +563,11 @@ export const GetRequest: MessageFns<GetRequest> = {
     return {
       namespace: isSet(object.namespace) ? globalThis.String(object.namespace) : "",
       key: isSet(object.key) ? globalThis.String(object.key) : "",
+      minVersion: isSet(object.minVersion)
+        ? BigInt(object.minVersion)
+        : isSet(object.min_version)
+        ? BigInt(object.min_version)
+        : 0n,
     };
   },
 
@@ -531,6 +579,9 @@ export const GetRequest: MessageFns<GetRequest> = {
     if (message.key !== "") {
       obj.key = message.key;
     }
+    if (message.minVersion !== 0n) {
+      obj.minVersion = message.minVersion.toString();
+    }
     return obj;
   },
 
@@ -541,12 +592,15 @@ export const GetRequest: MessageFns<GetRequest> = {
     const message = createBaseGetRequest();
     message.namespace = object.namespace ?? "";
     message.key = object.key ?? "";
+    message.minVersion = (object.minVersion !== undefined && object.minVersion !== null)
+      ? BigInt(object.minVersion)
+      : 0n;
     return message;
   },
 };
 
 function createBaseGetResponse(): GetResponse {
-  return { found: false, value: Buffer.alloc(0), version: 0n, layer: 0, stale: false, ttlMs: 0n };
+  return { found: false, value: Buffer.alloc(0), version: 0n, layer: 0, stale: false, ttlMs: 0n, reloaded: false };
 }
 
 export const GetResponse: MessageFns<GetResponse> = {
@@ -574,6 +628,9 @@ export const GetResponse: MessageFns<GetResponse> = {
         throw new globalThis.Error("value provided for field message.ttlMs of type int64 too large");
       }
       writer.uint32(48).int64(message.ttlMs);
+    }
+    if (message.reloaded !== false) {
+      writer.uint32(56).bool(message.reloaded);
     }
     return writer;
   },
@@ -639,6 +696,14 @@ export const GetResponse: MessageFns<GetResponse> = {
             message.ttlMs = reader.int64() as bigint;
             continue;
           }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.reloaded = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -659,6 +724,7 @@ export const GetResponse: MessageFns<GetResponse> = {
       layer: isSet(object.layer) ? layerFromJSON(object.layer) : 0,
       stale: isSet(object.stale) ? globalThis.Boolean(object.stale) : false,
       ttlMs: isSet(object.ttlMs) ? BigInt(object.ttlMs) : isSet(object.ttl_ms) ? BigInt(object.ttl_ms) : 0n,
+      reloaded: isSet(object.reloaded) ? globalThis.Boolean(object.reloaded) : false,
     };
   },
 
@@ -682,6 +748,9 @@ export const GetResponse: MessageFns<GetResponse> = {
     if (message.ttlMs !== 0n) {
       obj.ttlMs = message.ttlMs.toString();
     }
+    if (message.reloaded !== false) {
+      obj.reloaded = message.reloaded;
+    }
     return obj;
   },
 
@@ -696,12 +765,13 @@ export const GetResponse: MessageFns<GetResponse> = {
     message.layer = object.layer ?? 0;
     message.stale = object.stale ?? false;
     message.ttlMs = (object.ttlMs !== undefined && object.ttlMs !== null) ? BigInt(object.ttlMs) : 0n;
+    message.reloaded = object.reloaded ?? false;
     return message;
   },
 };
 
 function createBaseBatchGetRequest(): BatchGetRequest {
-  return { namespace: "", keys: [] };
+  return { namespace: "", keys: [], minVersions: {} };
 }
 
 export const BatchGetRequest: MessageFns<BatchGetRequest> = {
@@ -712,6 +782,9 @@ export const BatchGetRequest: MessageFns<BatchGetRequest> = {
     for (const v of message.keys) {
       writer.uint32(18).string(v!);
     }
+    globalThis.Object.entries(message.minVersions).forEach(([key, value]: [string, bigint]) => {
+      BatchGetRequest_MinVersionsEntry.encode({ key: key as any, value }, writer.uint32(26).fork()).join();
+    });
     return writer;
   },
 
@@ -744,6 +817,17 @@ export const BatchGetRequest: MessageFns<BatchGetRequest> = {
             message.keys.push(reader.string());
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            const entry3 = BatchGetRequest_MinVersionsEntry.decode(reader, reader.uint32());
+            if (entry3.value !== undefined) {
+              message.minVersions[entry3.key] = entry3.value;
+            }
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -760,6 +844,33 @@ export const BatchGetRequest: MessageFns<BatchGetRequest> = {
     return {
       namespace: isSet(object.namespace) ? globalThis.String(object.namespace) : "",
       keys: globalThis.Array.isArray(object?.keys) ? object.keys.map((e: any) => globalThis.String(e)) : [],
+      minVersions: isObject(object.minVersions)
+        ? (globalThis.Object.entries(object.minVersions) as [string, any][]).reduce(
+          (acc: { [key: string]: bigint }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: BigInt(value as string | number | bigint | boolean),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : isObject(object.min_versions)
+        ? (globalThis.Object.entries(object.min_versions) as [string, any][]).reduce(
+          (acc: { [key: string]: bigint }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: BigInt(value as string | number | bigint | boolean),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
     };
   },
 
@@ -771,6 +882,15 @@ export const BatchGetRequest: MessageFns<BatchGetRequest> = {
     if (message.keys?.length) {
       obj.keys = message.keys;
     }
+    if (message.minVersions) {
+      const entries = globalThis.Object.entries(message.minVersions) as [string, bigint][];
+      if (entries.length > 0) {
+        obj.minVersions = {};
+        entries.forEach(([k, v]) => {
+          obj.minVersions[k] = v.toString();
+        });
+      }
+    }
     return obj;
   },
 
@@ -781,6 +901,107 @@ export const BatchGetRequest: MessageFns<BatchGetRequest> = {
     const message = createBaseBatchGetRequest();
     message.namespace = object.namespace ?? "";
     message.keys = object.keys?.map((e) => e) || [];
+    message.minVersions = (globalThis.Object.entries(object.minVersions ?? {}) as [string, bigint][]).reduce(
+      (acc: { [key: string]: bigint }, [key, value]: [string, bigint]) => {
+        if (value !== undefined) {
+          acc[key] = BigInt(value as string | number | bigint | boolean);
+        }
+        return acc;
+      },
+      {},
+    );
+    return message;
+  },
+};
+
+function createBaseBatchGetRequest_MinVersionsEntry(): BatchGetRequest_MinVersionsEntry {
+  return { key: "", value: 0n };
+}
+
+export const BatchGetRequest_MinVersionsEntry: MessageFns<BatchGetRequest_MinVersionsEntry> = {
+  encode(message: BatchGetRequest_MinVersionsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== 0n) {
+      if (BigInt.asIntN(64, message.value) !== message.value) {
+        throw new globalThis.Error("value provided for field message.value of type int64 too large");
+      }
+      writer.uint32(16).int64(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): BatchGetRequest_MinVersionsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseBatchGetRequest_MinVersionsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.value = reader.int64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): BatchGetRequest_MinVersionsEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? BigInt(object.value) : 0n,
+    };
+  },
+
+  toJSON(message: BatchGetRequest_MinVersionsEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== 0n) {
+      obj.value = message.value.toString();
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<BatchGetRequest_MinVersionsEntry>, I>>(
+    base?: I,
+  ): BatchGetRequest_MinVersionsEntry {
+    return BatchGetRequest_MinVersionsEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<BatchGetRequest_MinVersionsEntry>, I>>(
+    object: I,
+  ): BatchGetRequest_MinVersionsEntry {
+    const message = createBaseBatchGetRequest_MinVersionsEntry();
+    message.key = object.key ?? "";
+    message.value = (object.value !== undefined && object.value !== null) ? BigInt(object.value) : 0n;
     return message;
   },
 };
@@ -855,7 +1076,16 @@ export const BatchGetResponse: MessageFns<BatchGetResponse> = {
 };
 
 function createBaseEntry(): Entry {
-  return { key: "", found: false, value: Buffer.alloc(0), version: 0n, layer: 0, stale: false, ttlMs: 0n };
+  return {
+    key: "",
+    found: false,
+    value: Buffer.alloc(0),
+    version: 0n,
+    layer: 0,
+    stale: false,
+    ttlMs: 0n,
+    reloaded: false,
+  };
 }
 
 export const Entry: MessageFns<Entry> = {
@@ -886,6 +1116,9 @@ export const Entry: MessageFns<Entry> = {
         throw new globalThis.Error("value provided for field message.ttlMs of type int64 too large");
       }
       writer.uint32(56).int64(message.ttlMs);
+    }
+    if (message.reloaded !== false) {
+      writer.uint32(64).bool(message.reloaded);
     }
     return writer;
   },
@@ -959,6 +1192,14 @@ export const Entry: MessageFns<Entry> = {
             message.ttlMs = reader.int64() as bigint;
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.reloaded = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -980,6 +1221,7 @@ export const Entry: MessageFns<Entry> = {
       layer: isSet(object.layer) ? layerFromJSON(object.layer) : 0,
       stale: isSet(object.stale) ? globalThis.Boolean(object.stale) : false,
       ttlMs: isSet(object.ttlMs) ? BigInt(object.ttlMs) : isSet(object.ttl_ms) ? BigInt(object.ttl_ms) : 0n,
+      reloaded: isSet(object.reloaded) ? globalThis.Boolean(object.reloaded) : false,
     };
   },
 
@@ -1006,6 +1248,9 @@ export const Entry: MessageFns<Entry> = {
     if (message.ttlMs !== 0n) {
       obj.ttlMs = message.ttlMs.toString();
     }
+    if (message.reloaded !== false) {
+      obj.reloaded = message.reloaded;
+    }
     return obj;
   },
 
@@ -1021,6 +1266,7 @@ export const Entry: MessageFns<Entry> = {
     message.layer = object.layer ?? 0;
     message.stale = object.stale ?? false;
     message.ttlMs = (object.ttlMs !== undefined && object.ttlMs !== null) ? BigInt(object.ttlMs) : 0n;
+    message.reloaded = object.reloaded ?? false;
     return message;
   },
 };
@@ -3847,6 +4093,10 @@ export type DeepPartial<T> = T extends bigint ? string | number | bigint
 type KeysOfUnion<T> = T extends T ? keyof T : never;
 export type Exact<P, I extends P> = P extends Builtin ? P
   : P & { [K in keyof P]: Exact<P[K], I[K]> } & { [K in Exclude<keyof I, KeysOfUnion<P>>]: never };
+
+function isObject(value: any): boolean {
+  return typeof value === "object" && value !== null;
+}
 
 function isSet(value: any): boolean {
   return value !== null && value !== undefined;

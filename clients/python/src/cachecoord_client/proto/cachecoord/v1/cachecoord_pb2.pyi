@@ -58,19 +58,28 @@ class GetRequest(_message.Message):
 
     NAMESPACE_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
+    MIN_VERSION_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     """Namespace as configured on the server, e.g. "users"."""
     key: _builtins.str
     """Key within the namespace (1 to 512 bytes of UTF-8), e.g. "42"."""
+    min_version: _builtins.int
+    """Read-your-writes: the version a write returned (PutResponse.version,
+    DeleteResponse.version), from this or any other service. A cached copy
+    older than it is not served: the key is read again from PostgreSQL (and
+    the answer says reloaded). 0 (unset): any version the staleness rules
+    allow.
+    """
     def __init__(
         self,
         *,
         namespace: _builtins.str = ...,
         key: _builtins.str = ...,
+        min_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "namespace", b"namespace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "min_version", b"min_version", "namespace", b"namespace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -88,6 +97,7 @@ class GetResponse(_message.Message):
     LAYER_FIELD_NUMBER: _builtins.int
     STALE_FIELD_NUMBER: _builtins.int
     TTL_MS_FIELD_NUMBER: _builtins.int
+    RELOADED_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
     """True when the key exists; when false every other field is unset."""
     value: _builtins.bytes
@@ -106,6 +116,10 @@ class GetResponse(_message.Message):
     """Milliseconds until the cached copy expires; 0 when served from PostgreSQL
     without caching.
     """
+    reloaded: _builtins.bool
+    """True when a cached copy older than GetRequest.min_version was skipped
+    and the key was read again.
+    """
     def __init__(
         self,
         *,
@@ -115,10 +129,11 @@ class GetResponse(_message.Message):
         layer: Global___Layer.ValueType = ...,
         stale: _builtins.bool = ...,
         ttl_ms: _builtins.int = ...,
+        reloaded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "layer", b"layer", "stale", b"stale", "ttl_ms", b"ttl_ms", "value", b"value", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "layer", b"layer", "reloaded", b"reloaded", "stale", b"stale", "ttl_ms", b"ttl_ms", "value", b"value", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -130,23 +145,52 @@ class BatchGetRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MinVersionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAMESPACE_FIELD_NUMBER: _builtins.int
     KEYS_FIELD_NUMBER: _builtins.int
+    MIN_VERSIONS_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     """Namespace as configured on the server."""
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Keys to read (1 to 1000 of them); duplicates are answered once each."""
 
+    @_builtins.property
+    def min_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Read-your-writes per key (see GetRequest.min_version): a key listed
+        here is not answered from a cached copy older than its version. Every
+        key listed must also be in keys.
+        """
+
     def __init__(
         self,
         *,
         namespace: _builtins.str = ...,
         keys: _abc.Iterable[_builtins.str] | None = ...,
+        min_versions: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "namespace", b"namespace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "min_versions", b"min_versions", "namespace", b"namespace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -189,6 +233,7 @@ class Entry(_message.Message):
     LAYER_FIELD_NUMBER: _builtins.int
     STALE_FIELD_NUMBER: _builtins.int
     TTL_MS_FIELD_NUMBER: _builtins.int
+    RELOADED_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The key this entry answers."""
     found: _builtins.bool
@@ -203,6 +248,10 @@ class Entry(_message.Message):
     """True when the value was served stale (see GetResponse.stale)."""
     ttl_ms: _builtins.int
     """Milliseconds until the cached copy expires (see GetResponse.ttl_ms)."""
+    reloaded: _builtins.bool
+    """True when a cached copy older than the key's min_version was skipped
+    (see GetResponse.reloaded).
+    """
     def __init__(
         self,
         *,
@@ -213,10 +262,11 @@ class Entry(_message.Message):
         layer: Global___Layer.ValueType = ...,
         stale: _builtins.bool = ...,
         ttl_ms: _builtins.int = ...,
+        reloaded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "key", b"key", "layer", b"layer", "stale", b"stale", "ttl_ms", b"ttl_ms", "value", b"value", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "key", b"key", "layer", b"layer", "reloaded", b"reloaded", "stale", b"stale", "ttl_ms", b"ttl_ms", "value", b"value", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
