@@ -292,6 +292,7 @@ class Read:
     instance: int
     path: str  # "redis", "database", "near", "local-memory", "not-found"
     stale: bool
+    min_version: int = 0  # read-your-writes: asked for at least this version
 
 
 @dataclass
@@ -373,15 +374,28 @@ class History:
         self.server_errors: list[str] = []  # INTERNAL or UNKNOWN: a bug, whatever the fault
         self.deadlocks = 0
         self.event_count = 0
+        self.newest: dict[tuple[str, str], int] = {}
+        """The newest acknowledged version of each key so far."""
 
     def wrote(self, namespace: str, key: str, version: int, instance: int) -> None:
         acked = time.monotonic()
         self.writes.append(Write(namespace, key, version, acked, instance, acked))
+        self.newest[(namespace, key)] = max(version, self.newest.get((namespace, key), 0))
 
-    def read(self, namespace: str, key: str, value: Any, began: float, instance: int) -> None:
+    def read(
+        self,
+        namespace: str,
+        key: str,
+        value: Any,
+        began: float,
+        instance: int,
+        min_version: int = 0,
+    ) -> None:
         path = str(value.layer) if value.found else "not-found"
         version = value.version if value.found else 0
-        self.reads.append(Read(namespace, key, version, began, instance, path, value.stale))
+        self.reads.append(
+            Read(namespace, key, version, began, instance, path, value.stale, min_version)
+        )
 
     def local_read(
         self, namespace: str, key: str, value: Value, began: float, instance: int, memory: bool
@@ -443,6 +457,8 @@ class History:
                 event_version = seen.newest_before(read.began)
                 if event_version > required:
                     required, why = event_version, "its event had arrived"
+            if read.min_version > required:
+                required, why = read.min_version, "it asked for min_version (read-your-writes)"
             if read.version < required:
                 path.beyond_bound += 1
                 if len(report.violations) < 20:
@@ -723,6 +739,12 @@ async def run_history(
                 began = time.monotonic()
                 for entry in await client.batch_get(namespace, chosen):
                     history.read(namespace, entry.key, entry, began, number)
+            elif rng.random() < 0.3:  # read-your-writes: what any instance acknowledged
+                key = rng.choice(keys[namespace])
+                floor = history.newest.get((namespace, key), 0)
+                began = time.monotonic()
+                got = await client.get(namespace, key, min_version=floor)
+                history.read(namespace, key, got, began, number, floor)
             else:
                 key = rng.choice(keys[namespace])
                 began = time.monotonic()

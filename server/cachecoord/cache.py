@@ -27,18 +27,33 @@ class Cache:
         self._limits = limits
         self._watch_hub = watch_hub
 
-    async def get(self, namespace: str, key: str) -> Entry:
+    async def get(self, namespace: str, key: str, *, min_version: int = 0) -> Entry:
         strategy = self._namespace(namespace)
         self._check_key(strategy, key)
-        entry = await strategy.get(key)
+        _check_min_version(key, min_version)
+        entry = await strategy.get(key, min_version)
         if telemetry.TRACING or telemetry.METRICS:
             _observe(strategy, [entry])
         return entry
 
-    async def batch_get(self, namespace: str, keys: Sequence[str]) -> list[Entry]:
+    async def batch_get(
+        self,
+        namespace: str,
+        keys: Sequence[str],
+        *,
+        min_versions: Mapping[str, int] | None = None,
+    ) -> list[Entry]:
         strategy = self._namespace(namespace)
         self._check_keys(strategy, keys)
-        entries = await strategy.batch_get(keys)
+        if min_versions:
+            unknown = sorted(set(min_versions) - set(keys))
+            if unknown:
+                raise InvalidArgument(
+                    f"min_versions names keys that are not in keys: {', '.join(unknown[:5])}"
+                )
+            for key, version in min_versions.items():
+                _check_min_version(key, version)
+        entries = await strategy.batch_get(keys, min_versions)
         if telemetry.TRACING or telemetry.METRICS:
             _observe(strategy, entries)
         return entries
@@ -167,6 +182,14 @@ def _observe(strategy: Strategy, entries: Sequence[Entry]) -> None:
                 instruments.hits.add(
                     1, {"cache.namespace": namespace, "cache.layer": entry.layer.value}
                 )
+
+
+def _check_min_version(key: str, min_version: int) -> None:
+    if min_version < 0:
+        raise InvalidArgument(
+            f"min_version of key {key!r} must not be negative (got {min_version}); "
+            "give the version a Put or Delete returned, or 0"
+        )
 
 
 def _check_version(expected_version: int | None) -> None:

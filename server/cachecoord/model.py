@@ -24,6 +24,8 @@ class Entry:
     layer: Layer
     stale: bool = False
     ttl_ms: int = 0
+    reloaded: bool = False
+    """A cached copy older than the read's min_version was skipped."""
 
     @property
     def found(self) -> bool:

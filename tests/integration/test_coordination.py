@@ -301,9 +301,11 @@ async def test_concurrent_misses_across_instances_share_one_load_and_wake_on_its
             noticed_at.setdefault(number, time.monotonic())
             on_fill(name)
 
-        async def answering(name: str, number: int = number, get: Any = reader_get) -> Any:
+        async def answering(
+            name: str, number: int = number, get: Any = reader_get, *, min_version: int = 0
+        ) -> Any:
             started = time.monotonic()
-            entry = await get(name)
+            entry = await get(name, min_version=min_version)
             calls[number].append((started, time.monotonic()))
             return entry
 
@@ -384,8 +386,8 @@ async def test_an_instance_waiting_for_a_fill_is_woken_by_its_notice_not_by_its_
         now.filling = time.monotonic()
         return await fill_many(batch)
 
-    async def answered(name: str) -> Any:
-        entry = await waiter_get(name)
+    async def answered(name: str, *, min_version: int = 0) -> Any:
+        entry = await waiter_get(name, min_version=min_version)
         now.answered = time.monotonic()
         return entry
 

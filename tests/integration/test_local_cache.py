@@ -24,7 +24,7 @@ from cachecoord.model import Entry
 from cachecoord_client import AsyncClient, LocalCache, NamespaceNotFound, Unavailable, Value
 from local_servers import PostgresServer, RedisServer
 
-Get = Callable[[str, str], Awaitable[Entry]]
+Get = Callable[..., Awaitable[Entry]]
 
 
 def count_gets(app: App, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
@@ -33,9 +33,9 @@ def count_gets(app: App, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     counts: Counter[str] = Counter()
     get: Get = app.cache.get
 
-    async def counted(namespace: str, key: str) -> Entry:
+    async def counted(namespace: str, key: str, *, min_version: int = 0) -> Entry:
         counts[key] += 1
-        return await get(namespace, key)
+        return await get(namespace, key, min_version=min_version)
 
     monkeypatch.setattr(app.cache, "get", counted)
     return counts
@@ -161,8 +161,8 @@ async def test_a_get_in_flight_while_its_key_changes_is_not_kept(
     get: Get = app.cache.get
     has_read, answer = asyncio.Event(), asyncio.Event()
 
-    async def slow_get(namespace: str, k: str) -> Entry:
-        entry = await get(namespace, k)
+    async def slow_get(namespace: str, k: str, *, min_version: int = 0) -> Entry:
+        entry = await get(namespace, k, min_version=min_version)
         if k == key:
             has_read.set()
             await answer.wait()
@@ -198,8 +198,8 @@ async def test_an_entry_counts_its_age_from_when_its_get_began(
     get: Get = app.cache.get
     release = asyncio.Event()
 
-    async def slow_get(namespace: str, k: str) -> Entry:
-        entry = await get(namespace, k)
+    async def slow_get(namespace: str, k: str, *, min_version: int = 0) -> Entry:
+        entry = await get(namespace, k, min_version=min_version)
         if k == key:
             await release.wait()
         return entry

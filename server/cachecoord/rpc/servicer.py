@@ -56,9 +56,11 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
 
     @rpc(_timeout)
     async def Get(self, request: pb.GetRequest, context: Context) -> pb.GetResponse:
-        entry = await self.cache.get(request.namespace, request.key)
+        entry = await self.cache.get(
+            request.namespace, request.key, min_version=request.min_version
+        )
         if entry.value is None:
-            return pb.GetResponse(found=False)
+            return pb.GetResponse(found=False, reloaded=entry.reloaded)
         return pb.GetResponse(
             found=True,
             value=entry.value,
@@ -66,11 +68,14 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
             layer=_LAYERS[entry.layer],
             stale=entry.stale,
             ttl_ms=entry.ttl_ms,
+            reloaded=entry.reloaded,
         )
 
     @rpc(_timeout)
     async def BatchGet(self, request: pb.BatchGetRequest, context: Context) -> pb.BatchGetResponse:
-        entries = await self.cache.batch_get(request.namespace, list(request.keys))
+        entries = await self.cache.batch_get(
+            request.namespace, list(request.keys), min_versions=dict(request.min_versions)
+        )
         return pb.BatchGetResponse(entries=[_entry(e) for e in entries])
 
     @rpc(_timeout)
@@ -210,7 +215,7 @@ def _watch_response(event: WatchEvent) -> pb.WatchResponse:
 
 def _entry(entry: Entry) -> pb.Entry:
     if entry.value is None:
-        return pb.Entry(key=entry.key, found=False)
+        return pb.Entry(key=entry.key, found=False, reloaded=entry.reloaded)
     return pb.Entry(
         key=entry.key,
         found=True,
@@ -219,6 +224,7 @@ def _entry(entry: Entry) -> pb.Entry:
         layer=_LAYERS[entry.layer],
         stale=entry.stale,
         ttl_ms=entry.ttl_ms,
+        reloaded=entry.reloaded,
     )
 
 

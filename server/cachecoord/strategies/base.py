@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -71,11 +71,13 @@ class Strategy(abc.ABC):
 
     # -- reads ---------------------------------------------------------------
 
-    async def get(self, key: str) -> Entry:
-        return await self.reader.get(key)
+    async def get(self, key: str, min_version: int = 0) -> Entry:
+        return await self.reader.get(key, min_version=min_version)
 
-    async def batch_get(self, keys: Sequence[str]) -> list[Entry]:
-        return await self.reader.batch_get(keys)
+    async def batch_get(
+        self, keys: Sequence[str], min_versions: Mapping[str, int] | None = None
+    ) -> list[Entry]:
+        return await self.reader.batch_get(keys, min_versions=min_versions)
 
     def on_message(self, message: Invalidation) -> None:
         """A message of this namespace's channel, from any instance."""

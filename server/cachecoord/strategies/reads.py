@@ -26,6 +26,7 @@ import secrets
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
+from dataclasses import replace
 from functools import partial
 
 from psycopg import AsyncConnection
@@ -56,6 +57,11 @@ from cachecoord.strategies.read_decisions import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _marked(entry: Entry, reloaded: bool) -> Entry:
+    return replace(entry, reloaded=True) if reloaded else entry
+
 
 # The fallback poll for another reader's fill backs off up to this.
 _MAX_POLL = 0.1
@@ -106,33 +112,46 @@ class Reader:
             else None
         )
 
-    async def get(self, key: str) -> Entry:
+    async def get(self, key: str, *, min_version: int = 0) -> Entry:
+        """*key*'s entry; with *min_version* (read-your-writes), never a cached
+        copy older than it: such a copy is skipped, the key read again from
+        PostgreSQL, and the entry says ``reloaded``."""
         near = self.near
+        skipped = False
         if near is None:
-            return (await self._get(key)).entry
+            found, reloaded = await self._get(key, min_version)
+            return _marked(found.entry, reloaded)
         with span("cache.near", **{"cache.namespace": self.settings.name}):
             entry = near.get(key)
         if entry is not None:
-            return entry
-        began, read = near.begin(key), None
+            if entry.version >= min_version:
+                return entry
+            skipped = True
+        began, reloaded = near.begin(key), False
+        read: Read | None = None
         try:
-            read = await self._get(key)
+            read, reloaded = await self._get(key, min_version)
         finally:
             if read is None:
                 near.finish(key, began, None, None)
             else:
                 near.finish(key, began, read.entry, read.confirmed_at)
-        return read.entry
+        return _marked(read.entry, skipped or reloaded)
 
-    async def _get(self, key: str) -> Read:
+    async def _get(self, key: str, min_version: int = 0) -> tuple[Read, bool]:
         """Redis, else a load shared with the concurrent misses of this
         instance: taken only if it can serve this read (see single_flight.py),
         otherwise this read starts over (at most once: the load it finds then
-        started after this read's miss)."""
+        started after this read's miss). A copy older than *min_version* is a
+        miss that must reload (never served stale); if the load still answers
+        older than *min_version* (it found such a copy in Redis), this read
+        loads again itself, once, bypassing Redis' copy. Also says whether a
+        copy was skipped for *min_version*."""
         stale: Entry | None = None
+        below = False
 
         async def look() -> Read | None:
-            nonlocal stale
+            nonlocal stale, below
             stale = None
             started = self._clock.monotonic()
             try:
@@ -144,39 +163,54 @@ class Reader:
                 return Read(await self._load_uncached(key))
             if raw is not None:
                 entry, reload = self._hit(key, raw)
-                if not reload:
+                if entry.version < min_version:
+                    below = True  # a copy older than the caller's write: a miss
+                elif not reload:
                     return Read(entry, 0, started)
-                stale = entry
+                else:
+                    stale = entry
             if key in self._loads and telemetry.METRICS:
                 instruments.coalesced.add(1, {"cache.namespace": self.settings.name})
             return None
 
         async def load() -> Shared[Read]:
-            return await self._miss(key, reload=stale is not None)
+            return await self._miss(key, reload=stale is not None or below)
 
         try:
-            return await self._loads.read_through(key, look, load)
+            read = await self._loads.read_through(key, look, load)
         except Unavailable:
             if stale is None:
                 raise
-            return Read(stale)  # stale-if-error: PostgreSQL is down, this is all there is
+            return Read(stale), False  # stale-if-error: PostgreSQL is down, all there is
+        if read.entry.version < min_version:
+            return (await self._load_misses([key], redis_up=True, reload=True))[key], True
+        return read, below
 
-    async def batch_get(self, keys: Sequence[str]) -> list[Entry]:
+    async def batch_get(
+        self, keys: Sequence[str], *, min_versions: Mapping[str, int] | None = None
+    ) -> list[Entry]:
+        """The entries of *keys*, in order; *min_versions*: as :meth:`get`'s
+        min_version, per key."""
+        floor = min_versions or {}
         entries: dict[str, Entry] = {}
+        skipped: set[str] = set()
         near = self.near
         if near is not None:
             for key in keys:
                 if (entry := near.get(key)) is not None:
-                    entries[key] = entry
+                    if entry.version >= floor.get(key, 0):
+                        entries[key] = entry
+                    else:
+                        skipped.add(key)
         unique = [key for key in dict.fromkeys(keys) if key not in entries]
         if not unique:
             return [entries[key] for key in keys]
         if near is None:
-            reads = await self._batch_get(unique)
+            reads = await self._batch_get(unique, floor, skipped)
         else:
             began, reads = {key: near.begin(key) for key in unique}, {}
             try:
-                reads = await self._batch_get(unique)
+                reads = await self._batch_get(unique, floor, skipped)
             finally:
                 for key in unique:
                     read = reads.get(key)
@@ -184,10 +218,15 @@ class Reader:
                         near.finish(key, began[key], None, None)
                     else:
                         near.finish(key, began[key], read.entry, read.confirmed_at)
-        entries.update((key, read.entry) for key, read in reads.items())
+        entries.update((key, _marked(read.entry, key in skipped)) for key, read in reads.items())
         return [entries[key] for key in keys]
 
-    async def _batch_get(self, unique: list[str]) -> dict[str, Read]:
+    async def _batch_get(
+        self, unique: list[str], floor: Mapping[str, int], skipped: set[str]
+    ) -> dict[str, Read]:
+        """Redis, then one load for the misses. A copy older than the key's
+        *floor* is a miss that reloads, never served stale; its key joins
+        *skipped*."""
         entries: dict[str, Read] = {}
         redis_up = True
         started = self._clock.monotonic()
@@ -203,14 +242,18 @@ class Reader:
                 misses.append(key)
                 continue
             entry, reload = self._hit(key, raw)
-            if reload:
+            if entry.version < floor.get(key, 0):
+                misses.append(key)
+                skipped.add(key)
+            elif reload:
                 misses.append(key)
                 stale[key] = entry
             else:
                 entries[key] = Read(entry, 0, started)
         if misses:
+            reload = bool(stale) or any(key in skipped for key in misses)
             try:
-                entries.update(await self._load_misses(misses, redis_up, reload=bool(stale)))
+                entries.update(await self._load_misses(misses, redis_up, reload=reload))
             except Unavailable:
                 if len(stale) < len(misses):
                     raise

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,14 +136,18 @@ def _keys(keys: Iterable[str], what: str = "keys") -> list[str]:
     return list(keys)
 
 
-def get_request(namespace: str, key: str) -> pb.GetRequest:
+def get_request(namespace: str, key: str, min_version: int = 0) -> pb.GetRequest:
     """Build a GetRequest."""
-    return pb.GetRequest(namespace=namespace, key=key)
+    return pb.GetRequest(namespace=namespace, key=key, min_version=min_version)
 
 
-def batch_get_request(namespace: str, keys: Iterable[str]) -> pb.BatchGetRequest:
+def batch_get_request(
+    namespace: str, keys: Iterable[str], min_versions: Mapping[str, int] | None = None
+) -> pb.BatchGetRequest:
     """Build a BatchGetRequest."""
-    return pb.BatchGetRequest(namespace=namespace, keys=_keys(keys))
+    return pb.BatchGetRequest(
+        namespace=namespace, keys=_keys(keys), min_versions=dict(min_versions or {})
+    )
 
 
 def put_request(
@@ -214,6 +218,7 @@ def to_value(response: pb.GetResponse) -> Value:
         layer=to_layer(response.layer),
         stale=response.stale,
         ttl_ms=response.ttl_ms,
+        reloaded=response.reloaded,
     )
 
 
@@ -227,6 +232,7 @@ def to_entry(message: pb.Entry) -> Entry:
         layer=to_layer(message.layer),
         stale=message.stale,
         ttl_ms=message.ttl_ms,
+        reloaded=message.reloaded,
     )
 
 

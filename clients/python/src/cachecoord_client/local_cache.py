@@ -140,15 +140,18 @@ class LocalCache:
         """Close the cache."""
         await self.close()
 
-    async def get(self, namespace: str, key: str, *, timeout: float | None = None) -> Value:
-        """Read a key: from memory if held and fresh, else from the server (then held)."""
+    async def get(
+        self, namespace: str, key: str, *, min_version: int = 0, timeout: float | None = None
+    ) -> Value:
+        """Read a key: from memory if held and fresh (and at least *min_version*,
+        see `AsyncClient.get`), else from the server (then held)."""
         k = (namespace, key)
         held = self._memory.get(k)
-        if held is not None:
+        if held is not None and held.version >= min_version:
             return held
         reading, value = self._memory.begin(k), None
         try:
-            value = await self._client.get(namespace, key, timeout=timeout)
+            value = await self._client.get(namespace, key, min_version=min_version, timeout=timeout)
         finally:
             keep = self._live.is_set() and namespace in self._namespaces
             self._memory.finish(k, reading, value if keep else None)

@@ -9,7 +9,7 @@ import contextlib
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
@@ -166,12 +166,17 @@ class Client:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
-    def get(self, namespace: str, key: str, *, timeout: float | None = None) -> Value:
+    def get(
+        self, namespace: str, key: str, *, min_version: int = 0, timeout: float | None = None
+    ) -> Value:
         """Read one key (near cache, then Redis, then PostgreSQL).
 
         Args:
             namespace: Namespace as configured on the server, e.g. ``"users"``.
             key: Key within the namespace.
+            min_version: Read-your-writes: the version a put or delete returned
+                (from any client); a cached copy older than it is not served
+                (the answer then says ``reloaded``). 0: any.
             timeout: Deadline in seconds; None uses ``default_timeout``.
 
         Returns:
@@ -181,18 +186,25 @@ class Client:
             NamespaceNotFound: The namespace is not configured.
             CacheCoordError: Any other failure.
         """
-        request = _convert.get_request(namespace, key)
+        request = _convert.get_request(namespace, key, min_version)
         timeout = _convert.deadline(timeout, self._default_timeout)
         return _convert.to_value(self._call(self._stub.Get, request, timeout))
 
     def batch_get(
-        self, namespace: str, keys: Iterable[str], *, timeout: float | None = None
+        self,
+        namespace: str,
+        keys: Iterable[str],
+        *,
+        min_versions: Mapping[str, int] | None = None,
+        timeout: float | None = None,
     ) -> list[Entry]:
         """Read many keys of one namespace.
 
         Args:
             namespace: Namespace as configured on the server.
             keys: Keys to read (1 to 1000); not a single str.
+            min_versions: Read-your-writes per key (see ``get``'s
+                ``min_version``); every key named must be in ``keys``.
             timeout: Deadline in seconds; None uses ``default_timeout``.
 
         Returns:
@@ -203,7 +215,7 @@ class Client:
             NamespaceNotFound: The namespace is not configured.
             CacheCoordError: Any other failure.
         """
-        request = _convert.batch_get_request(namespace, keys)
+        request = _convert.batch_get_request(namespace, keys, min_versions)
         timeout = _convert.deadline(timeout, self._default_timeout)
         return _convert.to_entries(self._call(self._stub.BatchGet, request, timeout))
 

@@ -52,6 +52,8 @@ class Value:
             being revalidated, or because PostgreSQL is unreachable).
         ttl_ms: Milliseconds until the cached copy expires; 0 when served from
             PostgreSQL without caching.
+        reloaded: True when a cached copy older than the read's ``min_version``
+            was skipped and the key read again.
     """
 
     found: bool
@@ -60,6 +62,7 @@ class Value:
     layer: Layer
     stale: bool
     ttl_ms: int
+    reloaded: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,8 @@ class Entry:
         layer: Where the value was served from.
         stale: True when the value was served stale (see `Value.stale`).
         ttl_ms: Milliseconds until the cached copy expires (see `Value.ttl_ms`).
+        reloaded: True when a cached copy older than the key's min_version was
+            skipped (see `Value.reloaded`).
     """
 
     key: str
@@ -84,6 +89,7 @@ class Entry:
     layer: Layer
     stale: bool
     ttl_ms: int
+    reloaded: bool = False
 
 
 @dataclass(frozen=True, slots=True)
