@@ -40,8 +40,10 @@ BLOCKING_SURFACE = {
     "token: 'str | None' = None) -> 'Self'",
     "default_timeout": "(self) -> 'float'",
     "close": "(self) -> 'None'",
-    "get": "(self, namespace: 'str', key: 'str', *, timeout: 'float | None' = None) -> 'Value'",
+    "get": "(self, namespace: 'str', key: 'str', *, min_version: 'int' = 0, "
+    "timeout: 'float | None' = None) -> 'Value'",
     "batch_get": "(self, namespace: 'str', keys: 'Iterable[str]', *, "
+    "min_versions: 'Mapping[str, int] | None' = None, "
     "timeout: 'float | None' = None) -> 'list[Entry]'",
     "put": "(self, namespace: 'str', key: 'str', value: 'bytes', *, "
     "expected_version: 'int | None' = None, ttl_ms: 'int | None' = None, "
