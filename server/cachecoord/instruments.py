@@ -3,9 +3,9 @@
 They are no-ops until telemetry.configure() installs the SDK; hot paths also
 check ``telemetry.TRACING`` / ``telemetry.METRICS`` so that, with telemetry
 off, they do no span or attribute work at all. With tracing on, a request the
-sampler leaves out costs one sampling decision: its server span does not
-record, and nothing below it creates a span or reads the trace context again
-(see :class:`ServerSpan` and :data:`request_span`).
+sampler leaves out costs one sampling decision: no span is started for it,
+and nothing below it creates a span or reads the trace context again (see
+:class:`ServerSpan` and :data:`request_span`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context, metrics, propagate, trace
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, Context
@@ -24,6 +24,9 @@ from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.util.types import Attributes
 
 from cachecoord import telemetry
+
+if TYPE_CHECKING:
+    from cachecoord.sampling import ServerSampling
 
 tracer = trace.get_tracer("cachecoord")
 meter = metrics.get_meter("cachecoord")
@@ -50,10 +53,11 @@ class ServerSpan:
     the caller's span from the W3C ``traceparent`` in *metadata* (the gRPC
     invocation metadata), whatever language the caller is written in.
 
-    When the sampler leaves the request out, the span does not record and the
-    block also runs with instrumentation suppressed (the key the contrib Redis
+    The configured sampler is asked first (cachecoord/sampling.py); when it
+    leaves the request out, no span is started (no tracer is involved) and
+    the block runs with instrumentation suppressed (the key the contrib Redis
     and psycopg instrumentations check), so an unsampled request creates no
-    other span: its cost stays one sampling decision. Log lines still carry
+    span at all: its cost stays one sampling decision. Log lines still carry
     its trace id. Exceptions are not recorded: the caller sets the status.
     """
 
@@ -71,9 +75,13 @@ class ServerSpan:
         # No trace context in the metadata: a root span (the propagator, with
         # nothing to read, would return an empty context too).
         self._parent = propagate.extract(carrier) if carrier else Context()
-        self._span = tracer.start_span(
-            name, context=self._parent, kind=trace.SpanKind.SERVER, attributes=attributes
-        )
+        sampling = _server_sampling()
+        if sampling is not None:
+            self._span = sampling.start(name, self._parent, trace.SpanKind.SERVER, attributes)
+        else:  # a tracer that telemetry.configure did not set up: the SDK decides
+            self._span = tracer.start_span(
+                name, context=self._parent, kind=trace.SpanKind.SERVER, attributes=attributes
+            )
 
     def __enter__(self) -> trace.Span:
         current = trace.set_span_in_context(self._span, self._parent)
@@ -92,9 +100,30 @@ class ServerSpan:
         tb: TracebackType | None,
     ) -> None:
         context.detach(self._token)
-        if self._recording is not None:
+        if self._recording is not None:  # else nothing to end
             request_span.reset(self._recording)
-        self._span.end()
+            self._span.end()
+
+
+_servers: tuple[trace.Tracer | None, trace.TracerProvider | None, ServerSampling | None] = (
+    None,
+    None,
+    None,
+)
+
+
+def _server_sampling() -> ServerSampling | None:
+    """How :data:`tracer` starts server spans (see cachecoord/sampling.py);
+    found again when the tracer or the global tracer provider changes."""
+    global _servers
+    provider = trace.get_tracer_provider()
+    if _servers[0] is not tracer or _servers[1] is not provider:
+        from cachecoord.sampling import server_sampling
+
+        # The API's proxy hands every call on to the provider's tracer.
+        sdk = trace.get_tracer("cachecoord") if isinstance(tracer, trace.ProxyTracer) else tracer
+        _servers = (tracer, provider, server_sampling(sdk))
+    return _servers[2]
 
 
 @contextmanager

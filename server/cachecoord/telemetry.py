@@ -146,7 +146,11 @@ def _tracer_provider(resource: Any, exporters: list[str], env: Mapping[str, str]
         SpanExporter,
     )
 
-    provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
+    from cachecoord.sampling import TraceIds
+
+    # The sampler comes from OTEL_TRACES_SAMPLER. TraceIds lets a server span
+    # ask it before the span exists (an unsampled request then makes none).
+    provider = TracerProvider(resource=resource, id_generator=TraceIds())
     for name in exporters:
         exporter: SpanExporter = (
             ConsoleSpanExporter()
