@@ -74,7 +74,7 @@ class Traced:
         (otel.sdk.span.started, OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED)."""
         data = self.metrics.get_metrics_data()
         return sum(
-            point.value
+            int(point.value)
             for resource in (data.resource_metrics if data else [])
             for scope in resource.scope_metrics
             for metric in scope.metrics
