@@ -7,7 +7,8 @@ as a span. :meth:`ServerSampling.start` asks the configured sampler first,
 with its public ``should_sample`` (the sampler of ``OTEL_TRACES_SAMPLER``,
 ``parentbased_traceidratio`` in production), and calls ``start_span`` only
 when the answer is to record. So a request left out costs one sampling
-decision, and a recorded one gets exactly the span the SDK always made.
+decision and makes no span object at all, and a recorded one gets exactly
+the span the SDK always made.
 
 The decision about a root span depends on its trace id (TraceIdRatioBased
 samples the trace ids whose low 64 bits fall under its bound), so the span
@@ -33,9 +34,7 @@ from opentelemetry.util.types import Attributes
 
 _chosen: ContextVar[int] = ContextVar("cachecoord_chosen_trace_id", default=0)
 
-# The flags of an unsampled root's span context, as the SDK sets them with a
-# random id generator: not sampled, random trace id.
-_UNSAMPLED_ROOT = trace.TraceFlags(trace.TraceFlags.RANDOM_TRACE_ID)
+_NO_LINKS: Sequence[trace.Link] = ()
 
 
 class TraceIds(RandomIdGenerator):
@@ -58,37 +57,24 @@ class ServerSampling:
 
     def start(
         self, name: str, parent: Context, kind: trace.SpanKind, attributes: Attributes
-    ) -> trace.Span:
-        """The span the SDK starts if the sampler records the request; else a
-        span context that only carries the trace id (as the SDK's own
-        non-recording span would: log lines show it), made by no tracer."""
+    ) -> tuple[trace.Span | None, int]:
+        """The span the SDK starts if the sampler records the request, else
+        None (no span of any kind is made); and the request's trace id (the
+        caller's, or the new root's)."""
         parent_context = trace.get_current_span(parent).get_span_context()
         root = not parent_context.is_valid
         trace_id = self.ids.generate_trace_id() if root else parent_context.trace_id
-        links: Sequence[trace.Link] = ()
-        result = self.sampler.should_sample(parent, trace_id, name, kind, attributes, links)
+        result = self.sampler.should_sample(parent, trace_id, name, kind, attributes, _NO_LINKS)
         if result.decision is Decision.DROP:
-            flags = (
-                _UNSAMPLED_ROOT
-                if root
-                else trace.TraceFlags(parent_context.trace_flags & trace.TraceFlags.RANDOM_TRACE_ID)
-            )
-            return trace.NonRecordingSpan(
-                trace.SpanContext(
-                    trace_id,
-                    self.ids.generate_span_id(),
-                    is_remote=False,
-                    trace_flags=flags,
-                    trace_state=result.trace_state,
-                )
-            )
+            return None, trace_id
         # The SDK asks the sampler again, about the same trace id and parent:
         # the built-in samplers answer the same.
         chosen = _chosen.set(trace_id if root else 0)
         try:
-            return self.tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
+            span = self.tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
         finally:
             _chosen.reset(chosen)
+        return span, trace_id
 
 
 def server_sampling(tracer: trace.Tracer) -> ServerSampling | None:

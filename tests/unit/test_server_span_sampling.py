@@ -5,6 +5,7 @@ spans as ever, and a ratio sampler keeps its ratio."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace import Link, SpanKind, TraceState
 from opentelemetry.util.types import Attributes
 
-from cachecoord import instruments
+from cachecoord import instruments, telemetry
 from cachecoord.sampling import TraceIds
 
 ATTRIBUTES = {"rpc.system": "grpc", "rpc.method": "Get"}
@@ -117,7 +118,14 @@ class Seen:
     request_span: bool
     instrumented: bool
     trace_id: int
+    """As a log line shows it."""
     recording: bool
+
+
+def logged_trace_id() -> int:
+    record = logging.LogRecord("cachecoord.test", logging.INFO, __file__, 1, "", None, None)
+    telemetry._TraceContext().filter(record)
+    return int(getattr(record, "trace_id", "") or "0", 16)
 
 
 def serve(metadata: Sequence[tuple[str, str | bytes]] = ()) -> Seen:
@@ -125,22 +133,22 @@ def serve(metadata: Sequence[tuple[str, str | bytes]] = ()) -> Seen:
         instruments.ServerSpan("cachecoord.v1.CacheCoordService/Get", metadata, ATTRIBUTES),
         instruments.span("cache.redis"),
     ):
-        current = trace.get_current_span()
         seen = Seen(
             instruments.request_span.get() is not None,
             is_instrumentation_enabled(),
-            current.get_span_context().trace_id,
-            current.is_recording(),
+            logged_trace_id(),
+            trace.get_current_span().is_recording(),
         )
     assert instruments.request_span.get() is None
     assert trace.get_current_span() is trace.INVALID_SPAN
     assert is_instrumentation_enabled()
+    assert logged_trace_id() == 0
     return seen
 
 
 def test_an_unsampled_request_starts_no_span(traced: Callable[[float], Traced]) -> None:
     """One sampling decision and no span created, not even a non-recording
-    one; the request's trace id is still current, for log lines."""
+    one; log lines still show the trace id the sampler decided on."""
     tracing = traced(0.0)
     seen = serve([("user-agent", "grpc-go")])
     assert (seen.request_span, seen.instrumented, seen.recording) == (False, False, False)
