@@ -20,8 +20,9 @@ Per run, the three phases (Get hits on 1,000 keys filled into Redis before the
 runs; clients send no trace context, so every request is a root and the ratio
 sampler decides) run in an order rotated run by run, so a drift of the machine
 does not always hit the same phase. The figures are the medians over runs of
-the per-run ratios ``rate with tracing / rate with tracing off``. Issue 6's
-target: 1 % sampling costs at most 5 % of the throughput (ratio >= 0.95).
+the per-run ratios ``rate with tracing / rate with tracing off``. Target
+(issue 19, item 3; issue 6 asked for 0.95): 1 % sampling costs at most 3 % of
+the throughput (ratio >= 0.97).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ HOT_KEYS = 1_000
 CALLS = 3_000
 WARMUP = 500
 RUNS = 15
-TARGET_1 = 0.95
+TARGET_1 = 0.97
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +140,7 @@ def run(options: Options) -> None:
         )
     met = report.results["tracing_1_ratio"] >= TARGET_1
     report.note(
-        f"issue 6 target, 1 % sampling costs at most 5 % throughput (tracing_1_ratio >= "
+        f"issue 19 target, 1 % sampling costs at most 3 % throughput (tracing_1_ratio >= "
         f"{TARGET_1}): {'met' if met else 'NOT met'} "
         f"({report.results['tracing_1_ratio']:.3f}; per run: "
         + ", ".join(

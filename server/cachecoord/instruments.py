@@ -3,9 +3,9 @@
 They are no-ops until telemetry.configure() installs the SDK; hot paths also
 check ``telemetry.TRACING`` / ``telemetry.METRICS`` so that, with telemetry
 off, they do no span or attribute work at all. With tracing on, a request the
-sampler leaves out costs one sampling decision: its server span does not
-record, and nothing below it creates a span or reads the trace context again
-(see :class:`ServerSpan` and :data:`request_span`).
+sampler leaves out costs one sampling decision: no span is started for it,
+and nothing below it creates a span or reads the trace context again (see
+:class:`ServerSpan` and :data:`request_span`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context, metrics, propagate, trace
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, Context
@@ -24,6 +24,9 @@ from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.util.types import Attributes
 
 from cachecoord import telemetry
+
+if TYPE_CHECKING:
+    from cachecoord.sampling import ServerSampling
 
 tracer = trace.get_tracer("cachecoord")
 meter = metrics.get_meter("cachecoord")
@@ -50,16 +53,19 @@ class ServerSpan:
     the caller's span from the W3C ``traceparent`` in *metadata* (the gRPC
     invocation metadata), whatever language the caller is written in.
 
-    When the sampler leaves the request out, the span does not record and the
-    block also runs with instrumentation suppressed (the key the contrib Redis
-    and psycopg instrumentations check), so an unsampled request creates no
-    other span: its cost stays one sampling decision. Log lines still carry
-    its trace id. Exceptions are not recorded: the caller sets the status.
+    The configured sampler is asked first (cachecoord/sampling.py). When it
+    leaves the request out, no span object is made at all and the block runs
+    with instrumentation suppressed (the key the contrib Redis and psycopg
+    instrumentations check), so nothing below makes one either: the request
+    costs one sampling decision. Its log lines still carry its trace id (the
+    caller's, or :data:`telemetry.untraced_trace_id` for a new root).
+    Exceptions are not recorded: the caller sets the status.
     """
 
-    __slots__ = ("_parent", "_recording", "_span", "_token")
+    __slots__ = ("_current", "_recording", "_span", "_token", "_trace_id", "_untraced")
     _token: Token[Context]
-    _recording: Token[trace.Span | None] | None
+    _recording: Token[trace.Span | None]
+    _untraced: Token[int] | None
 
     def __init__(
         self, name: str, metadata: Iterable[tuple[str, str | bytes]], attributes: Attributes
@@ -70,20 +76,38 @@ class ServerSpan:
         }
         # No trace context in the metadata: a root span (the propagator, with
         # nothing to read, would return an empty context too).
-        self._parent = propagate.extract(carrier) if carrier else Context()
-        self._span = tracer.start_span(
-            name, context=self._parent, kind=trace.SpanKind.SERVER, attributes=attributes
+        parent = propagate.extract(carrier) if carrier else _ROOT
+        sampling = _server_sampling()
+        span: trace.Span | None
+        self._trace_id = 0  # set for a root left out: its log lines show it
+        if sampling is not None:
+            span, trace_id = sampling.start(name, parent, trace.SpanKind.SERVER, attributes)
+            if span is None and parent is _ROOT:
+                self._trace_id = trace_id
+        else:  # a tracer that telemetry.configure did not set up: the SDK decides
+            span = tracer.start_span(
+                name, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes
+            )
+        if span is not None and span.is_recording():
+            self._span: trace.Span | None = span
+            self._current = trace.set_span_in_context(span, parent)
+            return
+        self._span = None
+        if span is not None:  # the SDK's non-recording span: it carries the ids
+            parent = trace.set_span_in_context(span, parent)
+        self._current = (
+            _SUPPRESSED_ROOT
+            if parent is _ROOT
+            else context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True, parent)
         )
 
     def __enter__(self) -> trace.Span:
-        current = trace.set_span_in_context(self._span, self._parent)
-        if self._span.is_recording():
+        self._token = context.attach(self._current)
+        if self._span is not None:
             self._recording = request_span.set(self._span)
-        else:
-            self._recording = None
-            current = context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True, current)
-        self._token = context.attach(current)
-        return self._span
+            return self._span
+        self._untraced = telemetry.untraced_trace_id.set(self._trace_id) if self._trace_id else None
+        return trace.INVALID_SPAN
 
     def __exit__(
         self,
@@ -92,9 +116,36 @@ class ServerSpan:
         tb: TracebackType | None,
     ) -> None:
         context.detach(self._token)
-        if self._recording is not None:
+        if self._span is not None:
             request_span.reset(self._recording)
-        self._span.end()
+            self._span.end()
+        elif self._untraced is not None:
+            telemetry.untraced_trace_id.reset(self._untraced)
+
+
+_ROOT = Context()
+_SUPPRESSED_ROOT = context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True, _ROOT)
+
+
+_servers: tuple[trace.Tracer | None, trace.TracerProvider | None, ServerSampling | None] = (
+    None,
+    None,
+    None,
+)
+
+
+def _server_sampling() -> ServerSampling | None:
+    """How :data:`tracer` starts server spans (see cachecoord/sampling.py);
+    found again when the tracer or the global tracer provider changes."""
+    global _servers
+    provider = trace.get_tracer_provider()
+    if _servers[0] is not tracer or _servers[1] is not provider:
+        from cachecoord.sampling import server_sampling
+
+        # The API's proxy hands every call on to the provider's tracer.
+        sdk = trace.get_tracer("cachecoord") if isinstance(tracer, trace.ProxyTracer) else tracer
+        _servers = (tracer, provider, server_sampling(sdk))
+    return _servers[2]
 
 
 @contextmanager

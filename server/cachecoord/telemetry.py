@@ -23,6 +23,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,11 @@ TRACING = False
 """True once tracing is configured: hot paths create spans only then."""
 METRICS = False
 """True once metrics are configured: hot paths record them only then."""
+
+untraced_trace_id: ContextVar[int] = ContextVar("cachecoord_untraced_trace_id", default=0)
+"""The trace id of the request being served when the sampler left it out as
+a new root, so that no span (not even a non-recording one) carries it; else 0.
+Log lines show it."""
 
 _DEFAULT_SERVICE = "cachecoord"
 
@@ -146,7 +152,11 @@ def _tracer_provider(resource: Any, exporters: list[str], env: Mapping[str, str]
         SpanExporter,
     )
 
-    provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
+    from cachecoord.sampling import TraceIds
+
+    # The sampler comes from OTEL_TRACES_SAMPLER. TraceIds lets a server span
+    # ask it before the span exists (an unsampled request then makes none).
+    provider = TracerProvider(resource=resource, id_generator=TraceIds())
     for name in exporters:
         exporter: SpanExporter = (
             ConsoleSpanExporter()
@@ -232,12 +242,18 @@ def _instrument_clients() -> None:
 
 
 class _TraceContext(logging.Filter):
-    """Adds the current trace and span ids to every record."""
+    """Adds the current trace and span ids to every record (only the trace
+    id in a request the sampler left out as a new root: it has no span)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         context = trace.get_current_span().get_span_context()
-        record.trace_id = format(context.trace_id, "032x") if context.is_valid else ""
-        record.span_id = format(context.span_id, "016x") if context.is_valid else ""
+        if context.is_valid:
+            record.trace_id = format(context.trace_id, "032x")
+            record.span_id = format(context.span_id, "016x")
+        else:
+            untraced = untraced_trace_id.get()
+            record.trace_id = format(untraced, "032x") if untraced else ""
+            record.span_id = ""
         return True
 
 

@@ -20,7 +20,9 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import grpc
@@ -73,6 +75,7 @@ def rpc(default_timeout: Callable[[Any], float]) -> Callable[[Handler[Any, Any]]
     def decorate(method: Handler[Request, Response]) -> Handler[Request, Response]:
         name = method.__name__
         rule = auth.rule_of(name)
+        server_span = _SpanNaming.of(name)
 
         async def bounded(self: Any, request: Request, context: Context) -> Response:
             _admit(self, rule, request, context)
@@ -95,7 +98,7 @@ def rpc(default_timeout: Callable[[Any], float]) -> Callable[[Handler[Any, Any]]
         @functools.wraps(method)
         async def handle(self: Any, request: Request, context: Context) -> Response:
             if telemetry.TRACING:
-                with _server_span(name, context):
+                with server_span.start(context):
                     return await _answer(context, name, bounded(self, request, context))
             return await _answer(context, name, bounded(self, request, context))
 
@@ -109,6 +112,7 @@ def server_stream_rpc(method: Handler[Request, None]) -> Handler[Request, None]:
     (written with context.write); it runs as long as the client listens."""
     name = method.__name__
     rule = auth.rule_of(name)
+    server_span = _SpanNaming.of(name)
 
     async def admitted(self: Any, request: Request, context: Context) -> None:
         _admit(self, rule, request, context)
@@ -117,7 +121,7 @@ def server_stream_rpc(method: Handler[Request, None]) -> Handler[Request, None]:
     @functools.wraps(method)
     async def handle(self: Any, request: Request, context: Context) -> None:
         if telemetry.TRACING:
-            with _server_span(name, context):
+            with server_span.start(context):
                 await _answer(context, name, admitted(self, request, context))
         else:
             await _answer(context, name, admitted(self, request, context))
@@ -129,6 +133,7 @@ def stream_rpc(method: StreamHandler[Request]) -> StreamHandler[Request]:
     """Decorate a streaming servicer method written in the reader/writer style."""
     name = method.__name__
     rule = auth.rule_of(name)
+    server_span = _SpanNaming.of(name)
 
     async def admitted(self: Any, requests: AsyncIterator[Any], context: Context) -> None:
         # Authenticated once, before the first read; each message is then
@@ -142,7 +147,7 @@ def stream_rpc(method: StreamHandler[Request]) -> StreamHandler[Request]:
     @functools.wraps(method)
     async def handle(self: Any, requests: AsyncIterator[Any], context: Context) -> None:
         if telemetry.TRACING:
-            with _server_span(name, context):
+            with server_span.start(context):
                 await _answer(context, name, admitted(self, requests, context))
         else:
             await _answer(context, name, admitted(self, requests, context))
@@ -255,9 +260,19 @@ def _finished(method: str, code: grpc.StatusCode, started: float) -> None:
             span.set_status(trace.StatusCode.ERROR, code.name)
 
 
-def _server_span(method: str, context: Context) -> instruments.ServerSpan:
-    return instruments.ServerSpan(
-        f"{SERVICE}/{method}",
-        context.invocation_metadata() or (),
-        {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method},
-    )
+@dataclass(frozen=True, slots=True)
+class _SpanNaming:
+    """The server span's name and attributes of one method, made once."""
+
+    name: str
+    attributes: Mapping[str, str]
+
+    @classmethod
+    def of(cls, method: str) -> _SpanNaming:
+        attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method}
+        return cls(f"{SERVICE}/{method}", MappingProxyType(attributes))
+
+    def start(self, context: Context) -> instruments.ServerSpan:
+        return instruments.ServerSpan(
+            self.name, context.invocation_metadata() or (), self.attributes
+        )
