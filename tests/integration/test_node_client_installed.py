@@ -54,6 +54,7 @@ import { credentials, Metadata } from "@grpc/grpc-js";
 import {
   AcquireLockRequest,
   CacheCoordServiceClient,
+  GetRequest,
   traceparent,
   unary,
   type WatchResponse,
@@ -72,7 +73,7 @@ const fail = (why: string): never => {
 };
 
 async function main(): Promise<void> {
-  const users1 = { namespace: "users", key: "1" };
+  const users1 = GetRequest.fromPartial({ namespace: "users", key: "1" });
   const user = await unary(client.get.bind(client), users1, md(), deadline());
   const name = JSON.parse(Buffer.from(user.value).toString()).name;
   if (!user.found || name !== "Ada Lovelace") fail(`users/1: ${JSON.stringify(user)}`);
@@ -109,7 +110,7 @@ async function main(): Promise<void> {
     md(),
     deadline(),
   );
-  const read = await unary(client.get.bind(client), { namespace: "blobs", key }, md(), deadline());
+  const read = await unary(client.get.bind(client), GetRequest.fromPartial({ namespace: "blobs", key }), md(), deadline());
   if (Buffer.from(read.value).toString() !== "from an app" || read.version !== put.version) {
     fail(`blobs/${key}: ${JSON.stringify({ found: read.found, version: String(read.version) })}`);
   }

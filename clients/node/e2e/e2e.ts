@@ -11,7 +11,9 @@ import { credentials, Metadata, status, type ClientReadableStream } from "@grpc/
 
 import {
   AcquireLockRequest,
+  BatchGetRequest,
   CacheCoordServiceClient,
+  GetRequest,
   type HoldLockRequest,
   HoldLockRequest_Acquire,
   type HoldLockResponse,
@@ -83,7 +85,7 @@ class StreamReader<T> {
 
 async function run(client: CacheCoordServiceClient): Promise<Record<string, unknown>> {
   current = "get";
-  const user = await unary(client.get.bind(client), { namespace: "users", key: "1" }, metadata(), options());
+  const user = await unary(client.get.bind(client), GetRequest.fromPartial({ namespace: "users", key: "1" }), metadata(), options());
   assert.ok(user.found, "users/1 not found");
   const row = JSON.parse(Buffer.from(user.value).toString("utf8")) as { name?: unknown };
   assert.equal(row.name, "Ada Lovelace");
@@ -92,7 +94,7 @@ async function run(client: CacheCoordServiceClient): Promise<Record<string, unkn
   current = "batch_get";
   const batch = await unary(
     client.batchGet.bind(client),
-    { namespace: "users", keys: ["1", "0", "2"] },
+    BatchGetRequest.fromPartial({ namespace: "users", keys: ["1", "0", "2"] }),
     metadata(),
     options(),
   );
@@ -128,7 +130,7 @@ async function run(client: CacheCoordServiceClient): Promise<Record<string, unkn
     options(),
   );
   assert.ok(put1.version > 0n, `version ${put1.version}`);
-  const read1 = await unary(client.get.bind(client), { namespace: "blobs", key }, metadata(), options());
+  const read1 = await unary(client.get.bind(client), GetRequest.fromPartial({ namespace: "blobs", key }), metadata(), options());
   assert.ok(read1.found);
   assert.equal(Buffer.from(read1.value).toString("utf8"), "hello from node");
   assert.equal(read1.version, put1.version);
@@ -139,7 +141,7 @@ async function run(client: CacheCoordServiceClient): Promise<Record<string, unkn
     options(),
   );
   assert.ok(put2.version > put1.version, `${put2.version} after ${put1.version}`);
-  const read2 = await unary(client.get.bind(client), { namespace: "blobs", key }, metadata(), options());
+  const read2 = await unary(client.get.bind(client), GetRequest.fromPartial({ namespace: "blobs", key }), metadata(), options());
   assert.equal(Buffer.from(read2.value).toString("utf8"), "hello again");
   assert.equal(read2.version, put2.version);
   check("put_get", `blobs/${key} versions ${put1.version} then ${put2.version}, Get sees each`);

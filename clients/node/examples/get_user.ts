@@ -3,7 +3,7 @@
 //   npm run build && node dist/examples/get_user.js [127.0.0.1:50051]
 import { credentials, Metadata } from "@grpc/grpc-js";
 
-import { CacheCoordServiceClient, GetResponse, layerToJSON, unary } from "../src";
+import { CacheCoordServiceClient, GetRequest, GetResponse, layerToJSON, unary } from "../src";
 
 async function main(): Promise<number> {
   const target = process.argv[2] ?? "127.0.0.1:50051";
@@ -13,7 +13,8 @@ async function main(): Promise<number> {
     const deadline = new Date(Date.now() + 5_000);
     const user: GetResponse = await unary(
       client.get.bind(client),
-      { namespace: "users", key: "1" },
+      // fromPartial: fields added to the request by later releases take their defaults.
+      GetRequest.fromPartial({ namespace: "users", key: "1" }),
       new Metadata(),
       { deadline },
     );
