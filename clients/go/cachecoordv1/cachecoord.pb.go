@@ -158,7 +158,8 @@ type GetResponse struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// True when the key exists; when false every other field is unset.
+	// True when the key exists; when false every other field but reloaded is
+	// unset.
 	Found bool `protobuf:"varint,1,opt,name=found,proto3" json:"found,omitempty"`
 	// The value: opaque bytes for managed namespaces, a JSON object (UTF-8)
 	// for mapped namespaces.
@@ -385,7 +386,8 @@ type Entry struct {
 
 	// The key this entry answers.
 	Key string `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
-	// True when the key exists; when false value and version are unset.
+	// True when the key exists; when false value and version are unset
+	// (reloaded may be set).
 	Found bool `protobuf:"varint,2,opt,name=found,proto3" json:"found,omitempty"`
 	// The value, as in GetResponse.value.
 	Value []byte `protobuf:"bytes,3,opt,name=value,proto3" json:"value,omitempty"`

@@ -95,7 +95,10 @@ export interface GetRequest {
 
 /** GetResponse carries the value of one key, or says that it does not exist. */
 export interface GetResponse {
-  /** True when the key exists; when false every other field is unset. */
+  /**
+   * True when the key exists; when false every other field but reloaded is
+   * unset.
+   */
   found: boolean;
   /**
    * The value: opaque bytes for managed namespaces, a JSON object (UTF-8)
@@ -152,7 +155,10 @@ export interface BatchGetResponse {
 export interface Entry {
   /** The key this entry answers. */
   key: string;
-  /** True when the key exists; when false value and version are unset. */
+  /**
+   * True when the key exists; when false value and version are unset
+   * (reloaded may be set).
+   */
   found: boolean;
   /** The value, as in GetResponse.value. */
   value: Buffer;

@@ -99,7 +99,9 @@ class GetResponse(_message.Message):
     TTL_MS_FIELD_NUMBER: _builtins.int
     RELOADED_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
-    """True when the key exists; when false every other field is unset."""
+    """True when the key exists; when false every other field but reloaded is
+    unset.
+    """
     value: _builtins.bytes
     """The value: opaque bytes for managed namespaces, a JSON object (UTF-8)
     for mapped namespaces.
@@ -237,7 +239,9 @@ class Entry(_message.Message):
     key: _builtins.str
     """The key this entry answers."""
     found: _builtins.bool
-    """True when the key exists; when false value and version are unset."""
+    """True when the key exists; when false value and version are unset
+    (reloaded may be set).
+    """
     value: _builtins.bytes
     """The value, as in GetResponse.value."""
     version: _builtins.int
