@@ -39,6 +39,7 @@ from cachecoord.rpc.servicer import CacheCoordServicer
 from cachecoord.storage import keys, postgres
 from cachecoord.storage.breaker import CircuitBreaker
 from cachecoord.storage.keys import KeySpace
+from cachecoord.storage.lock_store import LockStore
 from cachecoord.storage.redis_store import EntryStore, connect
 from cachecoord.storage.tables import ManagedTable, MappedTable, Table
 from cachecoord.strategies import STRATEGIES, Backends, Strategy
@@ -113,7 +114,7 @@ class App:
             for name, ns in settings.namespaces.items()
         }
         self._report_state(breaker, strategies)
-        locks = Locks(client)
+        locks = Locks(LockStore(client, breaker=breaker))
         bus = Bus(
             settings.redis.url, cluster=client if isinstance(client, redis.RedisCluster) else None
         )
