@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +29,14 @@ class Invalidation:
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    def encode_around_version(self) -> tuple[bytes, bytes]:
+        """The message in two parts, before and after its version: for a Redis
+        script that numbers the write it announces (``head + version + tail``).
+        A quote inside a JSON string is escaped, so the split cannot fall
+        inside the key."""
+        head, _, tail = replace(self, version=0).encode().partition(b',"version":0,')
+        return head + b',"version":', b"," + tail
 
     @classmethod
     def decode(cls, raw: bytes) -> Invalidation:

@@ -45,6 +45,7 @@ from cachecoord.invalidation.messages import Invalidation
 from cachecoord.invalidation.near_cache import NearCache
 from cachecoord.model import Entry, Layer, Row
 from cachecoord.storage import envelope
+from cachecoord.storage.expiry import jittered
 from cachecoord.storage.postgres import database_errors
 from cachecoord.storage.redis_store import EntryStore
 from cachecoord.storage.tables import Table
@@ -238,7 +239,7 @@ class Reader:
         (the TTL plus the stale window, during which it may be served stale)."""
         settings = self.settings
         ttl: int = settings.negative_ttl if row.value is None else ttl_ms or settings.ttl
-        ttl = max(1, round(ttl * (1 + settings.ttl_jitter * (2 * random.random() - 1))))
+        ttl = jittered(ttl, settings.ttl_jitter)
         stored = envelope.encode(row.version, _now_ms() + ttl, load_ms, row.value)
         entry = Entry(key, row.value, row.version, Layer.DATABASE, ttl_ms=ttl)
         return entry, stored, ttl + max(settings.stale_window, settings.stale_if_error)

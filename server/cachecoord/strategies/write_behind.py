@@ -2,12 +2,10 @@
 writes PostgreSQL later (see flusher.py).
 
 The value write, the enqueue (XADD on a Redis Stream) and the invalidation
-message happen in one Lua script, so a Put is acknowledged only when both the
-value and its queue entry exist. Queued ("dirty") values are stored without
-TTL, so Redis cannot evict them (start-up refuses ``allkeys-*`` eviction), and
-get their TTL once flushed. Versions are ``max(previous + 1, Redis clock in
-microseconds)``: they keep increasing even after Redis lost its data, so a
-write made then still beats what PostgreSQL holds.
+message happen in one step (storage/write_behind_store.py), so a Put is
+acknowledged only when both the value and its queue entry exist. Queued
+("dirty") values are stored without TTL, so Redis cannot evict them (start-up
+refuses ``allkeys-*`` eviction), and get their TTL once flushed.
 """
 
 from __future__ import annotations
@@ -22,44 +20,10 @@ from redis.exceptions import RedisError
 from cachecoord import telemetry
 from cachecoord.config import NamespaceSettings, QueueFull
 from cachecoord.errors import QueueFullError, Unavailable, VersionConflict
+from cachecoord.invalidation.messages import Invalidation
 from cachecoord.model import Deleted
+from cachecoord.storage.write_behind_store import WriteBehindStore, WriteOutcome, WriteStatus
 from cachecoord.strategies.write_through import WriteThrough
-
-# KEYS: value, lease, queue. ARGV: payload, kind (v|n), expected version (-1:
-# none), queue bound, channel, fresh ms, namespace, key, reason, origin,
-# traceparent of the Put (so the flush span can link to it).
-# Returns {1, version} written, {0, current} version conflict, {-1, 0} queue
-# full, {-2, 0} not cached (the caller loads the key, then retries).
-WRITE = """
-local current = redis.call('GET', KEYS[1])
-local previous, visible = 0, 0
-if current then
-  local v, kind = string.match(current, '^(%d+):%d+:%d+:(.)')
-  previous = tonumber(v)
-  if kind == 'v' or kind == 'V' then visible = previous end
-end
-local expected = tonumber(ARGV[3])
-if expected >= 0 then
-  if not current then return {-2, 0} end
-  if visible ~= expected then return {0, visible} end
-end
-if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[4]) then return {-1, 0} end
-local now = redis.call('TIME')
-local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
-local version = string.format('%.0f', math.max(previous + 1, clock))
-local fresh_until = string.format('%.0f', math.floor(clock / 1000) + tonumber(ARGV[6]))
--- Upper-case tag: dirty until flushed (see storage/envelope.py); no TTL.
-redis.call('SET', KEYS[1], version .. ':' .. fresh_until .. ':0:' .. string.upper(ARGV[2]) ..
-  ARGV[1])
-redis.call('DEL', KEYS[2])
-redis.call('XADD', KEYS[3], '*', 'k', ARGV[8], 'v', version, 't', ARGV[2], 'p', ARGV[1],
-  'c', ARGV[11])
-redis.call('PUBLISH', ARGV[5], '{"namespace":' .. cjson.encode(ARGV[7]) .. ',"key":' ..
-  cjson.encode(ARGV[8]) .. ',"version":' .. version .. ',"reason":' .. cjson.encode(ARGV[9]) ..
-  ',"origin":' .. cjson.encode(ARGV[10]) .. ',"at":' .. string.format('%.6f', clock / 1000000) ..
-  '}')
-return {1, tonumber(version)}
-"""
 
 _CAS_ATTEMPTS = 20
 
@@ -69,7 +33,7 @@ class WriteBehind(WriteThrough):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._write_script = self.store.client.register_script(WRITE)
+        self.queue = WriteBehindStore(self.store)
         self._queue_bound = max(1, self.settings.max_queue // self.settings.partitions)
 
     @classmethod
@@ -109,18 +73,16 @@ class WriteBehind(WriteThrough):
                     expected = current.version if current.found else 0
                 elif expected != (current.version if current.found else 0):
                     raise VersionConflict(key, expected, current.version if current.found else 0)
-            status, version, acked = await self._run_write(
-                key, payload, kind, reason, expected, ttl_ms
-            )
-            if status == 1:
-                self.changed_here(key, version)
-                self._check_replicas(acked)
-                return version
-            if status == 0:
+            outcome = await self._run_write(key, payload, kind, reason, expected, ttl_ms)
+            if outcome.status is WriteStatus.WRITTEN:
+                self.changed_here(key, outcome.version)
+                self._check_replicas(outcome.replicas)
+                return outcome.version
+            if outcome.status is WriteStatus.CONFLICT:
                 if expected_version is not None:
-                    raise VersionConflict(key, expected_version, version)
+                    raise VersionConflict(key, expected_version, outcome.version)
                 continue  # a concurrent merge won; merge again
-            if status == -1:
+            if outcome.status is WriteStatus.QUEUE_FULL:
                 return await self._queue_full(key, value, kind, expected_version, ttl_ms)
             await self.get(key)  # not cached: load it, then compare again
         raise Unavailable(f"key {key!r} is written too often concurrently; retry")
@@ -133,37 +95,25 @@ class WriteBehind(WriteThrough):
         reason: str,
         expected: int | None,
         ttl_ms: int | None,
-    ) -> tuple[int, int, int]:
-        """Run the write script; with wait_replicas, WAIT on its connection
-        and return how many replicas acknowledged (else 0)."""
-        keys = self.store.keys
-        names = [keys.value(key), keys.lease(key), keys.queue(key)]
+    ) -> WriteOutcome:
+        """Write and queue; with wait_replicas, WAIT for them and report how
+        many acknowledged."""
         try:
-            arguments = [
+            return await self.queue.write(
+                key,
                 payload,
                 kind,
-                -1 if expected is None else expected,
-                self._queue_bound,
-                keys.channel,
-                ttl_ms or self.settings.ttl,
-                self.name,
-                key,
-                reason,
-                self.origin,
-                _traceparent(),
-            ]
-            acked = 0
-            if self.settings.wait_replicas:
-                (status, version), acked = await self.store.run_and_wait(
-                    self._write_script, names, arguments, self.settings.wait_replicas, 1000
-                )
-            else:
-                status, version = await self.store.run(self._write_script, names, arguments)
+                expected=expected,
+                queue_bound=self._queue_bound,
+                fresh_ms=ttl_ms or self.settings.ttl,
+                message=Invalidation(self.name, key, 0, reason, self.origin),
+                traceparent=_traceparent(),
+                wait_replicas=self.settings.wait_replicas,
+            )
         except RedisError as err:
             raise Unavailable(
                 f"Redis is unavailable; a write-behind Put cannot be made durable: {err}"
             ) from err
-        return int(status), int(version), acked
 
     async def _queue_full(
         self,
