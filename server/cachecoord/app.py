@@ -42,9 +42,8 @@ from cachecoord.storage.keys import KeySpace
 from cachecoord.storage.lock_store import LockStore
 from cachecoord.storage.redis_store import EntryStore, connect
 from cachecoord.storage.tables import ManagedTable, MappedTable, Table
-from cachecoord.strategies import STRATEGIES, Backends, Strategy
+from cachecoord.strategies import STRATEGIES, Backends, Strategy, StrategyKind
 from cachecoord.strategies.flusher import Flusher
-from cachecoord.strategies.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,7 @@ class App:
         bus.on_reset(locks.wake_all)
         watch_hub = WatchHub(max_backlog=settings.server.watch_backlog)
         for strategy in strategies.values():
-            bus.on(strategy.store.keys.channel, _decoded(strategy.on_message, watch_hub.publish))
+            bus.on(strategy.channel, _decoded(strategy.on_message, watch_hub.publish))
             bus.on_reset(strategy.on_reset)
         bus.on_reset(watch_hub.reset)
         self.cache = Cache(strategies, settings.server, watch_hub)
@@ -153,8 +152,7 @@ class App:
             await asyncio.wait_for(bus.subscribed.wait(), 2.0)
         grace = settings.server.shutdown_grace / 1000
         for strategy in strategies.values():
-            if isinstance(strategy, WriteBehind):
-                flusher = Flusher(strategy, consumer=self.origin)
+            if (flusher := strategy.flusher(consumer=self.origin)) is not None:
                 await flusher.open()
                 self.flushers.append(flusher)
                 self._closers.append(partial(flusher.close, grace))
@@ -213,8 +211,8 @@ class App:
 
         def near_cache_sizes() -> Iterator[tuple[str, int]]:
             for name, strategy in strategies.items():
-                if strategy.reader.near is not None:
-                    yield name, len(strategy.reader.near)
+                if (size := strategy.near_cache_size()) is not None:
+                    yield name, size
 
         instruments.watch_breaker(breaker_open)
         instruments.watch_near_caches(near_cache_sizes)
@@ -275,7 +273,7 @@ class App:
         return tables
 
 
-def _strategy(name: StrategyName, namespace: str) -> type[Strategy]:
+def _strategy(name: StrategyName, namespace: str) -> StrategyKind:
     strategy = STRATEGIES.get(name)
     if strategy is None:
         raise ConfigError(

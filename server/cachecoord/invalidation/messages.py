@@ -40,8 +40,10 @@ class Invalidation:
 
     @classmethod
     def decode(cls, raw: bytes) -> Invalidation:
+        """The message in *raw*: a :class:`FillNotice` if it is one."""
         data = json.loads(raw)
-        return cls(
+        kind = FillNotice if data.get("reason") == FILL else Invalidation
+        return kind(
             namespace=str(data["namespace"]),
             key=None if data.get("key") is None else str(data["key"]),
             version=int(data.get("version", 0)),
@@ -49,3 +51,17 @@ class Invalidation:
             origin=str(data.get("origin", "")),
             at=float(data.get("at") or 0.0),
         )
+
+
+FILL = "fill"
+"""The reason of a :class:`FillNotice`."""
+
+
+@dataclass(frozen=True, slots=True)
+class FillNotice(Invalidation):
+    """Not a change: a reader filled *key* with its current version (reason
+    ``fill``). It wakes the readers of other instances waiting for that fill."""
+
+    @classmethod
+    def of(cls, namespace: str, key: str, version: int, origin: str) -> FillNotice:
+        return cls(namespace, key, version, FILL, origin)

@@ -28,15 +28,17 @@ import time
 import psycopg
 from opentelemetry import trace
 from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
 from redis.exceptions import RedisError
 
 from cachecoord import background, instruments, telemetry
+from cachecoord.config import NamespaceSettings
 from cachecoord.errors import CacheCoordError
-from cachecoord.invalidation.messages import Invalidation
 from cachecoord.storage import envelope
 from cachecoord.storage.expiry import jittered
-from cachecoord.storage.write_behind_store import Queued, Settle
-from cachecoord.strategies.write_behind import WriteBehind
+from cachecoord.storage.tables import Table
+from cachecoord.storage.write_behind_store import Queued, Settle, WriteBehindStore
+from cachecoord.strategies.changes import Changes
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +68,27 @@ _TRANSIENT = (RedisError, OSError, psycopg.OperationalError, psycopg.InterfaceEr
 class Flusher:
     """Flushes one write-behind namespace; ``open()``, then ``close()``."""
 
-    def __init__(self, strategy: WriteBehind, *, consumer: str) -> None:
-        self._ns = strategy
-        self._settings = strategy.settings
-        self._queue = strategy.queue
+    def __init__(
+        self,
+        settings: NamespaceSettings,
+        table: Table,
+        queue: WriteBehindStore,
+        pool: AsyncConnectionPool[AsyncConnection],
+        *,
+        changes: Changes,
+        consumer: str,
+    ) -> None:
+        self._name = settings.name
+        self._settings = settings
+        self._table = table
+        self._queue = queue
+        self._pool = pool
+        self._changes = changes
         self._consumer = consumer
         self._task: asyncio.Task[None] | None = None
         self._draining = False
         self._next_reclaim = 0.0
-        self.queue_stats = instruments.QueueSample(strategy.name)
+        self.queue_stats = instruments.QueueSample(settings.name)
         """The queues as last sampled (with metrics on), for the gauges."""
         self.flushed_rows = 0
         """Rows written to PostgreSQL so far (coalesced writes count once)."""
@@ -84,7 +98,7 @@ class Flusher:
         instruments.watch_queues(self._probe)
         if self._task is None:
             with instruments.quiet():  # polling makes no span; flushes make their own
-                self._task = asyncio.create_task(self._run(), name=f"flusher-{self._ns.name}")
+                self._task = asyncio.create_task(self._run(), name=f"flusher-{self._name}")
 
     async def close(self, grace: float) -> None:
         """Drain what can be flushed within *grace* seconds, then stop."""
@@ -97,7 +111,7 @@ class Flusher:
             await asyncio.wait_for(asyncio.shield(task), grace)
         except TimeoutError:
             log.warning(
-                "write-behind %s: queue not drained at shutdown; left for others", self._ns.name
+                "write-behind %s: queue not drained at shutdown; left for others", self._name
             )
         await background.stop(task)
 
@@ -120,11 +134,11 @@ class Flusher:
                     with instruments.background_span(
                         "cache.dead_letter",
                         links=[link for link in [instruments.link_to(entry.traceparent)] if link],
-                        attributes={"cache.namespace": self._ns.name, "error.type": "rejected"},
+                        attributes={"cache.namespace": self._name, "error.type": "rejected"},
                     ):
                         await self._dead_letter(entry, error)
                     if telemetry.METRICS:
-                        instruments.dead_lettered.add(1, {"cache.namespace": self._ns.name})
+                        instruments.dead_lettered.add(1, {"cache.namespace": self._name})
                 backoff = 0.1
                 if len(batch) < self._settings.flush_batch and not self._draining:
                     # Let writes gather for a whole interval: Puts to one key
@@ -132,11 +146,11 @@ class Flusher:
                     await asyncio.sleep(max(0.0, started + interval - time.monotonic()))
             except Exception as err:
                 if isinstance(err, _TRANSIENT):
-                    log.warning("write-behind %s: flush deferred (%s)", self._ns.name, err)
+                    log.warning("write-behind %s: flush deferred (%s)", self._name, err)
                 else:
                     # Unforeseen (a bug): it must not stop this namespace's
                     # flushing for good; the entries stay queued, tried again.
-                    log.exception("write-behind %s: flush failed; retrying", self._ns.name)
+                    log.exception("write-behind %s: flush failed; retrying", self._name)
                 if self._draining:
                     return
                 await asyncio.sleep(backoff)
@@ -161,7 +175,7 @@ class Flusher:
         dead letters, for the gauges."""
         depth = await self._queue.depth()
         self.queue_stats = instruments.QueueSample(
-            self._ns.name,
+            self._name,
             depth=depth.depth,
             oldest_age_s=depth.oldest_age_s,
             pending=depth.pending,
@@ -207,22 +221,22 @@ class Flusher:
         new version of PostgreSQL's row, if the entry is still its latest write
         (WriteBehindStore.revert). Acknowledged last: if this stops half-way, the entry is
         given up on again, and REVERT does nothing the second time."""
-        async with self._ns.pool.connection() as conn:
-            row = (await self._ns.table.load(conn, [entry.key]))[entry.key]
+        async with self._pool.connection() as conn:
+            row = (await self._table.load(conn, [entry.key]))[entry.key]
         reverted = await self._queue.revert(
             entry.key,
             entry.version,
             row.value,
             fresh_ms=self._settings.ttl,
-            message=Invalidation(self._ns.name, entry.key, 0, "rejected", self._ns.origin),
+            message=self._changes.message(entry.key, 0, "rejected"),
         )
         if reverted:
-            self._ns.changed_here(entry.key, reverted)
+            self._changes.made_here(entry.key, reverted)
         await self._queue.add_dead_letter(entry, reason, reverted)
         await self._acknowledge([entry])
         log.error(
             "write-behind %s: key %r version %d dead-lettered after %d attempts: %s; %s",
-            self._ns.name,
+            self._name,
             entry.key,
             entry.version,
             self._settings.max_attempts,
@@ -244,7 +258,7 @@ class Flusher:
             kind=trace.SpanKind.CONSUMER,
             links=[link for link in links if link is not None],
             attributes={
-                "cache.namespace": self._ns.name,
+                "cache.namespace": self._name,
                 "messaging.system": "redis",
                 "messaging.operation.type": "process",
                 "messaging.destination.name": batch[0].queue,
@@ -270,7 +284,7 @@ class Flusher:
             await self._queue.record_errors({newest[k].id: error for k, error in failed.items()})
             log.warning(
                 "write-behind %s: PostgreSQL rejected %d entr(y/ies), will retry: %s",
-                self._ns.name,
+                self._name,
                 len(failed),
                 "; ".join(f"{k!r}: {e}" for k, e in failed.items()),
             )
@@ -284,7 +298,7 @@ class Flusher:
         so that rejected rows are reported (key -> error) and the rest commit.
         Rows as PostgreSQL stored them (mapped tables) go into *stored*."""
         failed: dict[str, str] = {}
-        async with self._ns.pool.connection() as conn, conn.transaction():
+        async with self._pool.connection() as conn, conn.transaction():
             if not isolated:
                 await self._write(conn, rows, stored)
                 return failed
@@ -303,13 +317,13 @@ class Flusher:
         cur = await conn.execute(
             _ADVANCE,
             {
-                "ns": self._ns.name,
+                "ns": self._name,
                 "keys": [r.key for r in rows],
                 "versions": [r.version for r in rows],
             },
         )
         advanced = {key async for (key,) in cur}
-        table = self._ns.table
+        table = self._table
         for row in rows:
             if row.key not in advanced:
                 continue  # PostgreSQL already holds a newer version: a replay

@@ -15,39 +15,69 @@ import time
 from typing import Any
 
 from opentelemetry import propagate
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
 from redis.exceptions import RedisError
 
 from cachecoord import telemetry
 from cachecoord.config import NamespaceSettings, QueueFull
 from cachecoord.errors import QueueFullError, Unavailable, VersionConflict
-from cachecoord.invalidation.messages import Invalidation
 from cachecoord.model import Deleted
+from cachecoord.storage.redis_store import EntryStore
+from cachecoord.storage.tables import Table
 from cachecoord.storage.write_behind_store import WriteBehindStore, WriteOutcome, WriteStatus
+from cachecoord.strategies.base import Backends, Strategy, StrategyKind
+from cachecoord.strategies.changes import Changes
+from cachecoord.strategies.flusher import Flusher
+from cachecoord.strategies.reads import Reader
 from cachecoord.strategies.write_through import WriteThrough
 
 _CAS_ATTEMPTS = 20
 
 
-class WriteBehind(WriteThrough):
-    """Reads as every strategy; writes through Redis and a queue."""
+class WriteBehind:
+    """Write-behind's writes (a WritePolicy): Redis and a queue, then the
+    answer; PostgreSQL later (flusher.py). When the queue is full, *overflow*
+    writes through."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.queue = WriteBehindStore(self.store)
-        self._queue_bound = max(1, self.settings.max_queue // self.settings.partitions)
+    def __init__(
+        self,
+        settings: NamespaceSettings,
+        table: Table,
+        queue: WriteBehindStore,
+        pool: AsyncConnectionPool[AsyncConnection],
+        *,
+        reader: Reader,
+        changes: Changes,
+        overflow: WriteThrough,
+    ) -> None:
+        self._settings = settings
+        self._table = table
+        self._queue = queue
+        self._pool = pool
+        self._reader = reader
+        self._changes = changes
+        self._overflow = overflow
+        self._queue_bound = max(1, settings.max_queue // settings.partitions)
 
-    @classmethod
-    def partitions(cls, settings: NamespaceSettings) -> int:
-        return settings.partitions
+    def flusher(self, consumer: str) -> Flusher:
+        return Flusher(
+            self._settings,
+            self._table,
+            self._queue,
+            self._pool,
+            changes=self._changes,
+            consumer=consumer,
+        )
 
     async def put(
         self, key: str, value: bytes, expected_version: int | None, ttl_ms: int | None
     ) -> int:
-        self.table.prepare(key, value)
+        self._table.prepare(key, value)
         return await self._enqueue(key, value, "v", "put", expected_version, ttl_ms)
 
     async def delete(self, key: str, expected_version: int | None) -> Deleted:
-        existed = (await self.get(key)).found
+        existed = (await self._reader.get(key)).found
         version = await self._enqueue(key, b"", "n", "delete", expected_version, None)
         return Deleted(existed, version)
 
@@ -63,11 +93,11 @@ class WriteBehind(WriteThrough):
         for _ in range(_CAS_ATTEMPTS):
             expected = expected_version
             payload = value
-            if kind == "v" and self.table.merges_rows:
+            if kind == "v" and self._table.merges_rows:
                 # A mapped row is written by columns: merge the given columns
                 # into the current row, and make that a compare-and-set so a
                 # concurrent writer's columns are not lost.
-                current = await self.get(key)
+                current = await self._reader.get(key)
                 payload = self._merged(key, current.value, value)
                 if expected is None:
                     expected = current.version if current.found else 0
@@ -75,7 +105,7 @@ class WriteBehind(WriteThrough):
                     raise VersionConflict(key, expected, current.version if current.found else 0)
             outcome = await self._run_write(key, payload, kind, reason, expected, ttl_ms)
             if outcome.status is WriteStatus.WRITTEN:
-                self.changed_here(key, outcome.version)
+                self._changes.made_here(key, outcome.version)
                 self._check_replicas(outcome.replicas)
                 return outcome.version
             if outcome.status is WriteStatus.CONFLICT:
@@ -84,7 +114,7 @@ class WriteBehind(WriteThrough):
                 continue  # a concurrent merge won; merge again
             if outcome.status is WriteStatus.QUEUE_FULL:
                 return await self._queue_full(key, value, kind, expected_version, ttl_ms)
-            await self.get(key)  # not cached: load it, then compare again
+            await self._reader.get(key)  # not cached: load it, then compare again
         raise Unavailable(f"key {key!r} is written too often concurrently; retry")
 
     async def _run_write(
@@ -99,16 +129,16 @@ class WriteBehind(WriteThrough):
         """Write and queue; with wait_replicas, WAIT for them and report how
         many acknowledged."""
         try:
-            return await self.queue.write(
+            return await self._queue.write(
                 key,
                 payload,
                 kind,
                 expected=expected,
                 queue_bound=self._queue_bound,
-                fresh_ms=ttl_ms or self.settings.ttl,
-                message=Invalidation(self.name, key, 0, reason, self.origin),
+                fresh_ms=ttl_ms or self._settings.ttl,
+                message=self._changes.message(key, 0, reason),
                 traceparent=_traceparent(),
-                wait_replicas=self.settings.wait_replicas,
+                wait_replicas=self._settings.wait_replicas,
             )
         except RedisError as err:
             raise Unavailable(
@@ -123,36 +153,29 @@ class WriteBehind(WriteThrough):
         expected_version: int | None,
         ttl_ms: int | None,
     ) -> int:
-        if self.settings.on_queue_full is QueueFull.REJECT or expected_version is not None:
+        if self._settings.on_queue_full is QueueFull.REJECT or expected_version is not None:
             raise QueueFullError(
-                f"the write-behind queue of namespace {self.name!r} is full "
-                f"({self.settings.max_queue} writes waiting for PostgreSQL); retry later"
+                f"the write-behind queue of namespace {self._settings.name!r} is full "
+                f"({self._settings.max_queue} writes waiting for PostgreSQL); retry later"
             )
         # Written through instead, at a version above every queued one (they
         # were numbered by the clock before now), so their later flush is a no-op.
         floor = time.time_ns() // 1000
         if kind == "n":
-            async with self._write(key, "delete", None, floor) as (conn, recorded):
-                await self.table.delete(conn, key)
-            await self.after_commit(key, recorded, None, None)
-            return recorded.version
-        prepared = self.table.prepare(key, value)
-        async with self._write(key, "put", None, floor) as (conn, recorded):
-            stored = await self.table.write(conn, key, prepared)
-        await self.after_commit(key, recorded, stored, ttl_ms)
-        return recorded.version
+            return (await self._overflow.delete(key, None, floor=floor)).version
+        return await self._overflow.put(key, value, None, ttl_ms, floor=floor)
 
     def _merged(self, key: str, current: bytes | None, patch: bytes) -> bytes:
         row: dict[str, Any] = {} if current is None else json.loads(current)
-        writable = self.table.writable_columns
+        writable = self._table.writable_columns
         merged = {name: value for name, value in row.items() if name in writable}
         merged.update(json.loads(patch))
-        return str(self.table.prepare(key, json.dumps(merged).encode())).encode()
+        return str(self._table.prepare(key, json.dumps(merged).encode())).encode()
 
     def _check_replicas(self, acked: int) -> None:
-        if acked < self.settings.wait_replicas:
+        if acked < self._settings.wait_replicas:
             raise Unavailable(
-                f"the write reached {acked} of {self.settings.wait_replicas} replicas in 1 s; "
+                f"the write reached {acked} of {self._settings.wait_replicas} replicas in 1 s; "
                 "it may be lost if the primary fails (it is still queued)"
             )
 
@@ -163,3 +186,25 @@ def _traceparent() -> str:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier.get("traceparent", "")
+
+
+def build(
+    settings: NamespaceSettings, table: Table, store: EntryStore, backends: Backends
+) -> Strategy:
+    reader = Reader(settings, table, store, backends.pool, origin=backends.origin)
+    changes = Changes(settings.name, backends.origin, reader)
+    writes = WriteBehind(
+        settings,
+        table,
+        WriteBehindStore(store),
+        backends.pool,
+        reader=reader,
+        changes=changes,
+        overflow=WriteThrough(table, store, backends, reader, changes),
+    )
+    return Strategy(
+        settings, table=table, store=store, reader=reader, writes=writes, changes=changes
+    )
+
+
+WRITE_BEHIND = StrategyKind(build, partitions=lambda settings: settings.partitions)
