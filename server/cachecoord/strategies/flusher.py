@@ -314,6 +314,11 @@ class Flusher:
     async def _write(
         self, conn: AsyncConnection, rows: list[Queued], stored: dict[str, bytes]
     ) -> None:
+        table = self._table
+        # The rows first, then their versions (_ADVANCE), as a Put does
+        # (WriteTransaction) and other programs' change triggers do: taking
+        # the version rows first deadlocked with an UPDATE of the same row.
+        await table.lock(conn, [row.key for row in rows if row.kind != "r"])
         cur = await conn.execute(
             _ADVANCE,
             {
@@ -323,7 +328,6 @@ class Flusher:
             },
         )
         advanced = {key async for (key,) in cur}
-        table = self._table
         for row in rows:
             if row.key not in advanced:
                 continue  # PostgreSQL already holds a newer version: a replay
