@@ -18,8 +18,6 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 
-from redis.exceptions import RedisError
-
 from cachecoord import instruments, telemetry
 from cachecoord.coordination.hold import Hold
 from cachecoord.errors import (
@@ -30,6 +28,7 @@ from cachecoord.errors import (
     Unavailable,
 )
 from cachecoord.model import LockGrant
+from cachecoord.storage.errors import RedisError
 from cachecoord.storage.lock_store import LockStore
 
 MAX_TTL_MS = 86_400_000

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Protocol
 
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
-from redis.exceptions import RedisError
 
 from cachecoord.config import NamespaceSettings
 from cachecoord.errors import Unavailable
 from cachecoord.invalidation.messages import FillNotice, Invalidation
 from cachecoord.invalidation.outbox import Outbox
 from cachecoord.model import Deleted, Entry
+from cachecoord.storage.errors import RedisError
 from cachecoord.storage.redis_store import EntryStore
 from cachecoord.storage.tables import Table
 from cachecoord.strategies.changes import Changes

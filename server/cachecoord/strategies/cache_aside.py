@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import logging
 
-from redis.exceptions import RedisError
-
 from cachecoord.config import NamespaceSettings
 from cachecoord.model import Deleted
+from cachecoord.storage.errors import RedisError
 from cachecoord.storage.postgres import RecordedWrite
 from cachecoord.storage.redis_store import EntryStore
 from cachecoord.storage.tables import Table

@@ -29,12 +29,12 @@ import psycopg
 from opentelemetry import trace
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
-from redis.exceptions import RedisError
 
 from cachecoord import background, instruments, telemetry
 from cachecoord.config import NamespaceSettings
 from cachecoord.errors import CacheCoordError
 from cachecoord.storage import envelope
+from cachecoord.storage.errors import RedisError
 from cachecoord.storage.expiry import jittered
 from cachecoord.storage.tables import Table
 from cachecoord.storage.write_behind_store import Queued, Settle, WriteBehindStore

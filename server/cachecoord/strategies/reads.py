@@ -34,7 +34,6 @@ from functools import partial
 
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
-from redis.exceptions import RedisError
 
 from cachecoord import instruments, telemetry
 from cachecoord.config import NamespaceSettings, StrategyName
@@ -45,6 +44,7 @@ from cachecoord.invalidation.messages import FillNotice
 from cachecoord.invalidation.near_cache import NearCache
 from cachecoord.model import Entry, Layer, Row
 from cachecoord.storage import envelope
+from cachecoord.storage.errors import RedisError
 from cachecoord.storage.expiry import jittered
 from cachecoord.storage.postgres import database_errors
 from cachecoord.storage.redis_store import EntryStore

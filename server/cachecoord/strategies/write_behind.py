@@ -17,12 +17,12 @@ from typing import Any
 from opentelemetry import propagate
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
-from redis.exceptions import RedisError
 
 from cachecoord import telemetry
 from cachecoord.config import NamespaceSettings, QueueFull
 from cachecoord.errors import QueueFullError, Unavailable, VersionConflict
 from cachecoord.model import Deleted
+from cachecoord.storage.errors import RedisError
 from cachecoord.storage.redis_store import EntryStore
 from cachecoord.storage.tables import Table
 from cachecoord.storage.write_behind_store import WriteBehindStore, WriteOutcome, WriteStatus
