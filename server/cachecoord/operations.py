@@ -1,6 +1,7 @@
 """Operator operations on the write-behind queues and their dead letters.
 
-They read and write Redis (through storage/write_behind_store.py) and
+They read and write Redis (through storage/queue_admin.py and
+storage/write_behind_store.py) and
 PostgreSQL (for a replay) directly, with the server's configuration; no
 instance has to answer. ``cachecoord queue`` and ``cachecoord dead-letters`` (cli_operator.py)
 print what they return.
@@ -25,8 +26,9 @@ import psycopg
 from cachecoord.config import ConfigError, NamespaceSettings, Settings, StrategyName
 from cachecoord.invalidation.messages import Invalidation
 from cachecoord.storage.keys import KeySpace
+from cachecoord.storage.queue_admin import DeadLetter, QueueAdmin
 from cachecoord.storage.redis_store import Client, EntryStore
-from cachecoord.storage.write_behind_store import DeadLetter, WriteBehindStore, WriteStatus
+from cachecoord.storage.write_behind_store import WriteBehindStore, WriteStatus
 
 RedisClient = Client
 
@@ -93,12 +95,12 @@ def keyspace(ns: NamespaceSettings) -> KeySpace:
     return KeySpace(ns.name, ns.partitions)
 
 
-def _store(client: RedisClient, ns: NamespaceSettings) -> WriteBehindStore:
-    return WriteBehindStore(EntryStore(client, keyspace(ns), generations=False))
+def _admin(client: RedisClient, ns: NamespaceSettings) -> QueueAdmin:
+    return QueueAdmin(EntryStore(client, keyspace(ns), generations=False))
 
 
 async def queue_status(client: RedisClient, ns: NamespaceSettings) -> QueueStatus:
-    store = _store(client, ns)
+    store = _admin(client, ns)
     depth = pending = 0
     oldest_ms: int | None = None
     consumers: dict[str, Consumer] = {}
@@ -137,14 +139,14 @@ async def dead_letters(
 ) -> list[DeadLetter]:
     """The namespace's dead letters, oldest first (only *ids* when given; at
     most *limit*, or all of them with None)."""
-    return await _store(client, ns).dead_letters(ids, limit)
+    return await _admin(client, ns).dead_letters(ids, limit)
 
 
 async def drop(client: RedisClient, ns: NamespaceSettings, ids: list[str]) -> int:
     """Delete dead letters; how many there were."""
     if not ids:
         return 0
-    return await _store(client, ns).drop_dead_letters(ids)
+    return await _admin(client, ns).drop_dead_letters(ids)
 
 
 async def replay(
@@ -152,9 +154,10 @@ async def replay(
 ) -> list[Replayed]:
     """Write dead letters again as new writes (see the module docstring);
     replayed ones leave the dead-letter stream."""
-    store = _store(client, ns)
+    entries = EntryStore(client, keyspace(ns), generations=False)
+    admin, store = QueueAdmin(entries), WriteBehindStore(entries)
     origin = f"cli-{socket.gethostname()}-{os.getpid()}"
-    found = {letter.id: letter for letter in await store.dead_letters(ids, None)}
+    found = {letter.id: letter for letter in await admin.dead_letters(ids, None)}
     results = []
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         for entry_id in ids:
@@ -165,7 +168,7 @@ async def replay(
             if letter.kind == "revert":
                 results.append(Replayed(entry_id, letter.key, "not-replayable"))
                 continue
-            current = await _current_version(store, conn, ns.name, letter.key)
+            current = await _current_version(admin, conn, ns.name, letter.key)
             if not letter.reverted_to or current != letter.reverted_to:
                 results.append(Replayed(entry_id, letter.key, "superseded", current))
                 continue
@@ -186,7 +189,7 @@ async def replay(
             if outcome.status is WriteStatus.CONFLICT:
                 results.append(Replayed(entry_id, letter.key, "superseded", outcome.version))
                 continue
-            await store.drop_dead_letters([entry_id])
+            await admin.drop_dead_letters([entry_id])
             results.append(Replayed(entry_id, letter.key, "replayed", outcome.version))
     return results
 
@@ -196,7 +199,7 @@ class QueueFull(Exception):
 
 
 async def _current_version(
-    store: WriteBehindStore, conn: psycopg.AsyncConnection[Any], namespace: str, key: str
+    store: QueueAdmin, conn: psycopg.AsyncConnection[Any], namespace: str, key: str
 ) -> int:
     """The key's newest version: its cached value's, else PostgreSQL's record."""
     cached = await store.cached_version(key)

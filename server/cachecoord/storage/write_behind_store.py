@@ -24,114 +24,13 @@ from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
 
 from cachecoord.invalidation.messages import Invalidation
-from cachecoord.storage import envelope
 from cachecoord.storage.breaker import CircuitBreaker, guarded
 from cachecoord.storage.keys import KeySpace
 from cachecoord.storage.redis_store import EntryStore, queue_script
-from cachecoord.storage.scripts import ENVELOPE
+from cachecoord.storage.write_behind_scripts import REPLAY, REVERT, SETTLE, WRITE
 
 GROUP = "cachecoord"
 """The consumer group of every queue: one, shared by every instance's flusher."""
-
-_WRITE_BODY = """
-local current = redis.call('GET', KEYS[1])
-local previous, visible = 0, 0
-if current then
-  local kind
-  previous, kind = envelope_version_and_tag(current)
-  if kind == 'v' or kind == 'V' then visible = previous end
-end
-local expected = tonumber(ARGV[3])
-if expected >= 0 then
-  if not current then return {-2, 0} end
-  if visible ~= expected then return {0, visible} end
-end
-if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[4]) then return {-1, 0} end
-local now = redis.call('TIME')
-local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
-local version = string.format('%.0f', math.max(previous + 1, clock))
-local fresh_until = string.format('%.0f', math.floor(clock / 1000) + tonumber(ARGV[6]))
-redis.call('SET', KEYS[1], envelope_dirty(version, fresh_until, ARGV[2], ARGV[1]))
-redis.call('DEL', KEYS[2])
-redis.call('XADD', KEYS[3], '*', 'k', ARGV[7], 'v', version, 't', ARGV[2], 'p', ARGV[1],
-  'c', ARGV[8])
-redis.call('PUBLISH', ARGV[5], ARGV[9] .. version .. ARGV[10])
-return {1, tonumber(version)}
-"""
-
-# Value, enqueue (XADD) and invalidation message in one script, so a Put is
-# acknowledged only when both the value and its queue entry exist.
-# KEYS: value, lease, queue. ARGV: payload, kind (v|n), expected version (-1:
-# none), queue bound, channel, fresh ms, key, traceparent of the Put (so the
-# flush span can link to it), message before and after its version.
-# Returns {1, version} written, {0, current} version conflict, {-1, 0} queue
-# full, {-2, 0} not cached (the caller loads the key, then retries).
-WRITE = ENVELOPE + _WRITE_BODY
-
-# WRITE, run only if the key is still at the version the dead lettering left
-# it at (ARGV[11]; an absent value passes: the caller checked PostgreSQL's
-# version). KEYS and ARGV 1-10 as WRITE.
-# Returns as WRITE, or {0, current} when the key was written since.
-REPLAY = (
-    ENVELOPE
-    + """
-local head = redis.call('GET', KEYS[1])
-if head then
-  local seen = envelope_version(head)
-  if seen ~= tonumber(ARGV[11]) then return {0, seen} end
-end
-"""
-    + _WRITE_BODY
-)
-
-# Give a flushed value its TTL, unless a newer write replaced it meanwhile;
-# with ARGV[3], replace it by the row as PostgreSQL stored it (defaults and
-# all) under the same version.
-# KEYS: value. ARGV: flushed version, px, replacement envelope ('' none).
-# Returns 'OK' if settled, 0 if the value was rewritten or is gone.
-SETTLE = (
-    ENVELOPE
-    + """
-local current = redis.call('GET', KEYS[1])
-if current and envelope_version(current) == tonumber(ARGV[1]) then
-  if ARGV[3] ~= '' then return redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2]) end
-  return redis.call('SET', KEYS[1], envelope_clean(current), 'PX', ARGV[2])
-end
-return 0
-"""
-)
-
-# A dead-lettered write never reaches PostgreSQL. If it is still the key's
-# latest write (or Redis lost the key), the key moves on to a *new* version,
-# numbered like every write-behind write (max(previous + 1, Redis clock in
-# µs)), holding the row PostgreSQL has: dropping the value instead would make
-# reads fall back to PostgreSQL's older version, and versions go backwards.
-# The value is queued like a write (kind 'r': its flush only moves
-# PostgreSQL's version of the key up to it), so it stays dirty (no TTL) until
-# PostgreSQL's version has caught up, and a compare-and-set against the
-# rejected version fails. Any in-flight fill is cancelled (lease deleted).
-# KEYS: value, lease, queue. ARGV: rejected version, kind (v|n), PostgreSQL's
-# row, fresh ms, channel, key, message before and after its version.
-# Returns the new version, or 0 if a newer write replaced the rejected one.
-REVERT = (
-    ENVELOPE
-    + """
-local current = redis.call('GET', KEYS[1])
-local previous = tonumber(ARGV[1])
-if current then
-  if envelope_version(current) ~= previous then return 0 end
-end
-local now = redis.call('TIME')
-local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
-local version = string.format('%.0f', math.max(previous + 1, clock))
-local fresh_until = string.format('%.0f', math.floor(clock / 1000) + tonumber(ARGV[4]))
-redis.call('SET', KEYS[1], envelope_dirty(version, fresh_until, ARGV[2], ARGV[3]))
-redis.call('DEL', KEYS[2])
-redis.call('XADD', KEYS[3], '*', 'k', ARGV[6], 'v', version, 't', 'r', 'p', '', 'c', '')
-redis.call('PUBLISH', ARGV[5], ARGV[7] .. version .. ARGV[8])
-return tonumber(version)
-"""
-)
 
 
 class WriteStatus(enum.IntEnum):
@@ -207,50 +106,6 @@ class Settle:
     ttl_ms: int
     replacement: bytes = b""
     """The envelope of the row as PostgreSQL stored it, or empty: keep the value."""
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A write PostgreSQL rejected max_attempts times, with the error."""
-
-    id: str
-    """Its id in the dead-letter stream (what replay and drop take)."""
-    key: str
-    version: int
-    kind: str
-    """``value``, ``delete``, or ``revert`` (a key's move back to PostgreSQL's row)."""
-    payload: bytes
-    error: str
-    dead_at: float
-    """Unix time it was dead-lettered."""
-    reverted_to: int
-    """The version the key moved on to (holding PostgreSQL's row); 0 if a
-    newer write had replaced the rejected one already."""
-
-    @classmethod
-    def parse(cls, entry_id: Any, fields: dict[bytes, bytes]) -> DeadLetter:
-        return cls(
-            id=_text(entry_id),
-            key=fields[b"k"].decode(),
-            version=int(fields[b"v"]),
-            kind=_KINDS.get(fields.get(b"t", b""), "value"),
-            payload=fields.get(b"p", b""),
-            error=fields.get(b"error", b"").decode(errors="replace"),
-            dead_at=_id_ms(entry_id) / 1000,
-            reverted_to=int(fields.get(b"reverted_to", b"0") or 0),
-        )
-
-
-_KINDS = {b"v": "value", b"n": "delete", b"r": "revert"}
-
-
-@dataclass(frozen=True, slots=True)
-class Reader:
-    """A consumer of one queue (a flusher), as Redis reports it."""
-
-    name: str
-    pending: int
-    idle_ms: int
 
 
 class WriteBehindStore:
@@ -362,12 +217,6 @@ class WriteBehindStore:
                     [item.version, item.ttl_ms, item.replacement],
                 )
             await pipe.execute()
-
-    @guarded
-    async def cached_version(self, key: str) -> int | None:
-        """The version of the key's cached value, None if none is cached."""
-        raw: Any = await self._client.get(self._keys.value(key))
-        return None if raw is None else envelope.decode(raw).version
 
     # -- queues --------------------------------------------------------------
 
@@ -515,53 +364,6 @@ class WriteBehindStore:
             pending=sum(int(p["pending"]) for p in pendings if isinstance(p, dict)),
             dead_letters=int(replies[-1]),
         )
-
-    # -- operator commands (operations.py) -----------------------------------
-
-    @guarded
-    async def length(self, stream: str) -> int:
-        """Entries in a queue or the dead-letter stream."""
-        return int(await self._client.xlen(stream))
-
-    @guarded
-    async def oldest_ms(self, queue: str) -> int | None:
-        """When the oldest entry of *queue* was added (Unix ms), None if empty."""
-        first: Any = await self._client.xrange(queue, count=1)
-        return _id_ms(first[0][0]) if first else None
-
-    @guarded
-    async def readers(self, queue: str) -> list[Reader]:
-        """The consumers of *queue* (none while no flusher ever started)."""
-        try:
-            replies: Any = await self._client.xinfo_consumers(queue, GROUP)
-        except ResponseError:
-            return []  # no group yet
-        return [
-            Reader(_text(reply["name"]), int(reply["pending"]), int(reply["idle"]))
-            for reply in replies
-        ]
-
-    @guarded
-    async def dead_letters(self, ids: Sequence[str] | None, limit: int | None) -> list[DeadLetter]:
-        """The dead letters, oldest first (only *ids* when given; at most
-        *limit*, or all of them with None)."""
-        stream = self._keys.dead_letters
-        entries: list[Any] = []
-        if ids:
-            for entry_id in ids:
-                entries += await self._client.xrange(stream, min=entry_id, max=entry_id) or []
-        else:
-            entries = await self._client.xrange(stream, count=limit) or []
-        return [DeadLetter.parse(entry_id, fields) for entry_id, fields in entries if fields]
-
-    @guarded
-    async def drop_dead_letters(self, ids: Sequence[str]) -> int:
-        """Delete dead letters; how many there were."""
-        return int(await self._client.xdel(self._keys.dead_letters, *ids))
-
-
-def _id_ms(entry_id: Any) -> int:
-    return int(_text(entry_id).split("-")[0])
 
 
 def _text(value: Any) -> str:
