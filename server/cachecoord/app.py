@@ -43,11 +43,11 @@ from cachecoord.storage import eviction, keys, postgres
 from cachecoord.storage.breaker import CircuitBreaker
 from cachecoord.storage.consistency_log import ConsistencyLog
 from cachecoord.storage.keys import KeySpace
+from cachecoord.storage.lock_store import LockStore
 from cachecoord.storage.redis_store import EntryStore, connect
 from cachecoord.storage.tables import open_tables
-from cachecoord.strategies import STRATEGIES, Backends, Strategy
+from cachecoord.strategies import STRATEGIES, Backends, Strategy, StrategyKind
 from cachecoord.strategies.flusher import Flusher
-from cachecoord.strategies.write_behind import WriteBehind
 
 # Imported from here by tests and benchmarks (it used to live here).
 __all__ = ["App", "StartupError", "change_triggers"]
@@ -127,7 +127,7 @@ class App:
             for name, ns in settings.namespaces.items()
         }
         opened.enter_context(_reporting_state(breaker, strategies))
-        locks = Locks(client)
+        locks = Locks(LockStore(client, breaker=breaker))
         bus = Bus(
             settings.redis.url, cluster=client if isinstance(client, redis.RedisCluster) else None
         )
@@ -145,7 +145,7 @@ class App:
             opened.push_async_callback(observer.close)
             handlers.append(observer.saw)
         for strategy in strategies.values():
-            bus.on(strategy.store.keys.channel, _decoded(strategy.on_message, *handlers))
+            bus.on(strategy.channel, _decoded(strategy.on_message, *handlers))
             bus.on_reset(strategy.on_reset)
         bus.on_reset(watch_hub.reset)
         self.cache = Cache(strategies, settings.server, watch_hub)
@@ -172,8 +172,7 @@ class App:
             await asyncio.wait_for(bus.subscribed.wait(), 2.0)
         grace = settings.server.shutdown_grace / 1000
         for strategy in strategies.values():
-            if isinstance(strategy, WriteBehind):
-                flusher = Flusher(strategy, consumer=self.origin)
+            if (flusher := strategy.flusher(consumer=self.origin)) is not None:
                 await flusher.open()
                 self.flushers.append(flusher)
                 opened.push_async_callback(flusher.close, grace)
@@ -230,8 +229,8 @@ def _reporting_state(breaker: CircuitBreaker, strategies: dict[str, Strategy]) -
 
     def near_cache_sizes() -> Iterator[tuple[str, int]]:
         for name, strategy in strategies.items():
-            if strategy.reader.near is not None:
-                yield name, len(strategy.reader.near)
+            if (size := strategy.near_cache_size()) is not None:
+                yield name, size
 
     instruments.watch_breaker(breaker_open)
     instruments.watch_near_caches(near_cache_sizes)
@@ -242,7 +241,7 @@ def _reporting_state(breaker: CircuitBreaker, strategies: dict[str, Strategy]) -
         instruments.unwatch(near_cache_sizes)
 
 
-def _strategy(name: StrategyName, namespace: str) -> type[Strategy]:
+def _strategy(name: StrategyName, namespace: str) -> StrategyKind:
     strategy = STRATEGIES.get(name)
     if strategy is None:
         raise ConfigError(

@@ -144,7 +144,7 @@ class Cache:
             )
         if "\x00" in key:
             raise InvalidArgument("key must not contain NUL characters")
-        strategy.table.check_key(key)
+        strategy.check_key(key)
 
     def _check_keys(self, strategy: Strategy, keys: Sequence[str]) -> None:
         if not keys:

@@ -1,8 +1,9 @@
 """Operator operations on the write-behind queues and their dead letters.
 
-They read and write Redis (and PostgreSQL, for a replay) directly, with the
-server's configuration and key names (storage/keys.py); no instance has to
-answer. ``cachecoord queue`` and ``cachecoord dead-letters`` (cli_operator.py)
+They read and write Redis (through storage/queue_admin.py and
+storage/write_behind_store.py) and
+PostgreSQL (for a replay) directly, with the server's configuration; no
+instance has to answer. ``cachecoord queue`` and ``cachecoord dead-letters`` (cli_operator.py)
 print what they return.
 
 A replay goes through the normal write-behind path: the dead-lettered value
@@ -21,31 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from redis.asyncio import Redis, RedisCluster
-from redis.exceptions import ResponseError
 
 from cachecoord.config import ConfigError, NamespaceSettings, Settings, StrategyName
-from cachecoord.storage import envelope
+from cachecoord.invalidation.messages import Invalidation
 from cachecoord.storage.keys import KeySpace
-from cachecoord.strategies.flusher import GROUP
-from cachecoord.strategies.write_behind import WRITE
+from cachecoord.storage.queue_admin import DeadLetter, QueueAdmin
+from cachecoord.storage.redis_store import Client, EntryStore
+from cachecoord.storage.write_behind_store import WriteBehindStore, WriteStatus
 
-RedisClient = Redis | RedisCluster
-
-# The Put script, run only if the key is still at the version the dead
-# lettering left it at (ARGV[12]; an absent value passes: the caller checked
-# PostgreSQL's version). KEYS and ARGV 1-11 as WRITE (strategies/write_behind.py).
-# Returns {1, version} written, {0, current} written since, {-1, 0} queue full.
-REPLAY = (
-    """
-local head = redis.call('GET', KEYS[1])
-if head then
-  local seen = string.match(head, '^(%d+):')
-  if seen ~= ARGV[12] then return {0, tonumber(seen)} end
-end
-"""
-    + WRITE
-)
+RedisClient = Client
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,25 +59,6 @@ class QueueStatus:
     max_queue: int
     partitions: int
     consumers: list[Consumer] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A write PostgreSQL rejected max_attempts times, with the error."""
-
-    id: str
-    """Its id in the dead-letter stream (what replay and drop take)."""
-    key: str
-    version: int
-    kind: str
-    """``value``, ``delete``, or ``revert`` (a key's move back to PostgreSQL's row)."""
-    payload: bytes
-    error: str
-    dead_at: float
-    """Unix time it was dead-lettered."""
-    reverted_to: int
-    """The version the key moved on to (holding PostgreSQL's row); 0 if a
-    newer write had replaced the rejected one already."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,37 +95,36 @@ def keyspace(ns: NamespaceSettings) -> KeySpace:
     return KeySpace(ns.name, ns.partitions)
 
 
+def _admin(client: RedisClient, ns: NamespaceSettings) -> QueueAdmin:
+    return QueueAdmin(EntryStore(client, keyspace(ns), generations=False))
+
+
 async def queue_status(client: RedisClient, ns: NamespaceSettings) -> QueueStatus:
-    keys = keyspace(ns)
+    store = _admin(client, ns)
     depth = pending = 0
     oldest_ms: int | None = None
     consumers: dict[str, Consumer] = {}
-    for queue in keys.queues:
-        depth += int(await client.xlen(queue))
-        first: Any = await client.xrange(queue, count=1)
-        if first:
-            ms = _id_ms(first[0][0])
+    for queue in store.queues:
+        depth += await store.length(queue)
+        ms = await store.oldest_ms(queue)
+        if ms is not None:
             oldest_ms = ms if oldest_ms is None else min(oldest_ms, ms)
-        try:
-            readers: Any = await client.xinfo_consumers(queue, GROUP)
-        except ResponseError:
-            continue  # no group yet: no flusher ever started
-        for reader in readers:
-            name = _text(reader["name"])
-            seen = consumers.get(name)
-            count, idle = int(reader["pending"]), int(reader["idle"])
-            pending += count
-            consumers[name] = (
-                Consumer(name, count, idle)
+        for reader in await store.readers(queue):
+            seen = consumers.get(reader.name)
+            pending += reader.pending
+            consumers[reader.name] = (
+                Consumer(reader.name, reader.pending, reader.idle_ms)
                 if seen is None
-                else Consumer(name, seen.pending + count, min(seen.idle_ms, idle))
+                else Consumer(
+                    reader.name, seen.pending + reader.pending, min(seen.idle_ms, reader.idle_ms)
+                )
             )
     return QueueStatus(
         namespace=ns.name,
         depth=depth,
         pending=pending,
         oldest_age_s=None if oldest_ms is None else max(0.0, time.time() - oldest_ms / 1000),
-        dead_letters=int(await client.xlen(keys.dead_letters)),
+        dead_letters=await store.length(keyspace(ns).dead_letters),
         max_queue=ns.max_queue,
         partitions=ns.partitions,
         consumers=sorted(consumers.values(), key=lambda c: c.name),
@@ -174,21 +139,14 @@ async def dead_letters(
 ) -> list[DeadLetter]:
     """The namespace's dead letters, oldest first (only *ids* when given; at
     most *limit*, or all of them with None)."""
-    stream = keyspace(ns).dead_letters
-    entries: list[Any] = []
-    if ids:
-        for entry_id in ids:
-            entries += await client.xrange(stream, min=entry_id, max=entry_id) or []
-    else:
-        entries = await client.xrange(stream, count=limit) or []
-    return [_dead_letter(entry_id, fields) for entry_id, fields in entries if fields]
+    return await _admin(client, ns).dead_letters(ids, limit)
 
 
 async def drop(client: RedisClient, ns: NamespaceSettings, ids: list[str]) -> int:
     """Delete dead letters; how many there were."""
     if not ids:
         return 0
-    return int(await client.xdel(keyspace(ns).dead_letters, *ids))
+    return await _admin(client, ns).drop_dead_letters(ids)
 
 
 async def replay(
@@ -196,10 +154,10 @@ async def replay(
 ) -> list[Replayed]:
     """Write dead letters again as new writes (see the module docstring);
     replayed ones leave the dead-letter stream."""
-    keys = keyspace(ns)
-    script = client.register_script(REPLAY)
+    entries = EntryStore(client, keyspace(ns), generations=False)
+    admin, store = QueueAdmin(entries), WriteBehindStore(entries)
     origin = f"cli-{socket.gethostname()}-{os.getpid()}"
-    found = {letter.id: letter for letter in await dead_letters(client, ns, ids)}
+    found = {letter.id: letter for letter in await admin.dead_letters(ids, None)}
     results = []
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         for entry_id in ids:
@@ -210,35 +168,29 @@ async def replay(
             if letter.kind == "revert":
                 results.append(Replayed(entry_id, letter.key, "not-replayable"))
                 continue
-            current = await _current_version(client, conn, keys, letter.key)
+            current = await _current_version(admin, conn, ns.name, letter.key)
             if not letter.reverted_to or current != letter.reverted_to:
                 results.append(Replayed(entry_id, letter.key, "superseded", current))
                 continue
             kind = "n" if letter.kind == "delete" else "v"
-            status, version = await script(
-                keys=[keys.value(letter.key), keys.lease(letter.key), keys.queue(letter.key)],
-                args=[
-                    letter.payload,
-                    kind,
-                    -1,
-                    max(1, ns.max_queue // ns.partitions),
-                    keys.channel,
-                    ns.ttl,
-                    ns.name,
-                    letter.key,
-                    "delete" if kind == "n" else "put",
-                    origin,
-                    "",
-                    letter.reverted_to,
-                ],
+            reason = "delete" if kind == "n" else "put"
+            outcome = await store.write(
+                letter.key,
+                letter.payload,
+                kind,
+                expected=None,
+                queue_bound=max(1, ns.max_queue // ns.partitions),
+                fresh_ms=ns.ttl,
+                message=Invalidation(ns.name, letter.key, 0, reason, origin),
+                replay_of=letter.reverted_to,
             )
-            if int(status) == -1:
+            if outcome.status is WriteStatus.QUEUE_FULL:
                 raise QueueFull(f"the write-behind queue of namespace {ns.name!r} is full")
-            if int(status) == 0:
-                results.append(Replayed(entry_id, letter.key, "superseded", int(version)))
+            if outcome.status is WriteStatus.CONFLICT:
+                results.append(Replayed(entry_id, letter.key, "superseded", outcome.version))
                 continue
-            await client.xdel(keys.dead_letters, entry_id)
-            results.append(Replayed(entry_id, letter.key, "replayed", int(version)))
+            await admin.drop_dead_letters([entry_id])
+            results.append(Replayed(entry_id, letter.key, "replayed", outcome.version))
     return results
 
 
@@ -247,39 +199,15 @@ class QueueFull(Exception):
 
 
 async def _current_version(
-    client: RedisClient, conn: psycopg.AsyncConnection[Any], keys: KeySpace, key: str
+    store: QueueAdmin, conn: psycopg.AsyncConnection[Any], namespace: str, key: str
 ) -> int:
     """The key's newest version: its cached value's, else PostgreSQL's record."""
-    raw: Any = await client.get(keys.value(key))
-    if raw is not None:
-        return envelope.decode(raw).version
+    cached = await store.cached_version(key)
+    if cached is not None:
+        return cached
     cur = await conn.execute(
         "SELECT version FROM cachecoord.versions WHERE namespace = %s AND key = %s",
-        (keys.namespace, key),
+        (namespace, key),
     )
     row = await cur.fetchone()
     return int(row[0]) if row else 0
-
-
-def _dead_letter(entry_id: Any, fields: dict[bytes, bytes]) -> DeadLetter:
-    return DeadLetter(
-        id=_text(entry_id),
-        key=fields[b"k"].decode(),
-        version=int(fields[b"v"]),
-        kind=_KINDS.get(fields.get(b"t", b""), "value"),
-        payload=fields.get(b"p", b""),
-        error=fields.get(b"error", b"").decode(errors="replace"),
-        dead_at=_id_ms(entry_id) / 1000,
-        reverted_to=int(fields.get(b"reverted_to", b"0") or 0),
-    )
-
-
-_KINDS = {b"v": "value", b"n": "delete", b"r": "revert"}
-
-
-def _id_ms(entry_id: Any) -> int:
-    return int(_text(entry_id).split("-")[0])
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -110,7 +110,12 @@ async function main(): Promise<void> {
     md(),
     deadline(),
   );
-  const read = await unary(client.get.bind(client), GetRequest.fromPartial({ namespace: "blobs", key }), md(), deadline());
+  const read = await unary(
+    client.get.bind(client),
+    GetRequest.fromPartial({ namespace: "blobs", key }),
+    md(),
+    deadline(),
+  );
   if (Buffer.from(read.value).toString() !== "from an app" || read.version !== put.version) {
     fail(`blobs/${key}: ${JSON.stringify({ found: read.found, version: String(read.version) })}`);
   }

@@ -30,11 +30,10 @@ import time
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from redis.exceptions import RedisError
-
 from cachecoord import background
 from cachecoord.errors import LockNotHeld, Unavailable
 from cachecoord.model import LockGrant
+from cachecoord.storage.errors import RedisError
 
 if TYPE_CHECKING:
     from cachecoord.coordination.locks import Locks

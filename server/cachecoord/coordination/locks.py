@@ -1,13 +1,6 @@
-"""Distributed locks on Redis (redis-py's Lock pattern) with fencing tokens.
-
-A lock is ``SET name token NX PX ttl``; release and extend are Lua
-compare-and-delete and compare-and-pexpire, so only the holder's token works.
-The fencing token is taken in the same script as the lock, so fencing order
-is acquisition order. It is ``max(previous + 1, Redis clock in microseconds)``:
-it keeps increasing across a Redis restart that lost the counter, as long as
-the Redis host's clock does not step back by more than the time since the
-last acquisition. Waiters sleep until a release notice (pub/sub) or the
-holder's TTL, never in a busy loop.
+"""Distributed locks with fencing tokens, kept in Redis by storage/lock_store.py
+(redis-py's Lock pattern; see there for the fencing order). Waiters sleep
+until a release notice (pub/sub) or the holder's TTL, never in a busy loop.
 
 An acquisition whose caller is gone before it ends (its deadline passed or
 it was cancelled while the script ran) releases what the script took, so no
@@ -25,9 +18,6 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 
-import redis.asyncio as redis
-from redis.exceptions import RedisError
-
 from cachecoord import instruments, telemetry
 from cachecoord.coordination.hold import Hold
 from cachecoord.errors import (
@@ -38,46 +28,8 @@ from cachecoord.errors import (
     Unavailable,
 )
 from cachecoord.model import LockGrant
-from cachecoord.storage import keys
-
-ACQUIRE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local now = redis.call('TIME')
-  local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
-  local fencing = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, clock)
-  redis.call('SET', KEYS[2], string.format('%.0f', fencing))
-  return {1, fencing}
-end
-return {0, redis.call('PTTL', KEYS[1])}
-"""
-
-RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
-  return 1
-end
-return 0
-"""
-
-EXTEND = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-# KEYS[1] lock, KEYS[2] fencing counter; ARGV[1] token, ARGV[2] ttl ms.
-# Returns {1, fencing token of the holder} after resetting the TTL, or {0}
-# when the token no longer holds the lock. The counter holds the token of the
-# last acquisition, which is this holder's as long as its token holds the lock.
-RESUME = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {1, redis.call('GET', KEYS[2]) or '0'}
-end
-return {0}
-"""
+from cachecoord.storage.errors import RedisError
+from cachecoord.storage.lock_store import LockStore
 
 MAX_TTL_MS = 86_400_000
 MIN_TTL_MS = 100
@@ -96,11 +48,8 @@ log = logging.getLogger(__name__)
 class Locks:
     """Acquire, release, extend and hold named locks."""
 
-    def __init__(self, client: redis.Redis | redis.RedisCluster) -> None:
-        self._acquire = client.register_script(ACQUIRE)
-        self._release = client.register_script(RELEASE)
-        self._extend = client.register_script(EXTEND)
-        self._resume = client.register_script(RESUME)
+    def __init__(self, store: LockStore) -> None:
+        self._store = store
         self._waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
         self._orphan_releases: set[asyncio.Task[None]] = set()
 
@@ -178,12 +127,10 @@ class Locks:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(released.wait(), min(remaining, holder_ms / 1000 + 0.005))
 
-    async def _attempt(self, name: str, token: str, ttl_ms: int) -> tuple[int, int]:
-        """Run the acquire script once; if the caller goes away while it runs
+    async def _attempt(self, name: str, token: str, ttl_ms: int) -> tuple[bool, int]:
+        """Try to take the lock once; if the caller goes away while it runs
         (deadline, cancellation), whatever it takes is released."""
-        attempt = asyncio.ensure_future(
-            self._acquire(keys=[keys.lock_key(name), keys.fencing_key(name)], args=[token, ttl_ms])
-        )
+        attempt = asyncio.ensure_future(self._store.acquire(name, token, ttl_ms))
         try:
             with _redis_errors():
                 got, value = await asyncio.shield(attempt)
@@ -195,9 +142,11 @@ class Locks:
             # reply): let go of whatever this token may hold, nobody will.
             self.release_in_background(name, token)
             raise
-        return int(got), int(value)
+        return got, value
 
-    def _release_if_taken(self, attempt: asyncio.Future[list[int]], name: str, token: str) -> None:
+    def _release_if_taken(
+        self, attempt: asyncio.Future[tuple[bool, int]], name: str, token: str
+    ) -> None:
         if attempt.cancelled() or attempt.exception() is not None:
             return  # not taken, or unknown: then the lock ends with its TTL
         if attempt.result()[0]:
@@ -225,9 +174,7 @@ class Locks:
         """Release the lock if *token* holds it."""
         _check_name(name)
         with _redis_errors():
-            released = await self._release(
-                keys=[keys.lock_key(name)], args=[token, keys.LOCK_CHANNEL, name]
-            )
+            released = await self._store.release(name, token)
         if not released:
             raise LockNotHeld(f"lock {name!r} is not held by this token (expired or released)")
 
@@ -235,7 +182,7 @@ class Locks:
         """Reset the lock's TTL to *ttl_ms* from now if *token* holds it."""
         _check(name, ttl_ms)
         with _redis_errors():
-            extended = await self._extend(keys=[keys.lock_key(name)], args=[token, ttl_ms])
+            extended = await self._store.extend(name, token, ttl_ms)
         if not extended:
             raise LockNotHeld(f"lock {name!r} is not held by this token (expired or released)")
 
@@ -247,12 +194,10 @@ class Locks:
             raise InvalidArgument("resume: token must not be empty")
         attempted = time.monotonic()
         with _redis_errors():
-            result = await self._resume(
-                keys=[keys.lock_key(name), keys.fencing_key(name)], args=[token, ttl_ms]
-            )
-        if not result[0]:
+            fencing_token = await self._store.resume(name, token, ttl_ms)
+        if fencing_token is None:
             raise LockNotHeld(f"lock {name!r} is not held by this token any more")
-        return LockGrant(token=token, fencing_token=int(result[1]), taken_at=attempted)
+        return LockGrant(token=token, fencing_token=fencing_token, taken_at=attempted)
 
     def hold(self, name: str, ttl_ms: int, wait_timeout_ms: int, *, resume_token: str = "") -> Hold:
         """Hold the lock for the duration of an ``async with`` block.

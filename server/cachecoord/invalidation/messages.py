@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,10 +30,20 @@ class Invalidation:
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
 
+    def encode_around_version(self) -> tuple[bytes, bytes]:
+        """The message in two parts, before and after its version: for a Redis
+        script that numbers the write it announces (``head + version + tail``).
+        A quote inside a JSON string is escaped, so the split cannot fall
+        inside the key."""
+        head, _, tail = replace(self, version=0).encode().partition(b',"version":0,')
+        return head + b',"version":', b"," + tail
+
     @classmethod
     def decode(cls, raw: bytes) -> Invalidation:
+        """The message in *raw*: a :class:`FillNotice` if it is one."""
         data = json.loads(raw)
-        return cls(
+        kind = FillNotice if data.get("reason") == FILL else Invalidation
+        return kind(
             namespace=str(data["namespace"]),
             key=None if data.get("key") is None else str(data["key"]),
             version=int(data.get("version", 0)),
@@ -41,3 +51,17 @@ class Invalidation:
             origin=str(data.get("origin", "")),
             at=float(data.get("at") or 0.0),
         )
+
+
+FILL = "fill"
+"""The reason of a :class:`FillNotice`."""
+
+
+@dataclass(frozen=True, slots=True)
+class FillNotice(Invalidation):
+    """Not a change: a reader filled *key* with its current version (reason
+    ``fill``). It wakes the readers of other instances waiting for that fill."""
+
+    @classmethod
+    def of(cls, namespace: str, key: str, version: int, origin: str) -> FillNotice:
+        return cls(namespace, key, version, FILL, origin)

@@ -16,10 +16,17 @@ the next call probes again.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec, TypeVar
 
+from redis.exceptions import ClusterDownError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class CircuitOpen(RedisConnectionError):
@@ -68,3 +75,29 @@ class CircuitBreaker:
     def abandoned(self) -> None:
         """A call ended without telling whether Redis can be reached."""
         self._probe_since = None
+
+
+def guarded(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Route a store method's call through its store's circuit breaker (the
+    store's ``breaker`` attribute). Every method of storage/ that sends a
+    command to Redis is guarded."""
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        breaker: CircuitBreaker = args[0].breaker  # type: ignore[attr-defined]
+        breaker.check()
+        try:
+            result = await method(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, ClusterDownError):
+            breaker.failed()
+            raise
+        except ResponseError:
+            breaker.succeeded()  # Redis answered (an error about the command)
+            raise
+        except BaseException:
+            breaker.abandoned()  # cancelled, or no verdict on reaching Redis
+            raise
+        breaker.succeeded()
+        return result
+
+    return call

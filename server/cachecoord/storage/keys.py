@@ -9,7 +9,8 @@ script touches a single Redis Cluster slot:
 * write-behind: keys are grouped into partitions so that a value and the
   queue (Redis Stream) it is written to share a slot:
   ``cc:wb:{<ns>:<partition>}:v:<key>``, ``...:l:<key>`` and
-  ``cc:wb:{<ns>:<partition>}:queue``.
+  ``cc:wb:{<ns>:<partition>}:queue``; per namespace, ``cc:wb:{<ns>}:dead``
+  (dead letters) and ``cc:wb:{<ns>}:errors`` (why entries were rejected).
 
 Namespace names cannot contain ``:`` or ``{`` (config.NAME_RE), and the key
 is always last or followed by a fixed suffix, so distinct (namespace, key)
@@ -58,6 +59,11 @@ class KeySpace:
     @property
     def dead_letters(self) -> str:
         return f"cc:wb:{{{self.namespace}}}:dead"
+
+    @property
+    def errors(self) -> str:
+        """A hash: queue entry id -> why PostgreSQL rejected it (write-behind)."""
+        return f"cc:wb:{{{self.namespace}}}:errors"
 
     @property
     def scan_patterns(self) -> list[str]:

@@ -11,158 +11,31 @@ entries become unreachable at once and are left to expire.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, ParamSpec, TypeVar, cast
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, PipelineCommand
-from redis.exceptions import AskError, ClusterDownError, MovedError, ResponseError
+from redis.exceptions import AskError, MovedError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cachecoord.config import RedisSettings
 from cachecoord.storage.breaker import CircuitBreaker
+from cachecoord.storage.breaker import guarded as _guarded
 from cachecoord.storage.keys import KeySpace
+from cachecoord.storage.scripts import (
+    DROP_IF_CLEAN,
+    FILL,
+    FILL_GENERATION,
+    GET_GENERATION,
+    INVALIDATE,
+    INVALIDATE_GENERATION,
+    LEASE,
+    LEASE_GENERATION,
+    STORE,
+    STORE_GENERATION,
+)
 from cachecoord.storage.waiting_cluster import WaitingRedisCluster
-
-P = ParamSpec("P")
-T = TypeVar("T")
-
-# In generation mode KEYS[1] is the generation counter and ARGV[1] the value
-# key's prefix; the value key is <prefix>:g<generation>. Every other script
-# gets the value key itself.
-_VALUE_KEY = """
-local function value_key(gen_key, prefix)
-  return prefix .. ':g' .. (redis.call('GET', gen_key) or '0')
-end
-"""
-
-GET_GENERATION = (
-    _VALUE_KEY
-    + """
-return redis.call('GET', value_key(KEYS[1], ARGV[1]))
-"""
-)
-
-# A refresh must not replace a value newer than what it loaded, nor a
-# write-behind value not yet flushed (no TTL): PostgreSQL is behind it.
-_NEWER_CACHED = """
-local function newer_cached(key, envelope)
-  local current = redis.call('GET', key)
-  if not current then return false end
-  if redis.call('PTTL', key) == -1 then return true end
-  local cached = tonumber(string.match(current, '^(%d+):'))
-  return cached ~= nil and cached > tonumber(string.match(envelope, '^(%d+):'))
-end
-"""
-
-# Take the lease of a missing key, in one step with looking at the key: a
-# plain GET then SET NX would let a reader whose GET missed just before
-# another reader's fill (which deletes the lease) take a new lease and load
-# again. Returns the value if it is there, 1 if leased, 0 if someone else
-# holds the lease. ARGV[3] = '1' takes the lease even if a value is there
-# (reloading a value kept only for stale-if-error, or refreshing one).
-LEASE = """
-if ARGV[3] ~= '1' then
-  local value = redis.call('GET', KEYS[1])
-  if value then return value end
-end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
-"""
-
-LEASE_GENERATION = (
-    _VALUE_KEY
-    + """
-if ARGV[4] ~= '1' then
-  local value = redis.call('GET', value_key(KEYS[1], ARGV[1]))
-  if value then return value end
-end
-if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return 1 end
-return 0
-"""
-)
-
-# Fill only while the reader's lease is still there: any write or invalidation
-# since the lease was granted deleted it (memcache leases, NSDI'13 3.2.1).
-# The fill notice wakes readers on other instances waiting for this fill.
-FILL = (
-    _NEWER_CACHED
-    + """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-if newer_cached(KEYS[1], ARGV[2]) then redis.call('DEL', KEYS[2]) return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[4], ARGV[5])
-return 1
-"""
-)
-
-FILL_GENERATION = (
-    _VALUE_KEY
-    + _NEWER_CACHED
-    + """
-if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
-local target = value_key(KEYS[1], ARGV[1])
-if newer_cached(target, ARGV[3]) then redis.call('DEL', KEYS[2]) return 0 end
-redis.call('SET', target, ARGV[3], 'PX', ARGV[4])
-redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[5], ARGV[6])
-return 1
-"""
-)
-
-# Drop the cached copy and any lease (so an in-flight fill is rejected), and
-# tell every instance; atomically, so no reader sees one without the other.
-# A value without TTL is a write-behind value not yet flushed to PostgreSQL:
-# it is the newest version there is, and dropping it would lose it.
-INVALIDATE = """
-local dropped = 0
-if redis.call('PTTL', KEYS[1]) ~= -1 then dropped = redis.call('DEL', KEYS[1]) end
-redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[1], ARGV[2])
-return dropped
-"""
-
-INVALIDATE_GENERATION = (
-    _VALUE_KEY
-    + """
-local dropped = redis.call('EXISTS', value_key(KEYS[1], ARGV[1]))
-redis.call('INCR', KEYS[1])
-redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[2], ARGV[3])
-return dropped
-"""
-)
-
-DROP_IF_CLEAN = """
-if redis.call('PTTL', KEYS[1]) == -1 then return 0 end
-return redis.call('DEL', KEYS[1])
-"""
-
-# Cache a value just written (write-through) unless a newer version is cached.
-_STORE_BODY = """
-local current = redis.call('GET', target)
-redis.call('DEL', lease)
-if current then
-  local version = tonumber(string.match(current, '^(%d+):'))
-  if version and version >= tonumber(ARGV[n + 2]) then
-    redis.call('PUBLISH', ARGV[n + 3], ARGV[n + 4])
-    return 0
-  end
-end
-redis.call('SET', target, ARGV[n], 'PX', ARGV[n + 1])
-redis.call('PUBLISH', ARGV[n + 3], ARGV[n + 4])
-return 1
-"""
-
-STORE = "local target, lease, n = KEYS[1], KEYS[2], 1\n" + _STORE_BODY
-
-STORE_GENERATION = (
-    _VALUE_KEY + "local target, lease, n = value_key(KEYS[1], ARGV[1]), KEYS[2], 2\n" + _STORE_BODY
-)
-
 
 Client = redis.Redis | redis.RedisCluster
 """A single Redis or a Redis Cluster (``redis.cluster``)."""
@@ -221,30 +94,6 @@ async def _on_node(
         # refresh during a failover): redis-py's node API then fails on the
         # closed socket instead of raising its own ConnectionError.
         raise RedisConnectionError(f"connection to {node.name} lost: {err}") from err
-
-
-def _guarded(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """Route the call through the store's circuit breaker."""
-
-    @functools.wraps(method)
-    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
-        breaker: CircuitBreaker = args[0].breaker  # type: ignore[attr-defined]
-        breaker.check()
-        try:
-            result = await method(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError, ClusterDownError):
-            breaker.failed()
-            raise
-        except ResponseError:
-            breaker.succeeded()  # Redis answered (an error about the command)
-            raise
-        except BaseException:
-            breaker.abandoned()  # cancelled, or no verdict on reaching Redis
-            raise
-        breaker.succeeded()
-        return result
-
-    return call
 
 
 class EntryStore:

@@ -54,6 +54,10 @@ class Table(Protocol):
         """Whether the key has a row; with *lock*, the row stays locked until
         the transaction ends."""
 
+    async def lock(self, conn: AsyncConnection, keys: Sequence[str]) -> None:
+        """Lock the rows of *keys* that exist until the transaction ends,
+        before their version rows (the order every writer takes them in)."""
+
     async def write(self, conn: AsyncConnection, key: str, prepared: Any) -> bytes:
         """Upsert the row; return the value as it is now stored."""
 
@@ -97,6 +101,9 @@ class ManagedTable:
             (self.namespace, key),
         )
         return await cur.fetchone() is not None
+
+    async def lock(self, conn: AsyncConnection, keys: Sequence[str]) -> None:
+        pass  # only cachecoord writes these rows, always after the version row
 
     async def write(self, conn: AsyncConnection, key: str, prepared: bytes) -> bytes:
         await conn.execute(self._WRITE, (self.namespace, key, prepared))
@@ -259,6 +266,15 @@ class MappedTable:
         )
         cur = await conn.execute(query, (key,))
         return await cur.fetchone() is not None
+
+    async def lock(self, conn: AsyncConnection, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        query = sql.SQL(
+            "SELECT 1 FROM {table} WHERE {key} = ANY(%s::text[]::{type}[])"
+            " ORDER BY {key} FOR UPDATE"
+        ).format(table=self.table, key=sql.Identifier(self.key_column), type=self._type())
+        await conn.execute(query, (list(keys),))
 
     async def write(self, conn: AsyncConnection, key: str, prepared: str) -> bytes:
         # Only the given columns are written (a partial update of an existing

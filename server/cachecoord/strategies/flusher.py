@@ -14,83 +14,33 @@ alone, with backoff, and after ``max_attempts`` moved to the dead-letter
 stream with its error; the other entries of its batch are committed, so one
 bad entry never blocks the queue. Its acknowledged version must not silently
 give way to the older one PostgreSQL holds: the key moves on to a new, higher
-version holding PostgreSQL's row (see REVERT), announced with reason
-``rejected``. Entries pending on an instance that died are claimed by another
+version holding PostgreSQL's row (WriteBehindStore.revert), announced with
+reason ``rejected``. Entries pending on an instance that died are claimed by another
 after ``claim_idle``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 import time
-from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any
 
 import psycopg
 from opentelemetry import trace
 from psycopg import AsyncConnection
-from redis.asyncio import RedisCluster
-from redis.exceptions import RedisError, ResponseError
+from psycopg_pool import AsyncConnectionPool
 
 from cachecoord import background, instruments, telemetry
+from cachecoord.config import NamespaceSettings
 from cachecoord.errors import CacheCoordError
 from cachecoord.storage import envelope
-from cachecoord.storage.redis_store import queue_script
-from cachecoord.strategies.write_behind import WriteBehind
+from cachecoord.storage.errors import RedisError
+from cachecoord.storage.expiry import jittered
+from cachecoord.storage.tables import Table
+from cachecoord.storage.write_behind_store import Queued, Settle, WriteBehindStore
+from cachecoord.strategies.changes import Changes
 
 log = logging.getLogger(__name__)
-
-GROUP = "cachecoord"
-
-# Give a flushed value its TTL, unless a newer write replaced it meanwhile;
-# with ARGV[3], replace it by the row as PostgreSQL stored it (defaults and
-# all) under the same version.
-SETTLE = """
-local current = redis.call('GET', KEYS[1])
-if current and string.match(current, '^(%d+):') == ARGV[1] then
-  if ARGV[3] ~= '' then return redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2]) end
-  local head, tag, payload = string.match(current, '^(%d+:%d+:%d+:)(.)(.*)$')
-  return redis.call('SET', KEYS[1], head .. string.lower(tag) .. payload, 'PX', ARGV[2])
-end
-return 0
-"""
-
-# A dead-lettered write never reaches PostgreSQL. If it is still the key's
-# latest write (or Redis lost the key), the key moves on to a *new* version,
-# numbered like every write-behind write (max(previous + 1, Redis clock in
-# µs)), holding the row PostgreSQL has: dropping the value instead would make
-# reads fall back to PostgreSQL's older version, and versions go backwards.
-# The value is queued like a write (kind 'r': its flush only moves
-# PostgreSQL's version of the key up to it), so it stays dirty (no TTL) until
-# PostgreSQL's version has caught up, and a compare-and-set against the
-# rejected version fails. Any in-flight fill is cancelled (lease deleted).
-# KEYS: value, lease, queue. ARGV: rejected version, tag (v|n), PostgreSQL's
-# row, fresh ms, channel, namespace, key, origin.
-# Returns the new version, or 0 if a newer write replaced the rejected one.
-REVERT = """
-local current = redis.call('GET', KEYS[1])
-local previous = tonumber(ARGV[1])
-if current then
-  local cached = tonumber(string.match(current, '^(%d+):'))
-  if cached ~= previous then return 0 end
-end
-local now = redis.call('TIME')
-local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
-local version = string.format('%.0f', math.max(previous + 1, clock))
-local fresh_until = string.format('%.0f', math.floor(clock / 1000) + tonumber(ARGV[4]))
-redis.call('SET', KEYS[1], version .. ':' .. fresh_until .. ':0:' .. string.upper(ARGV[2]) ..
-  ARGV[3])
-redis.call('DEL', KEYS[2])
-redis.call('XADD', KEYS[3], '*', 'k', ARGV[7], 'v', version, 't', 'r', 'p', '', 'c', '')
-redis.call('PUBLISH', ARGV[5], '{"namespace":' .. cjson.encode(ARGV[6]) .. ',"key":' ..
-  cjson.encode(ARGV[7]) .. ',"version":' .. version .. ',"reason":"rejected","origin":' ..
-  cjson.encode(ARGV[8]) .. '}')
-return tonumber(version)
-"""
 
 _ADVANCE = """
 WITH advanced AS (
@@ -111,31 +61,6 @@ _MAX_BACKOFF = 30.0
 _MAX_LINKS = 128  # a flush span links to the Puts it writes, up to this many
 
 
-@dataclass(frozen=True, slots=True)
-class Queued:
-    """One queue entry: a write waiting for PostgreSQL."""
-
-    queue: str
-    id: str
-    key: str
-    version: int
-    kind: str  # "v" value, "n" deletion, "r" revert (a new version of the row PostgreSQL has)
-    payload: bytes
-    traceparent: str = ""
-
-    @classmethod
-    def parse(cls, queue: str, entry_id: Any, fields: dict[bytes, bytes]) -> Queued:
-        return cls(
-            queue=queue,
-            id=entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id),
-            key=fields[b"k"].decode(),
-            version=int(fields[b"v"]),
-            kind=fields[b"t"].decode(),
-            payload=fields[b"p"],
-            traceparent=fields.get(b"c", b"").decode(),
-        )
-
-
 _TRANSIENT = (RedisError, OSError, psycopg.OperationalError, psycopg.InterfaceError)
 """Backend failures a flush waits out (logged without a traceback)."""
 
@@ -143,19 +68,27 @@ _TRANSIENT = (RedisError, OSError, psycopg.OperationalError, psycopg.InterfaceEr
 class Flusher:
     """Flushes one write-behind namespace; ``open()``, then ``close()``."""
 
-    def __init__(self, strategy: WriteBehind, *, consumer: str) -> None:
-        self._ns = strategy
-        self._settings = strategy.settings
-        self._client = strategy.store.client
-        self._keys = strategy.store.keys
+    def __init__(
+        self,
+        settings: NamespaceSettings,
+        table: Table,
+        queue: WriteBehindStore,
+        pool: AsyncConnectionPool[AsyncConnection],
+        *,
+        changes: Changes,
+        consumer: str,
+    ) -> None:
+        self._name = settings.name
+        self._settings = settings
+        self._table = table
+        self._queue = queue
+        self._pool = pool
+        self._changes = changes
         self._consumer = consumer
-        self._settle = self._client.register_script(SETTLE)
-        self._revert = self._client.register_script(REVERT)
-        self._errors_key = f"cc:wb:{{{strategy.name}}}:errors"
         self._task: asyncio.Task[None] | None = None
         self._draining = False
         self._next_reclaim = 0.0
-        self.queue_stats = instruments.QueueSample(strategy.name)
+        self.queue_stats = instruments.QueueSample(settings.name)
         """The queues as last sampled (with metrics on), for the gauges."""
         self.flushed_rows = 0
         """Rows written to PostgreSQL so far (coalesced writes count once)."""
@@ -165,7 +98,7 @@ class Flusher:
         instruments.watch_queues(self._probe)
         if self._task is None:
             with instruments.quiet():  # polling makes no span; flushes make their own
-                self._task = asyncio.create_task(self._run(), name=f"flusher-{self._ns.name}")
+                self._task = asyncio.create_task(self._run(), name=f"flusher-{self._name}")
 
     async def close(self, grace: float) -> None:
         """Drain what can be flushed within *grace* seconds, then stop."""
@@ -178,7 +111,7 @@ class Flusher:
             await asyncio.wait_for(asyncio.shield(task), grace)
         except TimeoutError:
             log.warning(
-                "write-behind %s: queue not drained at shutdown; left for others", self._ns.name
+                "write-behind %s: queue not drained at shutdown; left for others", self._name
             )
         await background.stop(task)
 
@@ -201,11 +134,11 @@ class Flusher:
                     with instruments.background_span(
                         "cache.dead_letter",
                         links=[link for link in [instruments.link_to(entry.traceparent)] if link],
-                        attributes={"cache.namespace": self._ns.name, "error.type": "rejected"},
+                        attributes={"cache.namespace": self._name, "error.type": "rejected"},
                     ):
                         await self._dead_letter(entry, error)
                     if telemetry.METRICS:
-                        instruments.dead_lettered.add(1, {"cache.namespace": self._ns.name})
+                        instruments.dead_lettered.add(1, {"cache.namespace": self._name})
                 backoff = 0.1
                 if len(batch) < self._settings.flush_batch and not self._draining:
                     # Let writes gather for a whole interval: Puts to one key
@@ -213,11 +146,11 @@ class Flusher:
                     await asyncio.sleep(max(0.0, started + interval - time.monotonic()))
             except Exception as err:
                 if isinstance(err, _TRANSIENT):
-                    log.warning("write-behind %s: flush deferred (%s)", self._ns.name, err)
+                    log.warning("write-behind %s: flush deferred (%s)", self._name, err)
                 else:
                     # Unforeseen (a bug): it must not stop this namespace's
                     # flushing for good; the entries stay queued, tried again.
-                    log.exception("write-behind %s: flush failed; retrying", self._ns.name)
+                    log.exception("write-behind %s: flush failed; retrying", self._name)
                 if self._draining:
                     return
                 await asyncio.sleep(backoff)
@@ -234,73 +167,23 @@ class Flusher:
             reclaimed, given_up = await self._reclaim()
             if reclaimed or given_up:
                 return reclaimed, given_up
-        replies: Any
         block = None if self._draining else self._settings.flush_interval
-        try:
-            if isinstance(self._client, RedisCluster):
-                # The partitions' queues live in different slots (shards), and
-                # one XREADGROUP may only name streams of one slot: read each
-                # with its own call, all at once.
-                queues = self._keys.queues
-                count = max(1, self._settings.flush_batch // len(queues))
-                parts = await asyncio.gather(
-                    *(
-                        self._client.xreadgroup(
-                            GROUP, self._consumer, streams={q: ">"}, count=count, block=block
-                        )
-                        for q in queues
-                    )
-                )
-                replies = [reply for part in parts for reply in part or []]
-            else:
-                replies = await self._client.xreadgroup(
-                    GROUP,
-                    self._consumer,
-                    streams=dict.fromkeys(self._keys.queues, ">"),
-                    count=self._settings.flush_batch,
-                    block=block,
-                )
-        except ResponseError as err:
-            if "NOGROUP" not in str(err):
-                raise
-            await self._create_groups()  # first start, or Redis lost its data
-            return [], []
-        return [
-            Queued.parse(queue.decode(), entry_id, fields)
-            for queue, entries in replies or []
-            for entry_id, fields in entries
-            if fields
-        ], []
+        return await self._queue.read_new(self._consumer, self._settings.flush_batch, block), []
 
     async def _sample_queues(self) -> None:
         """Queue depth, the oldest queued write's age, pending entries and
         dead letters, for the gauges."""
-        queues = self._keys.queues
-        async with self._client.pipeline(transaction=False) as pipe:
-            for queue in queues:
-                pipe.xlen(queue)
-                pipe.xrange(queue, count=1)
-                pipe.xpending(queue, GROUP)
-            pipe.xlen(self._keys.dead_letters)
-            replies = await pipe.execute(raise_on_error=False)
-        lengths, firsts, pendings = replies[0:-1:3], replies[1:-1:3], replies[2:-1:3]
-        oldest = [int(entries[0][0].split(b"-")[0]) for entries in firsts if entries]
-        age = time.time() - min(oldest) / 1000 if oldest else 0.0
+        depth = await self._queue.depth()
         self.queue_stats = instruments.QueueSample(
-            self._ns.name,
-            depth=sum(int(n) for n in lengths),
-            oldest_age_s=max(0.0, age),
-            pending=sum(int(p["pending"]) for p in pendings if isinstance(p, dict)),
-            dead_letters=int(replies[-1]),
+            self._name,
+            depth=depth.depth,
+            oldest_age_s=depth.oldest_age_s,
+            pending=depth.pending,
+            dead_letters=depth.dead_letters,
         )
 
     def _probe(self) -> instruments.QueueSample:
         return self.queue_stats
-
-    async def _create_groups(self) -> None:
-        for queue in self._keys.queues:
-            with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
-                await self._client.xgroup_create(queue, GROUP, id="0", mkstream=True)
 
     async def _reclaim(self) -> tuple[list[Queued], list[tuple[Queued, str]]]:
         """Entries due for another attempt: this consumer's failed ones after
@@ -310,42 +193,25 @@ class Flusher:
         retry_ms = self._settings.retry_after
         due: list[Queued] = []
         given_up: list[tuple[Queued, str]] = []
-        for queue in self._keys.queues:
-            try:
-                pending = await self._client.xpending_range(
-                    queue, GROUP, min="-", max="+", count=self._settings.flush_batch, idle=retry_ms
-                )
-            except ResponseError:
-                continue  # no group yet
-            ids = []
-            item: Any
+        for queue in self._queue.queues:
+            pending = await self._queue.pending(queue, self._settings.flush_batch, retry_ms)
+            deliveries_of: dict[str, int] = {}
             for item in pending:
-                deliveries = int(item["times_delivered"])
-                mine = item["consumer"].decode() == self._consumer
-                wait = min(retry_ms * 2 ** (deliveries - 1), _MAX_BACKOFF * 1000)
-                if item["time_since_delivered"] >= (wait if mine else self._settings.claim_idle):
-                    ids.append((item["message_id"], deliveries))
-            if not ids:
+                mine = item.consumer == self._consumer
+                wait = min(retry_ms * 2 ** (item.deliveries - 1), _MAX_BACKOFF * 1000)
+                if item.idle_ms >= (wait if mine else self._settings.claim_idle):
+                    deliveries_of[item.id] = item.deliveries
+            if not deliveries_of:
                 continue
-            claimed: Any = await self._client.xclaim(
-                queue,
-                GROUP,
-                self._consumer,
-                min_idle_time=retry_ms,
-                message_ids=[i for i, _ in ids],
-            )
-            deliveries_of = {(i.decode() if isinstance(i, bytes) else i): d for i, d in ids}
-            for entry_id, fields in claimed:
-                if not fields:
-                    continue
-                entry = Queued.parse(queue, entry_id, fields)
+            claimed = await self._queue.claim(queue, self._consumer, retry_ms, list(deliveries_of))
+            for entry in claimed:
                 if deliveries_of.get(entry.id, 0) >= self._settings.max_attempts:
                     # Only an entry PostgreSQL *rejected* is given up on; one
                     # that could not be written (PostgreSQL down) is retried
                     # for as long as it takes: it is an acknowledged write.
-                    error: Any = await self._client.hget(self._errors_key, entry.id)
+                    error = await self._queue.error_of(entry.id)
                     if error:
-                        given_up.append((entry, error.decode()))
+                        given_up.append((entry, error))
                         continue
                 due.append(entry)
         return due, given_up
@@ -353,45 +219,24 @@ class Flusher:
     async def _dead_letter(self, entry: Queued, reason: str) -> None:
         """Move *entry* to the dead-letter stream; first move its key on to a
         new version of PostgreSQL's row, if the entry is still its latest write
-        (REVERT). Acknowledged last: if this stops half-way, the entry is
+        (WriteBehindStore.revert). Acknowledged last: if this stops half-way, the entry is
         given up on again, and REVERT does nothing the second time."""
-        async with self._ns.pool.connection() as conn:
-            row = (await self._ns.table.load(conn, [entry.key]))[entry.key]
-        keys = self._keys
-        reverted = int(
-            await self._revert(
-                keys=[keys.value(entry.key), keys.lease(entry.key), keys.queue(entry.key)],
-                args=[
-                    entry.version,
-                    "n" if row.value is None else "v",
-                    row.value or b"",
-                    self._settings.ttl,
-                    keys.channel,
-                    self._ns.name,
-                    entry.key,
-                    self._ns.origin,
-                ],
-            )
+        async with self._pool.connection() as conn:
+            row = (await self._table.load(conn, [entry.key]))[entry.key]
+        reverted = await self._queue.revert(
+            entry.key,
+            entry.version,
+            row.value,
+            fresh_ms=self._settings.ttl,
+            message=self._changes.message(entry.key, 0, "rejected"),
         )
         if reverted:
-            self._ns.changed_here(entry.key, reverted)
-        await self._client.xadd(
-            self._keys.dead_letters,
-            {
-                "k": entry.key,
-                "v": entry.version,
-                "t": entry.kind,
-                "p": entry.payload,
-                "error": reason,
-                "queue": entry.queue,
-                "id": entry.id,
-                "reverted_to": reverted,
-            },
-        )
+            self._changes.made_here(entry.key, reverted)
+        await self._queue.add_dead_letter(entry, reason, reverted)
         await self._acknowledge([entry])
         log.error(
             "write-behind %s: key %r version %d dead-lettered after %d attempts: %s; %s",
-            self._ns.name,
+            self._name,
             entry.key,
             entry.version,
             self._settings.max_attempts,
@@ -413,7 +258,7 @@ class Flusher:
             kind=trace.SpanKind.CONSUMER,
             links=[link for link in links if link is not None],
             attributes={
-                "cache.namespace": self._ns.name,
+                "cache.namespace": self._name,
                 "messaging.system": "redis",
                 "messaging.operation.type": "process",
                 "messaging.destination.name": batch[0].queue,
@@ -436,12 +281,10 @@ class Flusher:
             failed = await self._commit(rows, stored, isolated=True)
         self.flushed_rows += len(rows) - len(failed)
         if failed:
-            await self._client.hset(
-                self._errors_key, mapping={newest[k].id: error for k, error in failed.items()}
-            )
+            await self._queue.record_errors({newest[k].id: error for k, error in failed.items()})
             log.warning(
                 "write-behind %s: PostgreSQL rejected %d entr(y/ies), will retry: %s",
-                self._ns.name,
+                self._name,
                 len(failed),
                 "; ".join(f"{k!r}: {e}" for k, e in failed.items()),
             )
@@ -455,7 +298,7 @@ class Flusher:
         so that rejected rows are reported (key -> error) and the rest commit.
         Rows as PostgreSQL stored them (mapped tables) go into *stored*."""
         failed: dict[str, str] = {}
-        async with self._ns.pool.connection() as conn, conn.transaction():
+        async with self._pool.connection() as conn, conn.transaction():
             if not isolated:
                 await self._write(conn, rows, stored)
                 return failed
@@ -471,16 +314,20 @@ class Flusher:
     async def _write(
         self, conn: AsyncConnection, rows: list[Queued], stored: dict[str, bytes]
     ) -> None:
+        table = self._table
+        # The rows first, then their versions (_ADVANCE), as a Put does
+        # (WriteTransaction) and other programs' change triggers do: taking
+        # the version rows first deadlocked with an UPDATE of the same row.
+        await table.lock(conn, [row.key for row in rows if row.kind != "r"])
         cur = await conn.execute(
             _ADVANCE,
             {
-                "ns": self._ns.name,
+                "ns": self._name,
                 "keys": [r.key for r in rows],
                 "versions": [r.version for r in rows],
             },
         )
         advanced = {key async for (key,) in cur}
-        table = self._ns.table
         for row in rows:
             if row.key not in advanced:
                 continue  # PostgreSQL already holds a newer version: a replay
@@ -494,39 +341,25 @@ class Flusher:
                 stored[row.key] = written
 
     async def _acknowledge(self, entries: list[Queued]) -> None:
-        by_queue: defaultdict[str, list[str]] = defaultdict(list)
-        for entry in entries:
-            by_queue[entry.queue].append(entry.id)
-        if not by_queue:
-            return
-        async with self._client.pipeline(transaction=False) as pipe:
-            for queue, ids in by_queue.items():
-                pipe.xack(queue, GROUP, *ids)
-                pipe.xdel(queue, *ids)
-                pipe.hdel(self._errors_key, *ids)
-            await pipe.execute()
+        await self._queue.acknowledge(entries)
 
     async def _settle_cached(self, rows: list[Queued], stored: dict[str, bytes]) -> None:
         """Flushed values become ordinary cache entries: they get a TTL (and a
         mapped row is replaced by the row as stored), unless rewritten meanwhile."""
         settings = self._settings
-        async with self._client.pipeline(transaction=False) as pipe:
-            for row in rows:
-                ttl: int = settings.negative_ttl if row.kind == "n" else settings.ttl
-                ttl = max(1, round(ttl * (1 + settings.ttl_jitter * (2 * random.random() - 1))))
-                row_now = stored.get(row.key)
-                replacement = (
-                    b""
-                    if row_now is None
-                    else envelope.encode(row.version, time.time_ns() // 1_000_000 + ttl, 0, row_now)
-                )
-                await queue_script(
-                    pipe,
-                    self._settle,
-                    [self._keys.value(row.key)],
-                    [row.version, ttl, replacement],
-                )
-            await pipe.execute()
+        settles = []
+        for row in rows:
+            ttl = jittered(
+                settings.negative_ttl if row.kind == "n" else settings.ttl, settings.ttl_jitter
+            )
+            row_now = stored.get(row.key)
+            replacement = (
+                b""
+                if row_now is None
+                else envelope.encode(row.version, time.time_ns() // 1_000_000 + ttl, 0, row_now)
+            )
+            settles.append(Settle(row.key, row.version, ttl, replacement))
+        await self._queue.settle(settles)
 
 
 def _describe(err: Exception) -> str:

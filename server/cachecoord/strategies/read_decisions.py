@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from cachecoord.clock import Clock, Random
 from cachecoord.model import Entry
+from cachecoord.storage.expiry import jittered
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +126,7 @@ def fill_ttl(
     together do not expire together; and the Redis PX to store it with: the
     TTL plus the longer of the stale window and stale-if-error, during which
     it may still be served stale."""
-    ttl = ttl_ms if found else negative_ttl_ms
-    ttl = max(1, round(ttl * (1 + jitter * (2 * rand() - 1))))
+    ttl = jittered(ttl_ms if found else negative_ttl_ms, jitter, rand)
     return ttl, ttl + max(stale_window_ms, stale_if_error_ms)
 
 

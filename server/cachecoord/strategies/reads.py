@@ -31,7 +31,6 @@ from functools import partial
 
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
-from redis.exceptions import RedisError
 
 from cachecoord import instruments, telemetry
 from cachecoord.clock import SYSTEM_CLOCK, SYSTEM_RANDOM, Clock, Random
@@ -40,10 +39,11 @@ from cachecoord.consistency import Versions
 from cachecoord.coordination.single_flight import Shared, SingleFlight
 from cachecoord.errors import Unavailable
 from cachecoord.instruments import span
-from cachecoord.invalidation.messages import Invalidation
+from cachecoord.invalidation.messages import FillNotice
 from cachecoord.invalidation.near_cache import NearCache
 from cachecoord.model import Entry, Layer, Row
 from cachecoord.storage import envelope
+from cachecoord.storage.errors import RedisError
 from cachecoord.storage.postgres import database_errors
 from cachecoord.storage.redis_store import EntryStore
 from cachecoord.storage.tables import Table
@@ -277,6 +277,20 @@ class Reader:
         for event in self._fill_waiters.get(key, ()):
             event.set()
 
+    def forget(self, key: str | None, version: int) -> None:
+        """*key* (None: every key) changed to *version*: the near cache drops it."""
+        if self.near is not None:
+            self.near.invalidate(key, version)
+
+    def forget_all(self) -> None:
+        """Changes may have been missed: the near cache drops everything."""
+        if self.near is not None:
+            self.near.flush()
+
+    def near_cache_size(self) -> int | None:
+        """Entries in the near cache; None without one."""
+        return None if self.near is None else len(self.near)
+
     def fresh(
         self, key: str, row: Row, load_ms: int, ttl_ms: int | None = None
     ) -> tuple[Entry, bytes, int]:
@@ -297,7 +311,7 @@ class Reader:
         return entry, stored, px
 
     def _notice(self, key: str, row: Row) -> bytes:
-        return Invalidation(self.settings.name, key, row.version, "fill", self.origin).encode()
+        return FillNotice.of(self.settings.name, key, row.version, self.origin).encode()
 
     # -- hits ----------------------------------------------------------------
 

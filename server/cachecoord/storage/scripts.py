@@ -1,0 +1,181 @@
+"""The Lua scripts of cache entries (redis_store.py) and the one Lua helper
+that reads and writes the value envelope (envelope.py) for every script.
+
+Each script touches the keys of a single entry (one hash tag, see keys.py).
+In generation mode KEYS[1] is the key's generation counter and ARGV[1] the
+value key's prefix; the value key is ``<prefix>:g<generation>``.
+"""
+
+from __future__ import annotations
+
+ENVELOPE = """
+-- The value envelope of storage/envelope.py:
+-- <version>:<fresh_until_ms>:<load_ms>:<tag><payload>, tag v|n, V|N while dirty.
+local function envelope_version(raw)
+  return tonumber(string.match(raw, '^(%d+):'))
+end
+local function envelope_version_and_tag(raw)
+  local version, tag = string.match(raw, '^(%d+):%d+:%d+:(.)')
+  return tonumber(version), tag
+end
+-- A dirty (not yet flushed) value of kind v|n.
+local function envelope_dirty(version, fresh_until, kind, payload)
+  return version .. ':' .. fresh_until .. ':0:' .. string.upper(kind) .. payload
+end
+-- The same value, no longer dirty.
+local function envelope_clean(raw)
+  local head, tag, payload = string.match(raw, '^(%d+:%d+:%d+:)(.)(.*)$')
+  return head .. string.lower(tag) .. payload
+end
+"""
+"""Prepended to every script that looks inside a cached value."""
+
+_VALUE_KEY = """
+local function value_key(gen_key, prefix)
+  return prefix .. ':g' .. (redis.call('GET', gen_key) or '0')
+end
+"""
+
+# KEYS: generation, lease. ARGV: value key prefix. Returns the value or nil.
+GET_GENERATION = (
+    _VALUE_KEY
+    + """
+return redis.call('GET', value_key(KEYS[1], ARGV[1]))
+"""
+)
+
+# A refresh must not replace a value newer than what it loaded, nor a
+# write-behind value not yet flushed (no TTL): PostgreSQL is behind it.
+_NEWER_CACHED = (
+    ENVELOPE
+    + """
+local function newer_cached(key, envelope)
+  local current = redis.call('GET', key)
+  if not current then return false end
+  if redis.call('PTTL', key) == -1 then return true end
+  local cached = envelope_version(current)
+  return cached ~= nil and cached > envelope_version(envelope)
+end
+"""
+)
+
+# Take the lease of a missing key, in one step with looking at the key: a
+# plain GET then SET NX would let a reader whose GET missed just before
+# another reader's fill (which deletes the lease) take a new lease and load
+# again. ARGV[3] = '1' takes the lease even if a value is there (reloading a
+# value kept only for stale-if-error, or refreshing one).
+# KEYS: value, lease. ARGV: token, lease ms, even if cached (0|1).
+# Returns the value if it is there, 1 if leased, 0 if someone else holds the lease.
+LEASE = """
+if ARGV[3] ~= '1' then
+  local value = redis.call('GET', KEYS[1])
+  if value then return value end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+
+# KEYS: generation, lease. ARGV: value key prefix, then as LEASE. Returns as LEASE.
+LEASE_GENERATION = (
+    _VALUE_KEY
+    + """
+if ARGV[4] ~= '1' then
+  local value = redis.call('GET', value_key(KEYS[1], ARGV[1]))
+  if value then return value end
+end
+if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return 1 end
+return 0
+"""
+)
+
+# Fill only while the reader's lease is still there: any write or invalidation
+# since the lease was granted deleted it (memcache leases, NSDI'13 3.2.1).
+# The fill notice wakes readers on other instances waiting for this fill.
+# KEYS: value, lease. ARGV: token, envelope, px, channel, fill notice.
+# Returns 1 if filled, 0 if the lease was lost or a newer value is cached.
+FILL = (
+    _NEWER_CACHED
+    + """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if newer_cached(KEYS[1], ARGV[2]) then redis.call('DEL', KEYS[2]) return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"""
+)
+
+# KEYS: generation, lease. ARGV: value key prefix, then as FILL. Returns as FILL.
+FILL_GENERATION = (
+    _VALUE_KEY
+    + _NEWER_CACHED
+    + """
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+local target = value_key(KEYS[1], ARGV[1])
+if newer_cached(target, ARGV[3]) then redis.call('DEL', KEYS[2]) return 0 end
+redis.call('SET', target, ARGV[3], 'PX', ARGV[4])
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return 1
+"""
+)
+
+# Drop the cached copy and any lease (so an in-flight fill is rejected), and
+# tell every instance; atomically, so no reader sees one without the other.
+# A value without TTL is a write-behind value not yet flushed to PostgreSQL:
+# it is the newest version there is, and dropping it would lose it.
+# KEYS: value, lease. ARGV: channel, message. Returns how many values were dropped.
+INVALIDATE = """
+local dropped = 0
+if redis.call('PTTL', KEYS[1]) ~= -1 then dropped = redis.call('DEL', KEYS[1]) end
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return dropped
+"""
+
+# KEYS: generation, lease. ARGV: value key prefix, channel, message.
+# Returns 1 if a value was retired (bumps the generation), else 0.
+INVALIDATE_GENERATION = (
+    _VALUE_KEY
+    + """
+local dropped = redis.call('EXISTS', value_key(KEYS[1], ARGV[1]))
+redis.call('INCR', KEYS[1])
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return dropped
+"""
+)
+
+# KEYS: a value. Returns 1 if it was deleted, 0 if it is unflushed (no TTL) or gone.
+DROP_IF_CLEAN = """
+if redis.call('PTTL', KEYS[1]) == -1 then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
+# Cache a value just written (write-through) unless a newer version is cached.
+_STORE_BODY = """
+local current = redis.call('GET', target)
+redis.call('DEL', lease)
+if current then
+  local version = envelope_version(current)
+  if version and version >= tonumber(ARGV[n + 2]) then
+    redis.call('PUBLISH', ARGV[n + 3], ARGV[n + 4])
+    return 0
+  end
+end
+redis.call('SET', target, ARGV[n], 'PX', ARGV[n + 1])
+redis.call('PUBLISH', ARGV[n + 3], ARGV[n + 4])
+return 1
+"""
+
+# KEYS: value, lease. ARGV: envelope, px, version, channel, message.
+# Returns 1 if stored, 0 if a newer version is cached (the message goes out either way).
+STORE = ENVELOPE + "local target, lease, n = KEYS[1], KEYS[2], 1\n" + _STORE_BODY
+
+# KEYS: generation, lease. ARGV: value key prefix, then as STORE. Returns as STORE.
+STORE_GENERATION = (
+    _VALUE_KEY
+    + ENVELOPE
+    + "local target, lease, n = value_key(KEYS[1], ARGV[1]), KEYS[2], 2\n"
+    + _STORE_BODY
+)
