@@ -22,7 +22,6 @@ from contextlib import AsyncExitStack, suppress
 import grpc
 import psycopg
 import psycopg_pool
-import redis.asyncio as redis
 from grpc_health.v1._async import HealthServicer
 
 from cachecoord import instruments, telemetry
@@ -128,9 +127,7 @@ class App:
         }
         opened.enter_context(_reporting_state(breaker, strategies))
         locks = Locks(LockStore(client, breaker=breaker))
-        bus = Bus(
-            settings.redis.url, cluster=client if isinstance(client, redis.RedisCluster) else None
-        )
+        bus = Bus(settings.redis.url, client=client)
         bus.on(keys.LOCK_CHANNEL, lambda name: locks.on_release_notice(name.decode()))
         bus.on_reset(locks.wake_all)
         watch_hub = WatchHub(max_backlog=settings.server.watch_backlog)

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from redis.exceptions import RedisClusterException, RedisError
 
 from cachecoord import exit_codes, operations
 from cachecoord.cli_output import value_fields
 from cachecoord.config import ConfigError, NamespaceSettings, Settings, load
 from cachecoord.consistency import nines
 from cachecoord.storage.consistency_log import KEEP_MINUTES, ConsistencyLog
+from cachecoord.storage.errors import RedisClusterException, RedisError
 from cachecoord.storage.redis_store import connect
 
 Action = Callable[

@@ -28,11 +28,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from redis.exceptions import RedisError
-
 from cachecoord import instruments, telemetry
 from cachecoord.errors import Unavailable
 from cachecoord.invalidation.messages import Invalidation
+from cachecoord.storage.errors import RedisError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from cachecoord.config import RedisSettings
-from cachecoord.invalidation.bus import Bus
+from cachecoord.storage import subscription
 from cachecoord.storage.redis_store import connect
 from local_servers import RedisCluster, RedisServer
 
@@ -56,7 +56,7 @@ def test_a_write_on_a_closed_transport_is_a_connection_error(
 
 def test_the_invalidation_bus_connection_too(redis_server: RedisServer) -> None:
     async def cut() -> None:
-        await _on_a_pooled_connection(Bus._connect(redis_server.url))
+        await _on_a_pooled_connection(subscription.connect(redis_server.url))
 
     uvloop.run(cut())
 

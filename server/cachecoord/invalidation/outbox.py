@@ -24,10 +24,10 @@ from collections.abc import Mapping
 import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
-from redis.exceptions import RedisError
 
 from cachecoord import background, instruments, telemetry
 from cachecoord.invalidation.messages import Invalidation
+from cachecoord.storage.errors import RedisError
 from cachecoord.storage.redis_store import EntryStore
 
 log = logging.getLogger(__name__)
