@@ -32,6 +32,7 @@ from redis.exceptions import (
     ClusterDownError,
     MovedError,
     NoScriptError,
+    RedisClusterException,
     RedisError,
     TryAgainError,
 )
@@ -107,7 +108,7 @@ class HotPath:
         for i, key in enumerate(keys):
             try:
                 node = nodes.get_node_from_slot(key_slot(key.encode()))
-            except RedisError:  # not covered, or not known yet
+            except (RedisError, RedisClusterException):  # not covered, or not known yet
                 continue
             group = groups.get(node.name)
             if group is None:

@@ -33,6 +33,7 @@ from typing import Any, cast
 
 import hiredis
 from redis._parsers.base import BaseParser
+from redis._parsers.encoders import Encoder
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -131,6 +132,16 @@ class _Protocol(asyncio.Protocol):
             transport.abort()
 
 
+_ENCODER = Encoder(encoding="utf-8", encoding_errors="strict", decode_responses=False)
+
+
+def _pack(command: Command) -> bytes:
+    try:
+        return hiredis.pack_command(tuple(command))
+    except TypeError:  # e.g. a bytearray: encoded as redis-py would (or refused as it would)
+        return hiredis.pack_command(tuple(_ENCODER.encode(arg) for arg in command))
+
+
 def _raised(reply: Any) -> Any:
     """An error reply as the exception redis-py makes of it (nested replies too)."""
     if isinstance(reply, hiredis.ReplyError):
@@ -166,12 +177,7 @@ class PipelinedConnection:
         protocol = self._protocol
         if protocol is None or protocol.lost:
             protocol = await self._connect()
-        pack = hiredis.pack_command
-        data = (
-            pack(tuple(commands[0]))
-            if len(commands) == 1
-            else b"".join(pack(tuple(command)) for command in commands)
-        )
+        data = _pack(commands[0]) if len(commands) == 1 else b"".join(map(_pack, commands))
         replies = await protocol.send(data, len(commands))
         for reply in replies:
             if isinstance(reply, hiredis.ReplyError | list):

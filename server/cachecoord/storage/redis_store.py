@@ -390,7 +390,7 @@ class EntryStore:
         calls = []
         for key, token in tokens.items():
             keys, args = self._entry_keys(key)
-            calls.append((keys, [*args, token, lease_ms, int(even_if_cached)]))
+            calls.append((keys, [*args, token, int(lease_ms), int(even_if_cached)]))
         if self._hot_path is not None and calls:
             results = await self._hot(
                 [keys[0] for keys, _ in calls],
