@@ -132,14 +132,18 @@ class _Protocol(asyncio.Protocol):
             transport.abort()
 
 
-_ENCODER = Encoder(encoding="utf-8", encoding_errors="strict", decode_responses=False)
+_ENCODER = Encoder(  # type: ignore[no-untyped-call]
+    encoding="utf-8", encoding_errors="strict", decode_responses=False
+)
 
 
 def _pack(command: Command) -> bytes:
     try:
-        return hiredis.pack_command(tuple(command))
-    except TypeError:  # e.g. a bytearray: encoded as redis-py would (or refused as it would)
-        return hiredis.pack_command(tuple(_ENCODER.encode(arg) for arg in command))
+        packed: bytes = hiredis.pack_command(tuple(command))
+    except TypeError:  # e.g. an int subclass: encoded as redis-py would (or refused as it would)
+        encode = _ENCODER.encode
+        packed = hiredis.pack_command(tuple(encode(arg) for arg in command))  # type: ignore[no-untyped-call]
+    return packed
 
 
 def _raised(reply: Any) -> Any:
