@@ -39,7 +39,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cachecoord.storage.pipelined import Command, PipelinedConnection
+from cachecoord.storage.pipelined import Command, MixedReplies, PipelinedConnection
 
 
 class _Reroute:
@@ -77,28 +77,34 @@ class HotPath:
 
     async def execute(self, keys: Sequence[str], commands: Sequence[Command]) -> list[Any]:
         """The replies of *commands* (``commands[i]`` touches the slot of
-        ``keys[i]``), error replies as exception objects, not raised.
+        ``keys[i]``): a plain ``list`` of values, or MixedReplies where some
+        are error replies (exception objects, not raised) or REROUTE.
 
         On a single Redis, raises redis-py's ConnectionError or TimeoutError
         if Redis cannot be reached; on a cluster, those commands are REROUTE."""
-        if self._single is not None:
-            return await self._send(self._single, commands)
-        return await self._on_cluster(keys, commands)
+        single = self._single
+        if single is None:
+            return await self._on_cluster(keys, commands)
+        replies = await single.execute(commands)
+        if type(replies) is list:
+            return replies
+        return await self._load_scripts(single, commands, replies)
 
-    async def _send(
-        self, connection: PipelinedConnection, commands: Sequence[Command]
+    async def _load_scripts(
+        self, connection: PipelinedConnection, commands: Sequence[Command], replies: list[Any]
     ) -> list[Any]:
-        replies = await connection.execute(commands)
+        """Send again the commands answered NOSCRIPT (the node lost its
+        scripts: a restart, SCRIPT FLUSH, a new replica), scripts loaded first."""
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
-            # The node lost its scripts (a restart, SCRIPT FLUSH, a new
-            # replica): those commands did not run; load and send them again.
             shas = dict.fromkeys(commands[i][1] for i in missing)
             loads = [("SCRIPT", "LOAD", self._scripts[sha]) for sha in shas if sha in self._scripts]
             again = await connection.execute([*loads, *(commands[i] for i in missing)])
             for i, reply in zip(missing, again[len(loads) :], strict=True):
                 replies[i] = reply
-        return replies
+        if any(isinstance(reply, Exception) for reply in replies):
+            return MixedReplies(replies)
+        return list(replies)
 
     async def _on_cluster(self, keys: Sequence[str], commands: Sequence[Command]) -> list[Any]:
         assert isinstance(self._client, redis.RedisCluster)
@@ -115,23 +121,31 @@ class HotPath:
                 group = groups[node.name] = []
                 self._connection(node)
             group.append(i)
+        if not groups:
+            return MixedReplies(replies)
         if len(groups) == 1:
             ((name, indices),) = groups.items()
             await self._on_node(name, indices, commands, replies)
-        elif groups:
+        else:
             await asyncio.gather(
                 *(
                     self._on_node(name, indices, commands, replies)
                     for name, indices in groups.items()
                 )
             )
+        if any(reply is REROUTE or isinstance(reply, Exception) for reply in replies):
+            return MixedReplies(replies)
         return replies
 
     async def _on_node(
         self, name: str, indices: list[int], commands: Sequence[Command], replies: list[Any]
     ) -> None:
+        connection = self._nodes[name]
+        sent = [commands[i] for i in indices]
         try:
-            answers = await self._send(self._nodes[name], [commands[i] for i in indices])
+            answers = await connection.execute(sent)
+            if type(answers) is not list:
+                answers = await self._load_scripts(connection, sent, answers)
         except (RedisConnectionError, RedisTimeoutError):
             return  # REROUTE: redis-py finds out whether the node failed over
         for i, answer in zip(indices, answers, strict=True):

@@ -160,12 +160,15 @@ def _pack(command: Command) -> bytes:
     return packed
 
 
+class MixedReplies(list[Any]):
+    """Replies some of which are not values: errors (as the exception redis-py
+    makes of each), or commands to send another way. A plain ``list`` of
+    replies holds values only, which is cheap to tell (``type(r) is list``)."""
+
+
 def _raised(reply: Any) -> Any:
-    """An error reply as the exception redis-py makes of it (nested replies too)."""
     if isinstance(reply, hiredis.ReplyError):
         return BaseParser.parse_error(str(reply))  # type: ignore[no-untyped-call]
-    if isinstance(reply, list):
-        return [_raised(item) for item in reply]
     return reply
 
 
@@ -189,17 +192,19 @@ class PipelinedConnection:
         self._closed = False
 
     async def execute(self, commands: Sequence[Command]) -> list[Any]:
-        """Send *commands* at once; their replies, an error reply as the
-        exception object (not raised). Raises redis-py's ConnectionError or
-        TimeoutError if the node cannot be reached or does not answer in time."""
+        """Send *commands* at once; their replies: a ``list`` of values, or
+        MixedReplies with each error reply as its exception (not raised; the
+        commands sent here never nest an error in an array reply). Raises
+        redis-py's ConnectionError or TimeoutError if the node cannot be
+        reached or does not answer in time."""
         protocol = self._protocol
         if protocol is None or protocol.lost:
             protocol = await self._connect()
         data = _pack(commands[0]) if len(commands) == 1 else b"".join(map(_pack, commands))
         replies = await protocol.send(data, len(commands))
         for reply in replies:
-            if isinstance(reply, hiredis.ReplyError | list):
-                return [_raised(reply) for reply in replies]
+            if isinstance(reply, hiredis.ReplyError):
+                return MixedReplies(map(_raised, replies))
         return replies
 
     async def _connect(self) -> _Protocol:

@@ -311,6 +311,8 @@ class EntryStore:
         through redis-py where the hot path cannot."""
         assert self._hot_path is not None
         replies = await self._hot_path.execute(keys, commands)
+        if type(replies) is list:
+            return replies
         rerouted = [i for i, reply in enumerate(replies) if reply is REROUTE]
         if rerouted:
             again = await asyncio.gather(*(fallback(i) for i in rerouted))
@@ -319,7 +321,7 @@ class EntryStore:
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        return replies
+        return list(replies)
 
     def _script_command(self, script: Any, keys: list[str], args: list[Any]) -> Command:
         return ("EVALSHA", script.sha, len(keys), *keys, *args)
