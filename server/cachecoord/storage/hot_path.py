@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as redis
-from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.cluster import ClusterNode, NodesManager
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -62,6 +62,9 @@ class HotPath:
         self._scripts: dict[str, str] = {}
         self._nodes: dict[str, PipelinedConnection] = {}
         self._single: PipelinedConnection | None = None
+        self._cluster: NodesManager | None = None
+        if isinstance(client, redis.RedisCluster):
+            self._cluster = client.nodes_manager
         if isinstance(client, redis.Redis):
             pool = client.connection_pool
             self._single = PipelinedConnection(
@@ -107,49 +110,54 @@ class HotPath:
         return list(replies)
 
     async def _on_cluster(self, keys: Sequence[str], commands: Sequence[Command]) -> list[Any]:
-        assert isinstance(self._client, redis.RedisCluster)
-        nodes = self._client.nodes_manager
-        replies: list[Any] = [REROUTE] * len(commands)
-        groups: dict[str, list[int]] = {}
+        if len(commands) == 1:
+            connection = self._connection_for(keys[0])
+            if connection is None:
+                return MixedReplies([REROUTE])
+            return await self._on_node(connection, commands)
+        groups: dict[PipelinedConnection, list[int]] = {}
         for i, key in enumerate(keys):
-            try:
-                node = nodes.get_node_from_slot(key_slot(key.encode()))
-            except (RedisError, RedisClusterException):  # not covered, or not known yet
-                continue
-            group = groups.get(node.name)
-            if group is None:
-                group = groups[node.name] = []
-                self._connection(node)
-            group.append(i)
-        if not groups:
-            return MixedReplies(replies)
+            if (connection := self._connection_for(key)) is not None:
+                groups.setdefault(connection, []).append(i)
         if len(groups) == 1:
-            ((name, indices),) = groups.items()
-            await self._on_node(name, indices, commands, replies)
+            ((connection, indices),) = groups.items()
+            answered = [await self._on_node(connection, [commands[i] for i in indices])]
         else:
-            await asyncio.gather(
+            answered = await asyncio.gather(
                 *(
-                    self._on_node(name, indices, commands, replies)
-                    for name, indices in groups.items()
+                    self._on_node(connection, [commands[i] for i in indices])
+                    for connection, indices in groups.items()
                 )
             )
-        if any(reply is REROUTE or isinstance(reply, Exception) for reply in replies):
-            return MixedReplies(replies)
-        return replies
+        replies: list[Any] = [REROUTE] * len(commands)
+        mixed = sum(map(len, groups.values())) < len(commands)
+        for indices, answers in zip(groups.values(), answered, strict=True):
+            mixed = mixed or type(answers) is not list
+            for i, answer in zip(indices, answers, strict=True):
+                replies[i] = answer
+        return MixedReplies(replies) if mixed else replies
 
-    async def _on_node(
-        self, name: str, indices: list[int], commands: Sequence[Command], replies: list[Any]
-    ) -> None:
-        connection = self._nodes[name]
-        sent = [commands[i] for i in indices]
+    async def _on_node(self, connection: PipelinedConnection, sent: Sequence[Command]) -> list[Any]:
         try:
             answers = await connection.execute(sent)
-            if type(answers) is not list:
-                answers = await self._load_scripts(connection, sent, answers)
+            if type(answers) is list:
+                return answers
+            answers = await self._load_scripts(connection, sent, answers)
         except (RedisConnectionError, RedisTimeoutError):
-            return  # REROUTE: redis-py finds out whether the node failed over
-        for i, answer in zip(indices, answers, strict=True):
-            replies[i] = REROUTE if isinstance(answer, _ROUTING_DOUBT) else answer
+            # REROUTE: redis-py finds out whether the node failed over.
+            return MixedReplies([REROUTE] * len(sent))
+        if type(answers) is list:
+            return answers
+        return MixedReplies(REROUTE if isinstance(a, _ROUTING_DOUBT) else a for a in answers)
+
+    def _connection_for(self, key: str) -> PipelinedConnection | None:
+        """The connection to the node redis-py maps *key*'s slot to, if any."""
+        assert self._cluster is not None
+        try:
+            node = self._cluster.get_node_from_slot(key_slot(key.encode()))
+        except (RedisError, RedisClusterException):  # not covered, or not known yet
+            return None
+        return self._nodes.get(node.name) or self._connection(node)
 
     def _connection(self, node: ClusterNode) -> PipelinedConnection:
         connection = self._nodes.get(node.name)
