@@ -20,6 +20,13 @@ process's (``time.process_time``) per read, after a warm-up round:
   with a hiredis.Reader writing each GET at once (single Redis only).
 
 Ends with ``RESULT <way>_cpu_us=...`` lines.
+
+``python -m bench.redis_clients --pstats get-hit-reads.pstats`` reads the
+cProfile statistics of ``python -m bench profile --keep`` instead: the
+event-loop CPU per Get hit spent on its Redis command, under the Get load
+(``EntryStore.get`` with all it calls, plus the pipelined connection's loop
+callbacks: writing, and reading replies), as profiled (cProfile's own cost
+included).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import pstats
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -187,10 +195,34 @@ async def _others(url: str, cluster: bool, name: Callable[[int], str]) -> dict[s
     return results
 
 
+def storage_cost(dump: Path) -> dict[str, float]:
+    """Profiled event-loop µs per Get hit in its Redis command (see above)."""
+    stats: dict[tuple[str, int, str], tuple[float, ...]]
+    stats = pstats.Stats(str(dump)).stats  # type: ignore[attr-defined]
+
+    def inclusive(path: str, name: str, column: int = 3) -> float:
+        return sum(v[column] for f, v in stats.items() if f[0].endswith(path) and f[2] == name)
+
+    gets = inclusive("strategies/reads.py", "_hit", column=1)  # one per Get hit
+    parts = {
+        "store_get": inclusive("storage/redis_store.py", "get"),
+        "connection_write": inclusive("storage/pipelined.py", "_write"),
+        "connection_read": inclusive("storage/pipelined.py", "data_received"),
+    }
+    costs = {name: seconds / gets * 1e6 for name, seconds in parts.items()}
+    costs["redis_command"] = sum(costs.values())
+    return costs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.redis_clients", description=__doc__)
     parser.add_argument("--cluster", action="store_true", help="on a private Redis Cluster")
+    parser.add_argument("--pstats", type=Path, help="a get-hit-reads.pstats of bench profile")
     args = parser.parse_args(argv)
+    if args.pstats is not None:
+        for name, us in storage_cost(args.pstats).items():
+            print(f"RESULT profiled_{name}_us={us:.1f}")
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-redis-clients-") as tmp:
         if args.cluster:
             with RedisCluster(Path(tmp)) as cluster:
