@@ -21,12 +21,13 @@ import redis.asyncio as aioredis
 import uvloop
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from tls_certs import Pki, make_pki
 
 from cachecoord.config import Duration, RedisSettings
 from cachecoord.storage.hot_path import HotPath
 from cachecoord.storage.keys import KeySpace
 from cachecoord.storage.redis_store import Client, EntryStore, connect
-from local_servers import RedisCluster, RedisServer
+from local_servers import RedisCluster, RedisServer, free_port
 
 TIMEOUT_MS = 300
 
@@ -232,3 +233,57 @@ async def test_on_a_cluster_a_moved_reply_is_answered_through_redis_py(
     assert nodes.get_node_from_slot(slot).name == owner.name  # corrected by redis-py
     nodes.slots_cache[slot] = [other]
     assert await store.get_many(["k"]) == [b"1:v"]
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, int, Pki]]:
+    """A Redis that also listens with TLS (clients need no certificate)."""
+    (tmp_path / "pki").mkdir()
+    pki = make_pki(tmp_path / "pki")
+    tls_port = free_port()
+    server = RedisServer(
+        tmp_path / "redis",
+        extra_args=[
+            *("--tls-port", str(tls_port)),
+            *("--tls-cert-file", str(pki.server.cert_file)),
+            *("--tls-key-file", str(pki.server.key_file)),
+            *("--tls-ca-cert-file", str(pki.ca.cert_file)),
+            *("--tls-auth-clients", "no"),
+        ],
+    )
+    server.start()
+    try:
+        yield server, tls_port, pki
+    finally:
+        server.stop()
+
+
+async def _reads_over_tls(tls_port: int, pki: Pki) -> None:
+    url = f"rediss://localhost:{tls_port}/0"
+    client = connect(RedisSettings(url=f"{url}?ssl_ca_certs={pki.ca.cert_file}"))
+    store = EntryStore(client, KeySpace("tls"), generations=True)
+    try:
+        await client.set(store.keys.generation("k"), b"0")
+        await client.set(f"{store.keys.value('k')}:g0", b"1:v")
+        assert await asyncio.gather(*(store.get("k") for _ in range(50))) == [b"1:v"] * 50
+        assert await store.take_leases({"other": "t"}, 5000) == {"other": True}
+    finally:
+        await client.aclose()
+    untrusted = connect(RedisSettings(url=url))  # the system's CAs: not this one
+    try:
+        with pytest.raises(RedisConnectionError):
+            await EntryStore(untrusted, KeySpace("tls"), generations=False).get("k")
+    finally:
+        await untrusted.aclose()
+
+
+async def test_over_tls_the_hot_path_reads_and_refuses_an_untrusted_server(
+    tls_redis: tuple[RedisServer, int, Pki],
+) -> None:
+    _, tls_port, pki = tls_redis
+    await _reads_over_tls(tls_port, pki)
+
+
+def test_over_tls_on_uvloop_too(tls_redis: tuple[RedisServer, int, Pki]) -> None:
+    _, tls_port, pki = tls_redis
+    uvloop.run(_reads_over_tls(tls_port, pki))
