@@ -45,7 +45,8 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     try:
         yield server
     finally:
-        os.kill(server.pid or 0, signal.SIGCONT) if server.is_running() else None
+        if (pid := server.pid) is not None:
+            os.kill(pid, signal.SIGCONT)  # if a test left it frozen
         server.stop()
 
 
@@ -104,14 +105,16 @@ async def test_a_frozen_redis_times_out_as_with_redis_py_and_the_next_call_recon
     try:
         await client.set(store.keys.value("k"), b"v")
         assert await store.get("k") == b"v"
-        os.kill(own_redis.pid or 0, signal.SIGSTOP)
+        pid = own_redis.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
         try:
             with pytest.raises(RedisTimeoutError):
                 await plain.get(store.keys.value("k"))
             with pytest.raises(RedisTimeoutError):
                 await store.get("k")
         finally:
-            os.kill(own_redis.pid or 0, signal.SIGCONT)
+            os.kill(pid, signal.SIGCONT)
         assert await store.get("k") == b"v"  # a new connection: no stale reply
     finally:
         await plain.aclose()
