@@ -11,7 +11,8 @@ entries become unreachable at once and are left to expire.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import redis.asyncio as redis
@@ -22,7 +23,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from cachecoord.config import RedisSettings
 from cachecoord.storage.breaker import CircuitBreaker
 from cachecoord.storage.breaker import guarded as _guarded
+from cachecoord.storage.hot_path import REROUTE, HotPath, PipelinedRedis
 from cachecoord.storage.keys import KeySpace
+from cachecoord.storage.pipelined import Command
 from cachecoord.storage.scripts import (
     DROP_IF_CLEAN,
     FILL,
@@ -48,7 +51,10 @@ def connect(settings: RedisSettings) -> Client:
 
     With ``cluster``, a :class:`redis.asyncio.RedisCluster` that discovers the
     nodes from the one in the URL, follows MOVED/ASK and reloads scripts on
-    NOSCRIPT; its callers wait for a connection as well (waiting_cluster.py)."""
+    NOSCRIPT; its callers wait for a connection as well (waiting_cluster.py).
+
+    Either client carries a :class:`HotPath`: pipelined connections for the
+    hot read commands of :class:`EntryStore` (hot_path.py)."""
     if settings.cluster:
         return WaitingRedisCluster.from_url(
             settings.url,
@@ -66,7 +72,7 @@ def connect(settings: RedisSettings) -> Client:
         socket_connect_timeout=settings.socket_timeout / 1000,
         protocol=2,
     )
-    return redis.Redis(connection_pool=pool)
+    return PipelinedRedis(connection_pool=pool)
 
 
 async def queue_script(pipe: Any, script: Any, keys: list[Any], args: list[Any]) -> None:
@@ -112,8 +118,10 @@ class EntryStore:
         self.breaker = breaker or CircuitBreaker(failures=5, cooldown_ms=1000)
         self.keys = keyspace
         self.generations = generations
+        self._hot_path: HotPath | None = getattr(client, "hot_path", None)
         register = client.register_script
         self._drop_if_clean = register(DROP_IF_CLEAN)
+        self._get: Any = None
         if generations:
             self._get = register(GET_GENERATION)
             self._lease = register(LEASE_GENERATION)
@@ -125,6 +133,10 @@ class EntryStore:
             self._fill = register(FILL)
             self._invalidate = register(INVALIDATE)
             self._store = register(STORE)
+        if self._hot_path is not None:
+            for script in (self._get, self._lease, self._fill):
+                if script is not None:
+                    self._hot_path.register(script)
 
     def _entry_keys(self, key: str) -> tuple[list[str], list[Any]]:
         """KEYS and leading ARGV of the scripts for *key*."""
@@ -137,17 +149,55 @@ class EntryStore:
             return await self._get_generation(key)
         return await self._get_value(self.keys.value(key))
 
+    async def _hot(
+        self,
+        keys: Sequence[str],
+        commands: Sequence[Command],
+        fallback: Callable[[int], Awaitable[Any]],
+    ) -> list[Any]:
+        """Replies of *commands* over the hot path (see hot_path.py), the
+        first error reply raised; ``fallback(i)`` sends ``commands[i]``
+        through redis-py where the hot path cannot."""
+        assert self._hot_path is not None
+        replies = await self._hot_path.execute(keys, commands)
+        if type(replies) is list:
+            return replies
+        rerouted = [i for i, reply in enumerate(replies) if reply is REROUTE]
+        if rerouted:
+            again = await asyncio.gather(*(fallback(i) for i in rerouted))
+            for i, reply in zip(rerouted, again, strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return list(replies)
+
+    def _script_command(self, script: Any, keys: list[str], args: list[Any]) -> Command:
+        return ("EVALSHA", script.sha, len(keys), *keys, *args)
+
     @_guarded
     async def _get_value(self, name: str) -> bytes | None:
-        return cast("bytes | None", await self.client.get(name))
+        if self._hot_path is None:
+            return cast("bytes | None", await self.client.get(name))
+        replies = await self._hot([name], [("GET", name)], lambda _: self.client.get(name))
+        return cast("bytes | None", replies[0])
 
     @_guarded
     async def _get_generation(self, key: str) -> bytes | None:
         keys, args = self._entry_keys(key)
-        return cast("bytes | None", await self._get(keys=keys, args=args))
+        if self._hot_path is None:
+            return cast("bytes | None", await self._get(keys=keys, args=args))
+        replies = await self._hot(
+            keys[:1],
+            [self._script_command(self._get, keys, args)],
+            lambda _: self._get(keys=keys, args=args),
+        )
+        return cast("bytes | None", replies[0])
 
     @_guarded
     async def get_many(self, key_list: Sequence[str]) -> list[bytes | None]:
+        if self._hot_path is not None and key_list:
+            return await self._get_many_hot(key_list)
         if not self.generations:
             names = [self.keys.value(k) for k in key_list]
             if isinstance(self.client, redis.RedisCluster):
@@ -162,6 +212,25 @@ class EntryStore:
                 await queue_script(pipe, self._get, keys, args)
             return cast("list[bytes | None]", await pipe.execute())
 
+    async def _get_many_hot(self, key_list: Sequence[str]) -> list[bytes | None]:
+        if not self.generations:
+            names = [self.keys.value(k) for k in key_list]
+            if not self.cluster:
+                replies = await self._hot(
+                    names[:1], [("MGET", *names)], lambda _: self.client.mget(names)
+                )
+                return cast("list[bytes | None]", replies[0])
+            # Keys of a batch live in many slots: a GET each, grouped by node.
+            return await self._hot(
+                names, [("GET", name) for name in names], lambda i: self.client.get(names[i])
+            )
+        calls = [self._entry_keys(key) for key in key_list]
+        return await self._hot(
+            [keys[0] for keys, _ in calls],
+            [self._script_command(self._get, keys, args) for keys, args in calls],
+            lambda i: self._get(keys=calls[i][0], args=calls[i][1]),
+        )
+
     @_guarded
     async def take_leases(
         self, tokens: dict[str, str], lease_ms: int, *, even_if_cached: bool = False
@@ -169,12 +238,21 @@ class EntryStore:
         """Try to take the lease of each missing key: True where this caller got
         it, False where another holds it, the value where the key is cached
         after all (unless *even_if_cached*)."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            for key, token in tokens.items():
-                keys, args = self._entry_keys(key)
-                lease_args = [*args, token, lease_ms, int(even_if_cached)]
-                await queue_script(pipe, self._lease, keys, lease_args)
-            results = await pipe.execute()
+        calls = []
+        for key, token in tokens.items():
+            keys, args = self._entry_keys(key)
+            calls.append((keys, [*args, token, int(lease_ms), int(even_if_cached)]))
+        if self._hot_path is not None and calls:
+            results = await self._hot(
+                [keys[0] for keys, _ in calls],
+                [self._script_command(self._lease, keys, args) for keys, args in calls],
+                lambda i: self._lease(keys=calls[i][0], args=calls[i][1]),
+            )
+        else:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    await queue_script(pipe, self._lease, keys, args)
+                results = await pipe.execute()
         return {
             key: result if isinstance(result, bytes) else bool(result)
             for key, result in zip(tokens, results, strict=True)
@@ -186,13 +264,21 @@ class EntryStore:
         still holds, and publish the notice."""
         if not fills:
             return {}
-        async with self.client.pipeline(transaction=False) as pipe:
-            for key, (token, envelope, px, notice) in fills.items():
-                keys, args = self._entry_keys(key)
-                await queue_script(
-                    pipe, self._fill, keys, [*args, token, envelope, px, self.keys.channel, notice]
-                )
-            results = await pipe.execute()
+        calls = []
+        for key, (token, envelope, px, notice) in fills.items():
+            keys, args = self._entry_keys(key)
+            calls.append((keys, [*args, token, envelope, px, self.keys.channel, notice]))
+        if self._hot_path is not None:
+            results = await self._hot(
+                [keys[0] for keys, _ in calls],
+                [self._script_command(self._fill, keys, args) for keys, args in calls],
+                lambda i: self._fill(keys=calls[i][0], args=calls[i][1]),
+            )
+        else:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    await queue_script(pipe, self._fill, keys, args)
+                results = await pipe.execute()
         return {key: bool(ok) for key, ok in zip(fills, results, strict=True)}
 
     @_guarded

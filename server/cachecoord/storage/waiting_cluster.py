@@ -22,6 +22,8 @@ from redis.asyncio.cluster import ClusterPipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 
+from cachecoord.storage.hot_path import HotPath
+
 T = TypeVar("T")
 
 # Set while a call holds its turn: a command that redis-py issues from within
@@ -37,6 +39,12 @@ class WaitingRedisCluster(redis.RedisCluster):
         self._max_connections = max_connections
         self._turns = asyncio.Semaphore(max_connections)
         self._pool_timeout = pool_timeout
+        self.hot_path = HotPath(self)
+        """Pipelined connections to the nodes, for the hot read commands."""
+
+    async def aclose(self) -> None:
+        self.hot_path.close()
+        await super().aclose()
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         return await self.in_turn(super().execute_command(*args, **kwargs))
