@@ -145,3 +145,20 @@ async def test_bad_min_versions_are_invalid_arguments_naming_the_field(
             await call(reader, ns)  # type: ignore[operator]
     assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
     assert field in str(caught.value)
+
+
+async def test_min_version_is_kept_while_another_reader_holds_the_lease(
+    own_backend: Backend, tmp_path: Path
+) -> None:
+    """The reload cannot take the key's lease (another reader holds it), so it
+    waits for that reader's fill, and Redis still has the old copy: the read
+    must still not answer it (it reads PostgreSQL). Failed in the history
+    checker before: the wait handed back the old copy."""
+    async with two_instances(own_backend, tmp_path) as (ns, writer, reader):
+        _, second = await left_behind(own_backend, ns, "k", writer)
+        async with own_backend.client() as redis:
+            await redis.set(KeySpace(ns).lease("k"), "another-reader", px=5_000)
+            fresh = await reader.get(ns, "k", min_version=second)
+            assert (fresh.value, fresh.version, fresh.reloaded) == (b"two", second, True)
+            batch = await reader.batch_get(ns, ["k"], min_versions={"k": second})
+            assert (batch[0].version, batch[0].reloaded) == (second, True)

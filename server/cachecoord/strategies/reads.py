@@ -145,8 +145,8 @@ class Reader:
         started after this read's miss). A copy older than *min_version* is a
         miss that must reload (never served stale); if the load still answers
         older than *min_version* (it found such a copy in Redis), this read
-        loads again itself, once, bypassing Redis' copy. Also says whether a
-        copy was skipped for *min_version*."""
+        reads PostgreSQL itself, bypassing Redis. Also says whether a copy was
+        skipped for *min_version*."""
         stale: Entry | None = None
         below = False
 
@@ -183,7 +183,9 @@ class Reader:
                 raise
             return Read(stale), False  # stale-if-error: PostgreSQL is down, all there is
         if read.entry.version < min_version:
-            return (await self._load_misses([key], redis_up=True, reload=True))[key], True
+            # Still older: the reload waited for another reader's lease and
+            # found the old copy in Redis. PostgreSQL has the caller's write.
+            return Read(await self._load_uncached(key)), True
         return read, below
 
     async def batch_get(
@@ -259,6 +261,15 @@ class Reader:
                     raise
                 # stale-if-error for every key that needed it
                 entries.update((key, Read(entry)) for key, entry in stale.items())
+        older = [
+            key for key in skipped if key in entries and entries[key].entry.version < floor[key]
+        ]
+        if older:  # as in _get: read from PostgreSQL, which has the callers' writes
+            rows, _, _ = await self._load(older)
+            entries.update(
+                (key, Read(Entry(key, row.value, row.version, Layer.DATABASE)))
+                for key, row in rows.items()
+            )
         return entries
 
     def _check_postgres_can_answer(self, err: RedisError) -> None:
