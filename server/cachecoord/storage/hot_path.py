@@ -18,10 +18,12 @@ Scripts go by SHA (EVALSHA); a node that answers NOSCRIPT gets the script
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as redis
+from opentelemetry import trace
 from redis.asyncio.cluster import ClusterNode, NodesManager
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -39,6 +41,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from cachecoord import instruments
 from cachecoord.storage.pipelined import Command, MixedReplies, PipelinedConnection
 
 
@@ -84,7 +87,29 @@ class HotPath:
         are error replies (exception objects, not raised) or REROUTE.
 
         On a single Redis, raises redis-py's ConnectionError or TimeoutError
-        if Redis cannot be reached; on a cluster, those commands are REROUTE."""
+        if Redis cannot be reached; on a cluster, those commands are REROUTE.
+
+        In a sampled request the call is a client span, as the Redis
+        instrumentation makes for redis-py's commands (which these bypass)."""
+        if instruments.request_span.get() is None:
+            return await self._execute(keys, commands)
+        with instruments.tracer.start_as_current_span(
+            _span_name(commands), kind=trace.SpanKind.CLIENT, attributes=self._attributes(commands)
+        ):
+            return await self._execute(keys, commands)
+
+    def _attributes(self, commands: Sequence[Command]) -> dict[str, Any]:
+        statement = "\n".join(_statement(command) for command in commands)
+        attributes: dict[str, Any] = {"db.redis.pipeline_length": len(commands)}
+        if _OLD_SEMCONV:
+            attributes |= {"db.system": "redis", "db.statement": statement}
+        if _STABLE_SEMCONV:
+            attributes |= {"db.system.name": "redis", "db.query.text": statement}
+        if self._single is not None:
+            attributes["net.peer.name" if _OLD_SEMCONV else "server.address"] = self._single.name
+        return attributes
+
+    async def _execute(self, keys: Sequence[str], commands: Sequence[Command]) -> list[Any]:
         single = self._single
         if single is None:
             return await self._on_cluster(keys, commands)
@@ -176,6 +201,27 @@ class HotPath:
             self._single.close()
         for connection in self._nodes.values():
             connection.close()
+
+
+# The database attributes the contrib instrumentations use, by
+# OTEL_SEMCONV_STABILITY_OPT_IN: "database" the stable names only,
+# "database/dup" both, otherwise the old ones.
+_OPT_IN = {part.strip() for part in os.environ.get("OTEL_SEMCONV_STABILITY_OPT_IN", "").split(",")}
+_STABLE_SEMCONV = bool(_OPT_IN & {"database", "database/dup"})
+_OLD_SEMCONV = "database" not in _OPT_IN
+
+
+def _span_name(commands: Sequence[Command]) -> str:
+    names = dict.fromkeys(str(command[0]) for command in commands)
+    return " ".join(names)
+
+
+def _statement(command: Command) -> str:
+    """The command with its arguments left out, as the Redis instrumentation
+    sanitizes them (a script's SHA stays: it names the script)."""
+    name = str(command[0])
+    shown = 2 if name == "EVALSHA" else 1
+    return " ".join([*map(str, command[:shown]), *("?" * (len(command) - shown))])
 
 
 def _address(kwargs: dict[str, Any]) -> str:
