@@ -32,6 +32,10 @@ type CacheCoordServiceClient interface {
 	// Invalidate drops cached copies without touching PostgreSQL, and publishes
 	// the invalidation to every instance.
 	Invalidate(ctx context.Context, in *InvalidateRequest, opts ...grpc.CallOption) (*InvalidateResponse, error)
+	// InvalidateTags makes every cached entry of the namespace that carries one
+	// of the tags unreachable at once, on every instance, without scanning
+	// keys, and publishes one invalidation per tag.
+	InvalidateTags(ctx context.Context, in *InvalidateTagsRequest, opts ...grpc.CallOption) (*InvalidateTagsResponse, error)
 	// AcquireLock takes a distributed lock, waiting up to wait_timeout_ms.
 	AcquireLock(ctx context.Context, in *AcquireLockRequest, opts ...grpc.CallOption) (*AcquireLockResponse, error)
 	// ReleaseLock releases a lock; only the holder's token can release it.
@@ -43,6 +47,9 @@ type CacheCoordServiceClient interface {
 	// client can keep its own local cache coherent. The first event is a Reset
 	// (events start now); a Reset later means events may have been missed and
 	// the client must drop everything it cached from those namespaces.
+	// A client that lost its stream passes the last resume_token it received:
+	// the events it missed follow (from the invalidation log), then Resumed;
+	// or, when the log no longer reaches back that far, Reset(too_old).
 	Watch(ctx context.Context, in *WatchRequest, opts ...grpc.CallOption) (CacheCoordService_WatchClient, error)
 	// HoldLock takes a lock and holds it for as long as the stream is open: the
 	// server renews it every third of its TTL and releases it as soon as the
@@ -109,6 +116,15 @@ func (c *cacheCoordServiceClient) Delete(ctx context.Context, in *DeleteRequest,
 func (c *cacheCoordServiceClient) Invalidate(ctx context.Context, in *InvalidateRequest, opts ...grpc.CallOption) (*InvalidateResponse, error) {
 	out := new(InvalidateResponse)
 	err := c.cc.Invoke(ctx, "/cachecoord.v1.CacheCoordService/Invalidate", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *cacheCoordServiceClient) InvalidateTags(ctx context.Context, in *InvalidateTagsRequest, opts ...grpc.CallOption) (*InvalidateTagsResponse, error) {
+	out := new(InvalidateTagsResponse)
+	err := c.cc.Invoke(ctx, "/cachecoord.v1.CacheCoordService/InvalidateTags", in, out, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -224,6 +240,10 @@ type CacheCoordServiceServer interface {
 	// Invalidate drops cached copies without touching PostgreSQL, and publishes
 	// the invalidation to every instance.
 	Invalidate(context.Context, *InvalidateRequest) (*InvalidateResponse, error)
+	// InvalidateTags makes every cached entry of the namespace that carries one
+	// of the tags unreachable at once, on every instance, without scanning
+	// keys, and publishes one invalidation per tag.
+	InvalidateTags(context.Context, *InvalidateTagsRequest) (*InvalidateTagsResponse, error)
 	// AcquireLock takes a distributed lock, waiting up to wait_timeout_ms.
 	AcquireLock(context.Context, *AcquireLockRequest) (*AcquireLockResponse, error)
 	// ReleaseLock releases a lock; only the holder's token can release it.
@@ -235,6 +255,9 @@ type CacheCoordServiceServer interface {
 	// client can keep its own local cache coherent. The first event is a Reset
 	// (events start now); a Reset later means events may have been missed and
 	// the client must drop everything it cached from those namespaces.
+	// A client that lost its stream passes the last resume_token it received:
+	// the events it missed follow (from the invalidation log), then Resumed;
+	// or, when the log no longer reaches back that far, Reset(too_old).
 	Watch(*WatchRequest, CacheCoordService_WatchServer) error
 	// HoldLock takes a lock and holds it for as long as the stream is open: the
 	// server renews it every third of its TTL and releases it as soon as the
@@ -273,6 +296,9 @@ func (UnimplementedCacheCoordServiceServer) Delete(context.Context, *DeleteReque
 }
 func (UnimplementedCacheCoordServiceServer) Invalidate(context.Context, *InvalidateRequest) (*InvalidateResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Invalidate not implemented")
+}
+func (UnimplementedCacheCoordServiceServer) InvalidateTags(context.Context, *InvalidateTagsRequest) (*InvalidateTagsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method InvalidateTags not implemented")
 }
 func (UnimplementedCacheCoordServiceServer) AcquireLock(context.Context, *AcquireLockRequest) (*AcquireLockResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method AcquireLock not implemented")
@@ -388,6 +414,24 @@ func _CacheCoordService_Invalidate_Handler(srv interface{}, ctx context.Context,
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(CacheCoordServiceServer).Invalidate(ctx, req.(*InvalidateRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _CacheCoordService_InvalidateTags_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(InvalidateTagsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CacheCoordServiceServer).InvalidateTags(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/cachecoord.v1.CacheCoordService/InvalidateTags",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CacheCoordServiceServer).InvalidateTags(ctx, req.(*InvalidateTagsRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -516,6 +560,10 @@ var _CacheCoordService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Invalidate",
 			Handler:    _CacheCoordService_Invalidate_Handler,
+		},
+		{
+			MethodName: "InvalidateTags",
+			Handler:    _CacheCoordService_InvalidateTags_Handler,
 		},
 		{
 			MethodName: "AcquireLock",

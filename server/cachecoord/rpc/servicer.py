@@ -111,6 +111,13 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
         )
         return pb.InvalidateResponse(invalidated=count)
 
+    async def InvalidateTags(
+        self, request: pb.InvalidateTagsRequest, context: Context
+    ) -> pb.InvalidateTagsResponse:
+        # Being built (issue 21, item 4): answered UNIMPLEMENTED until then.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "InvalidateTags is not built yet")
+        raise AssertionError("unreachable")
+
     @rpc(_timeout)
     async def AcquireLock(
         self, request: pb.AcquireLockRequest, context: Context

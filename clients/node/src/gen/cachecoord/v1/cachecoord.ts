@@ -199,7 +199,15 @@ export interface PutRequest {
    * Cache time to live in milliseconds for this write; unset or 0 uses the
    * namespace's ttl.
    */
-  ttlMs?: bigint | undefined;
+  ttlMs?:
+    | bigint
+    | undefined;
+  /**
+   * Tags of this value (0 to 16, each 1 to 128 bytes of UTF-8), for
+   * InvalidateTags. A mapped namespace adds the tags its configuration
+   * derives from the row's columns.
+   */
+  tags: string[];
 }
 
 /** PutResponse acknowledges a write. */
@@ -243,6 +251,18 @@ export interface InvalidateRequest {
 export interface InvalidateResponse {
   /** Number of cached entries dropped from Redis. */
   invalidated: bigint;
+}
+
+/** InvalidateTagsRequest drops every cached entry carrying one of some tags. */
+export interface InvalidateTagsRequest {
+  /** Namespace as configured on the server. */
+  namespace: string;
+  /** Tags to invalidate (1 to 100 of them, each 1 to 128 bytes of UTF-8). */
+  tags: string[];
+}
+
+/** InvalidateTagsResponse acknowledges a tag invalidation. */
+export interface InvalidateTagsResponse {
 }
 
 /** AcquireLockRequest asks for a distributed lock. */
@@ -441,9 +461,16 @@ export interface WatchRequest {
   namespaces: string[];
   /**
    * Only events of keys starting with this prefix (empty: every key).
-   * Invalidations of a whole namespace are always sent.
+   * Invalidations of a whole namespace, or of a tag, are always sent.
    */
   keyPrefix: string;
+  /**
+   * Resume a stream that was lost: the last WatchResponse.resume_token the
+   * client received (same namespaces). The events after it follow, then
+   * Resumed; or the stream starts with Reset(too_old) when the invalidation
+   * log no longer reaches back to it. Empty: start now, with Reset(subscribed).
+   */
+  resumeToken: string;
 }
 
 /** WatchResponse is one event of a Watch stream. */
@@ -459,7 +486,18 @@ export interface WatchResponse {
     | //
     /** Nothing happened for a while; the stream is alive. */
     { $case: "heartbeat"; value: Heartbeat }
+    | //
+    /**
+     * The stream resumed from WatchRequest.resume_token: every event since
+     * that token was sent before this one.
+     */
+    { $case: "resumed"; value: Resumed }
     | undefined;
+  /**
+   * The stream's position after this event: pass it as
+   * WatchRequest.resume_token to continue from here. Opaque.
+   */
+  resumeToken: string;
 }
 
 /** Invalidation says that cached copies of a key are no longer valid. */
@@ -480,19 +518,35 @@ export interface Invalidation {
   reason: string;
   /** The cachecoord instance that made the change. */
   origin: string;
+  /**
+   * Set when every entry carrying this tag was invalidated (InvalidateTags);
+   * key is then empty and all_keys false.
+   */
+  tag: string;
 }
 
 /** Reset tells the client that it may have missed events. */
 export interface Reset {
   /**
    * Why: subscribed (the stream starts), resubscribed (the server lost its
-   * subscription to Redis) or overflow (the client read too slowly).
+   * subscription to Redis and its log could not replay what it missed),
+   * overflow (the client read too slowly) or too_old (the resume_token is
+   * older than the invalidation log reaches back).
    */
   reason: string;
 }
 
 /** Heartbeat is sent when no other event was sent for a while. */
 export interface Heartbeat {
+}
+
+/**
+ * Resumed ends the events replayed after a resume_token: the stream is now
+ * live.
+ */
+export interface Resumed {
+  /** How many events were replayed. */
+  replayed: bigint;
 }
 
 function createBaseGetRequest(): GetRequest {
@@ -1278,7 +1332,7 @@ export const Entry: MessageFns<Entry> = {
 };
 
 function createBasePutRequest(): PutRequest {
-  return { namespace: "", key: "", value: Buffer.alloc(0), expectedVersion: undefined, ttlMs: undefined };
+  return { namespace: "", key: "", value: Buffer.alloc(0), expectedVersion: undefined, ttlMs: undefined, tags: [] };
 }
 
 export const PutRequest: MessageFns<PutRequest> = {
@@ -1303,6 +1357,9 @@ export const PutRequest: MessageFns<PutRequest> = {
         throw new globalThis.Error("value provided for field message.ttlMs of type int64 too large");
       }
       writer.uint32(40).int64(message.ttlMs);
+    }
+    for (const v of message.tags) {
+      writer.uint32(50).string(v!);
     }
     return writer;
   },
@@ -1360,6 +1417,14 @@ export const PutRequest: MessageFns<PutRequest> = {
             message.ttlMs = reader.int64() as bigint;
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.tags.push(reader.string());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1383,6 +1448,7 @@ export const PutRequest: MessageFns<PutRequest> = {
         ? BigInt(object.expected_version)
         : undefined,
       ttlMs: isSet(object.ttlMs) ? BigInt(object.ttlMs) : isSet(object.ttl_ms) ? BigInt(object.ttl_ms) : undefined,
+      tags: globalThis.Array.isArray(object?.tags) ? object.tags.map((e: any) => globalThis.String(e)) : [],
     };
   },
 
@@ -1403,6 +1469,9 @@ export const PutRequest: MessageFns<PutRequest> = {
     if (message.ttlMs !== undefined) {
       obj.ttlMs = message.ttlMs.toString();
     }
+    if (message.tags?.length) {
+      obj.tags = message.tags;
+    }
     return obj;
   },
 
@@ -1418,6 +1487,7 @@ export const PutRequest: MessageFns<PutRequest> = {
       ? BigInt(object.expectedVersion)
       : undefined;
     message.ttlMs = (object.ttlMs !== undefined && object.ttlMs !== null) ? BigInt(object.ttlMs) : undefined;
+    message.tags = object.tags?.map((e) => e) || [];
     return message;
   },
 };
@@ -1859,6 +1929,143 @@ export const InvalidateResponse: MessageFns<InvalidateResponse> = {
     message.invalidated = (object.invalidated !== undefined && object.invalidated !== null)
       ? BigInt(object.invalidated)
       : 0n;
+    return message;
+  },
+};
+
+function createBaseInvalidateTagsRequest(): InvalidateTagsRequest {
+  return { namespace: "", tags: [] };
+}
+
+export const InvalidateTagsRequest: MessageFns<InvalidateTagsRequest> = {
+  encode(message: InvalidateTagsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.namespace !== "") {
+      writer.uint32(10).string(message.namespace);
+    }
+    for (const v of message.tags) {
+      writer.uint32(18).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): InvalidateTagsRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseInvalidateTagsRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.namespace = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.tags.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): InvalidateTagsRequest {
+    return {
+      namespace: isSet(object.namespace) ? globalThis.String(object.namespace) : "",
+      tags: globalThis.Array.isArray(object?.tags) ? object.tags.map((e: any) => globalThis.String(e)) : [],
+    };
+  },
+
+  toJSON(message: InvalidateTagsRequest): unknown {
+    const obj: any = {};
+    if (message.namespace !== "") {
+      obj.namespace = message.namespace;
+    }
+    if (message.tags?.length) {
+      obj.tags = message.tags;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<InvalidateTagsRequest>, I>>(base?: I): InvalidateTagsRequest {
+    return InvalidateTagsRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<InvalidateTagsRequest>, I>>(object: I): InvalidateTagsRequest {
+    const message = createBaseInvalidateTagsRequest();
+    message.namespace = object.namespace ?? "";
+    message.tags = object.tags?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseInvalidateTagsResponse(): InvalidateTagsResponse {
+  return {};
+}
+
+export const InvalidateTagsResponse: MessageFns<InvalidateTagsResponse> = {
+  encode(_: InvalidateTagsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): InvalidateTagsResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseInvalidateTagsResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): InvalidateTagsResponse {
+    return {};
+  },
+
+  toJSON(_: InvalidateTagsResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<InvalidateTagsResponse>, I>>(base?: I): InvalidateTagsResponse {
+    return InvalidateTagsResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<InvalidateTagsResponse>, I>>(_: I): InvalidateTagsResponse {
+    const message = createBaseInvalidateTagsResponse();
     return message;
   },
 };
@@ -3208,7 +3415,7 @@ export const HoldLockResponse_Handoff: MessageFns<HoldLockResponse_Handoff> = {
 };
 
 function createBaseWatchRequest(): WatchRequest {
-  return { namespaces: [], keyPrefix: "" };
+  return { namespaces: [], keyPrefix: "", resumeToken: "" };
 }
 
 export const WatchRequest: MessageFns<WatchRequest> = {
@@ -3218,6 +3425,9 @@ export const WatchRequest: MessageFns<WatchRequest> = {
     }
     if (message.keyPrefix !== "") {
       writer.uint32(18).string(message.keyPrefix);
+    }
+    if (message.resumeToken !== "") {
+      writer.uint32(26).string(message.resumeToken);
     }
     return writer;
   },
@@ -3251,6 +3461,14 @@ export const WatchRequest: MessageFns<WatchRequest> = {
             message.keyPrefix = reader.string();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.resumeToken = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3273,6 +3491,11 @@ export const WatchRequest: MessageFns<WatchRequest> = {
         : isSet(object.key_prefix)
         ? globalThis.String(object.key_prefix)
         : "",
+      resumeToken: isSet(object.resumeToken)
+        ? globalThis.String(object.resumeToken)
+        : isSet(object.resume_token)
+        ? globalThis.String(object.resume_token)
+        : "",
     };
   },
 
@@ -3284,6 +3507,9 @@ export const WatchRequest: MessageFns<WatchRequest> = {
     if (message.keyPrefix !== "") {
       obj.keyPrefix = message.keyPrefix;
     }
+    if (message.resumeToken !== "") {
+      obj.resumeToken = message.resumeToken;
+    }
     return obj;
   },
 
@@ -3294,12 +3520,13 @@ export const WatchRequest: MessageFns<WatchRequest> = {
     const message = createBaseWatchRequest();
     message.namespaces = object.namespaces?.map((e) => e) || [];
     message.keyPrefix = object.keyPrefix ?? "";
+    message.resumeToken = object.resumeToken ?? "";
     return message;
   },
 };
 
 function createBaseWatchResponse(): WatchResponse {
-  return { event: undefined };
+  return { event: undefined, resumeToken: "" };
 }
 
 export const WatchResponse: MessageFns<WatchResponse> = {
@@ -3314,6 +3541,12 @@ export const WatchResponse: MessageFns<WatchResponse> = {
       case "heartbeat":
         Heartbeat.encode(message.event.value, writer.uint32(26).fork()).join();
         break;
+      case "resumed":
+        Resumed.encode(message.event.value, writer.uint32(34).fork()).join();
+        break;
+    }
+    if (message.resumeToken !== "") {
+      writer.uint32(42).string(message.resumeToken);
     }
     return writer;
   },
@@ -3355,6 +3588,22 @@ export const WatchResponse: MessageFns<WatchResponse> = {
             message.event = { $case: "heartbeat", value: Heartbeat.decode(reader, reader.uint32()) };
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.event = { $case: "resumed", value: Resumed.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.resumeToken = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3375,7 +3624,14 @@ export const WatchResponse: MessageFns<WatchResponse> = {
         ? { $case: "reset", value: Reset.fromJSON(object.reset) }
         : isSet(object.heartbeat)
         ? { $case: "heartbeat", value: Heartbeat.fromJSON(object.heartbeat) }
+        : isSet(object.resumed)
+        ? { $case: "resumed", value: Resumed.fromJSON(object.resumed) }
         : undefined,
+      resumeToken: isSet(object.resumeToken)
+        ? globalThis.String(object.resumeToken)
+        : isSet(object.resume_token)
+        ? globalThis.String(object.resume_token)
+        : "",
     };
   },
 
@@ -3387,6 +3643,11 @@ export const WatchResponse: MessageFns<WatchResponse> = {
       obj.reset = Reset.toJSON(message.event.value);
     } else if (message.event?.$case === "heartbeat") {
       obj.heartbeat = Heartbeat.toJSON(message.event.value);
+    } else if (message.event?.$case === "resumed") {
+      obj.resumed = Resumed.toJSON(message.event.value);
+    }
+    if (message.resumeToken !== "") {
+      obj.resumeToken = message.resumeToken;
     }
     return obj;
   },
@@ -3415,13 +3676,20 @@ export const WatchResponse: MessageFns<WatchResponse> = {
         }
         break;
       }
+      case "resumed": {
+        if (object.event?.value !== undefined && object.event?.value !== null) {
+          message.event = { $case: "resumed", value: Resumed.fromPartial(object.event.value) };
+        }
+        break;
+      }
     }
+    message.resumeToken = object.resumeToken ?? "";
     return message;
   },
 };
 
 function createBaseInvalidation(): Invalidation {
-  return { namespace: "", key: "", allKeys: false, version: 0n, reason: "", origin: "" };
+  return { namespace: "", key: "", allKeys: false, version: 0n, reason: "", origin: "", tag: "" };
 }
 
 export const Invalidation: MessageFns<Invalidation> = {
@@ -3446,6 +3714,9 @@ export const Invalidation: MessageFns<Invalidation> = {
     }
     if (message.origin !== "") {
       writer.uint32(50).string(message.origin);
+    }
+    if (message.tag !== "") {
+      writer.uint32(58).string(message.tag);
     }
     return writer;
   },
@@ -3511,6 +3782,14 @@ export const Invalidation: MessageFns<Invalidation> = {
             message.origin = reader.string();
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.tag = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3535,6 +3814,7 @@ export const Invalidation: MessageFns<Invalidation> = {
       version: isSet(object.version) ? BigInt(object.version) : 0n,
       reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
       origin: isSet(object.origin) ? globalThis.String(object.origin) : "",
+      tag: isSet(object.tag) ? globalThis.String(object.tag) : "",
     };
   },
 
@@ -3558,6 +3838,9 @@ export const Invalidation: MessageFns<Invalidation> = {
     if (message.origin !== "") {
       obj.origin = message.origin;
     }
+    if (message.tag !== "") {
+      obj.tag = message.tag;
+    }
     return obj;
   },
 
@@ -3572,6 +3855,7 @@ export const Invalidation: MessageFns<Invalidation> = {
     message.version = (object.version !== undefined && object.version !== null) ? BigInt(object.version) : 0n;
     message.reason = object.reason ?? "";
     message.origin = object.origin ?? "";
+    message.tag = object.tag ?? "";
     return message;
   },
 };
@@ -3695,6 +3979,76 @@ export const Heartbeat: MessageFns<Heartbeat> = {
   },
 };
 
+function createBaseResumed(): Resumed {
+  return { replayed: 0n };
+}
+
+export const Resumed: MessageFns<Resumed> = {
+  encode(message: Resumed, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.replayed !== 0n) {
+      if (BigInt.asIntN(64, message.replayed) !== message.replayed) {
+        throw new globalThis.Error("value provided for field message.replayed of type int64 too large");
+      }
+      writer.uint32(8).int64(message.replayed);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Resumed {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseResumed();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.replayed = reader.int64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Resumed {
+    return { replayed: isSet(object.replayed) ? BigInt(object.replayed) : 0n };
+  },
+
+  toJSON(message: Resumed): unknown {
+    const obj: any = {};
+    if (message.replayed !== 0n) {
+      obj.replayed = message.replayed.toString();
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<Resumed>, I>>(base?: I): Resumed {
+    return Resumed.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Resumed>, I>>(object: I): Resumed {
+    const message = createBaseResumed();
+    message.replayed = (object.replayed !== undefined && object.replayed !== null) ? BigInt(object.replayed) : 0n;
+    return message;
+  },
+};
+
 /** CacheCoordService is the whole public API of a cachecoord instance. */
 export type CacheCoordServiceService = typeof CacheCoordServiceService;
 export const CacheCoordServiceService = {
@@ -3761,6 +4115,22 @@ export const CacheCoordServiceService = {
     responseSerialize: (value: InvalidateResponse): Buffer => Buffer.from(InvalidateResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): InvalidateResponse => InvalidateResponse.decode(value),
   },
+  /**
+   * InvalidateTags makes every cached entry of the namespace that carries one
+   * of the tags unreachable at once, on every instance, without scanning
+   * keys, and publishes one invalidation per tag.
+   */
+  invalidateTags: {
+    path: "/cachecoord.v1.CacheCoordService/InvalidateTags" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: InvalidateTagsRequest): Buffer =>
+      Buffer.from(InvalidateTagsRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): InvalidateTagsRequest => InvalidateTagsRequest.decode(value),
+    responseSerialize: (value: InvalidateTagsResponse): Buffer =>
+      Buffer.from(InvalidateTagsResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): InvalidateTagsResponse => InvalidateTagsResponse.decode(value),
+  },
   /** AcquireLock takes a distributed lock, waiting up to wait_timeout_ms. */
   acquireLock: {
     path: "/cachecoord.v1.CacheCoordService/AcquireLock" as const,
@@ -3799,6 +4169,9 @@ export const CacheCoordServiceService = {
    * client can keep its own local cache coherent. The first event is a Reset
    * (events start now); a Reset later means events may have been missed and
    * the client must drop everything it cached from those namespaces.
+   * A client that lost its stream passes the last resume_token it received:
+   * the events it missed follow (from the invalidation log), then Resumed;
+   * or, when the log no longer reaches back that far, Reset(too_old).
    */
   watch: {
     path: "/cachecoord.v1.CacheCoordService/Watch" as const,
@@ -3861,6 +4234,12 @@ export interface CacheCoordServiceServer extends UntypedServiceImplementation {
    * the invalidation to every instance.
    */
   invalidate: handleUnaryCall<InvalidateRequest, InvalidateResponse>;
+  /**
+   * InvalidateTags makes every cached entry of the namespace that carries one
+   * of the tags unreachable at once, on every instance, without scanning
+   * keys, and publishes one invalidation per tag.
+   */
+  invalidateTags: handleUnaryCall<InvalidateTagsRequest, InvalidateTagsResponse>;
   /** AcquireLock takes a distributed lock, waiting up to wait_timeout_ms. */
   acquireLock: handleUnaryCall<AcquireLockRequest, AcquireLockResponse>;
   /** ReleaseLock releases a lock; only the holder's token can release it. */
@@ -3875,6 +4254,9 @@ export interface CacheCoordServiceServer extends UntypedServiceImplementation {
    * client can keep its own local cache coherent. The first event is a Reset
    * (events start now); a Reset later means events may have been missed and
    * the client must drop everything it cached from those namespaces.
+   * A client that lost its stream passes the last resume_token it received:
+   * the events it missed follow (from the invalidation log), then Resumed;
+   * or, when the log no longer reaches back that far, Reset(too_old).
    */
   watch: handleServerStreamingCall<WatchRequest, WatchResponse>;
   /**
@@ -3985,6 +4367,26 @@ export interface CacheCoordServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: InvalidateResponse) => void,
   ): ClientUnaryCall;
+  /**
+   * InvalidateTags makes every cached entry of the namespace that carries one
+   * of the tags unreachable at once, on every instance, without scanning
+   * keys, and publishes one invalidation per tag.
+   */
+  invalidateTags(
+    request: InvalidateTagsRequest,
+    callback: (error: ServiceError | null, response: InvalidateTagsResponse) => void,
+  ): ClientUnaryCall;
+  invalidateTags(
+    request: InvalidateTagsRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: InvalidateTagsResponse) => void,
+  ): ClientUnaryCall;
+  invalidateTags(
+    request: InvalidateTagsRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: InvalidateTagsResponse) => void,
+  ): ClientUnaryCall;
   /** AcquireLock takes a distributed lock, waiting up to wait_timeout_ms. */
   acquireLock(
     request: AcquireLockRequest,
@@ -4041,6 +4443,9 @@ export interface CacheCoordServiceClient extends Client {
    * client can keep its own local cache coherent. The first event is a Reset
    * (events start now); a Reset later means events may have been missed and
    * the client must drop everything it cached from those namespaces.
+   * A client that lost its stream passes the last resume_token it received:
+   * the events it missed follow (from the invalidation log), then Resumed;
+   * or, when the log no longer reaches back that far, Reset(too_old).
    */
   watch(request: WatchRequest, options?: Partial<CallOptions>): ClientReadableStream<WatchResponse>;
   watch(

@@ -287,6 +287,7 @@ class PutRequest(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     TTL_MS_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     """Namespace as configured on the server."""
     key: _builtins.str
@@ -303,6 +304,13 @@ class PutRequest(_message.Message):
     """Cache time to live in milliseconds for this write; unset or 0 uses the
     namespace's ttl.
     """
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tags of this value (0 to 16, each 1 to 128 bytes of UTF-8), for
+        InvalidateTags. A mapped namespace adds the tags its configuration
+        derives from the row's columns.
+        """
+
     def __init__(
         self,
         *,
@@ -311,10 +319,11 @@ class PutRequest(_message.Message):
         value: _builtins.bytes = ...,
         expected_version: _builtins.int | None = ...,
         ttl_ms: _builtins.int | None = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "_ttl_ms", b"_ttl_ms", "expected_version", b"expected_version", "ttl_ms", b"ttl_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "_ttl_ms", b"_ttl_ms", "expected_version", b"expected_version", "key", b"key", "namespace", b"namespace", "ttl_ms", b"ttl_ms", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "_ttl_ms", b"_ttl_ms", "expected_version", b"expected_version", "key", b"key", "namespace", b"namespace", "tags", b"tags", "ttl_ms", b"ttl_ms", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
     _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
@@ -462,6 +471,51 @@ class InvalidateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InvalidateResponse: _TypeAlias = InvalidateResponse  # noqa: Y015
+
+@_typing.final
+class InvalidateTagsRequest(_message.Message):
+    """InvalidateTagsRequest drops every cached entry carrying one of some tags."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """Namespace as configured on the server."""
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tags to invalidate (1 to 100 of them, each 1 to 128 bytes of UTF-8)."""
+
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace", "tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvalidateTagsRequest: _TypeAlias = InvalidateTagsRequest  # noqa: Y015
+
+@_typing.final
+class InvalidateTagsResponse(_message.Message):
+    """InvalidateTagsResponse acknowledges a tag invalidation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvalidateTagsResponse: _TypeAlias = InvalidateTagsResponse  # noqa: Y015
 
 @_typing.final
 class AcquireLockRequest(_message.Message):
@@ -896,9 +950,16 @@ class WatchRequest(_message.Message):
 
     NAMESPACES_FIELD_NUMBER: _builtins.int
     KEY_PREFIX_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     key_prefix: _builtins.str
     """Only events of keys starting with this prefix (empty: every key).
-    Invalidations of a whole namespace are always sent.
+    Invalidations of a whole namespace, or of a tag, are always sent.
+    """
+    resume_token: _builtins.str
+    """Resume a stream that was lost: the last WatchResponse.resume_token the
+    client received (same namespaces). The events after it follow, then
+    Resumed; or the stream starts with Reset(too_old) when the invalidation
+    log no longer reaches back to it. Empty: start now, with Reset(subscribed).
     """
     @_builtins.property
     def namespaces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -909,10 +970,11 @@ class WatchRequest(_message.Message):
         *,
         namespaces: _abc.Iterable[_builtins.str] | None = ...,
         key_prefix: _builtins.str = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_prefix", b"key_prefix", "namespaces", b"namespaces"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_prefix", b"key_prefix", "namespaces", b"namespaces", "resume_token", b"resume_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -927,6 +989,12 @@ class WatchResponse(_message.Message):
     INVALIDATION_FIELD_NUMBER: _builtins.int
     RESET_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    RESUMED_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """The stream's position after this event: pass it as
+    WatchRequest.resume_token to continue from here. Opaque.
+    """
     @_builtins.property
     def invalidation(self) -> Global___Invalidation:
         """A key (or a whole namespace) changed or was invalidated."""
@@ -939,18 +1007,26 @@ class WatchResponse(_message.Message):
     def heartbeat(self) -> Global___Heartbeat:
         """Nothing happened for a while; the stream is alive."""
 
+    @_builtins.property
+    def resumed(self) -> Global___Resumed:
+        """The stream resumed from WatchRequest.resume_token: every event since
+        that token was sent before this one.
+        """
+
     def __init__(
         self,
         *,
         invalidation: Global___Invalidation | None = ...,
         reset: Global___Reset | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
+        resumed: Global___Resumed | None = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "invalidation", b"invalidation", "reset", b"reset"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "invalidation", b"invalidation", "reset", b"reset", "resumed", b"resumed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "invalidation", b"invalidation", "reset", b"reset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "invalidation", b"invalidation", "reset", b"reset", "resume_token", b"resume_token", "resumed", b"resumed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["invalidation", "reset", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["invalidation", "reset", "heartbeat", "resumed"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -968,6 +1044,7 @@ class Invalidation(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     ORIGIN_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     """Namespace of the key."""
     key: _builtins.str
@@ -983,6 +1060,10 @@ class Invalidation(_message.Message):
     """
     origin: _builtins.str
     """The cachecoord instance that made the change."""
+    tag: _builtins.str
+    """Set when every entry carrying this tag was invalidated (InvalidateTags);
+    key is then empty and all_keys false.
+    """
     def __init__(
         self,
         *,
@@ -992,10 +1073,11 @@ class Invalidation(_message.Message):
         version: _builtins.int = ...,
         reason: _builtins.str = ...,
         origin: _builtins.str = ...,
+        tag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_keys", b"all_keys", "key", b"key", "namespace", b"namespace", "origin", b"origin", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_keys", b"all_keys", "key", b"key", "namespace", b"namespace", "origin", b"origin", "reason", b"reason", "tag", b"tag", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1010,7 +1092,9 @@ class Reset(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     """Why: subscribed (the stream starts), resubscribed (the server lost its
-    subscription to Redis) or overflow (the client read too slowly).
+    subscription to Redis and its log could not replay what it missed),
+    overflow (the client read too slowly) or too_old (the resume_token is
+    older than the invalidation log reaches back).
     """
     def __init__(
         self,
@@ -1041,3 +1125,27 @@ class Heartbeat(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class Resumed(_message.Message):
+    """Resumed ends the events replayed after a resume_token: the stream is now
+    live.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.int
+    """How many events were replayed."""
+    def __init__(
+        self,
+        *,
+        replayed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Resumed: _TypeAlias = Resumed  # noqa: Y015

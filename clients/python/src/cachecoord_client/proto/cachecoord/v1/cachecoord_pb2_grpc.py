@@ -65,6 +65,11 @@ class CacheCoordServiceStub(object):
                 request_serializer=cachecoord_dot_v1_dot_cachecoord__pb2.InvalidateRequest.SerializeToString,
                 response_deserializer=cachecoord_dot_v1_dot_cachecoord__pb2.InvalidateResponse.FromString,
                 _registered_method=True)
+        self.InvalidateTags = channel.unary_unary(
+                '/cachecoord.v1.CacheCoordService/InvalidateTags',
+                request_serializer=cachecoord_dot_v1_dot_cachecoord__pb2.InvalidateTagsRequest.SerializeToString,
+                response_deserializer=cachecoord_dot_v1_dot_cachecoord__pb2.InvalidateTagsResponse.FromString,
+                _registered_method=True)
         self.AcquireLock = channel.unary_unary(
                 '/cachecoord.v1.CacheCoordService/AcquireLock',
                 request_serializer=cachecoord_dot_v1_dot_cachecoord__pb2.AcquireLockRequest.SerializeToString,
@@ -136,6 +141,15 @@ class CacheCoordServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InvalidateTags(self, request, context):
+        """InvalidateTags makes every cached entry of the namespace that carries one
+        of the tags unreachable at once, on every instance, without scanning
+        keys, and publishes one invalidation per tag.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AcquireLock(self, request, context):
         """AcquireLock takes a distributed lock, waiting up to wait_timeout_ms.
         """
@@ -163,6 +177,9 @@ class CacheCoordServiceServicer(object):
         client can keep its own local cache coherent. The first event is a Reset
         (events start now); a Reset later means events may have been missed and
         the client must drop everything it cached from those namespaces.
+        A client that lost its stream passes the last resume_token it received:
+        the events it missed follow (from the invalidation log), then Resumed;
+        or, when the log no longer reaches back that far, Reset(too_old).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -216,6 +233,11 @@ def add_CacheCoordServiceServicer_to_server(servicer, server):
                     servicer.Invalidate,
                     request_deserializer=cachecoord_dot_v1_dot_cachecoord__pb2.InvalidateRequest.FromString,
                     response_serializer=cachecoord_dot_v1_dot_cachecoord__pb2.InvalidateResponse.SerializeToString,
+            ),
+            'InvalidateTags': grpc.unary_unary_rpc_method_handler(
+                    servicer.InvalidateTags,
+                    request_deserializer=cachecoord_dot_v1_dot_cachecoord__pb2.InvalidateTagsRequest.FromString,
+                    response_serializer=cachecoord_dot_v1_dot_cachecoord__pb2.InvalidateTagsResponse.SerializeToString,
             ),
             'AcquireLock': grpc.unary_unary_rpc_method_handler(
                     servicer.AcquireLock,
@@ -378,6 +400,33 @@ class CacheCoordService(object):
             '/cachecoord.v1.CacheCoordService/Invalidate',
             cachecoord_dot_v1_dot_cachecoord__pb2.InvalidateRequest.SerializeToString,
             cachecoord_dot_v1_dot_cachecoord__pb2.InvalidateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InvalidateTags(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachecoord.v1.CacheCoordService/InvalidateTags',
+            cachecoord_dot_v1_dot_cachecoord__pb2.InvalidateTagsRequest.SerializeToString,
+            cachecoord_dot_v1_dot_cachecoord__pb2.InvalidateTagsResponse.FromString,
             options,
             channel_credentials,
             insecure,

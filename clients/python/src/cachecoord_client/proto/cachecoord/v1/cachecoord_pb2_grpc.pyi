@@ -55,6 +55,11 @@ class CacheCoordServiceStub:
     """Invalidate drops cached copies without touching PostgreSQL, and publishes
     the invalidation to every instance.
     """
+    InvalidateTags: _grpc.UnaryUnaryMultiCallable[_cachecoord_pb2.InvalidateTagsRequest, _cachecoord_pb2.InvalidateTagsResponse]
+    """InvalidateTags makes every cached entry of the namespace that carries one
+    of the tags unreachable at once, on every instance, without scanning
+    keys, and publishes one invalidation per tag.
+    """
     AcquireLock: _grpc.UnaryUnaryMultiCallable[_cachecoord_pb2.AcquireLockRequest, _cachecoord_pb2.AcquireLockResponse]
     """AcquireLock takes a distributed lock, waiting up to wait_timeout_ms."""
     ReleaseLock: _grpc.UnaryUnaryMultiCallable[_cachecoord_pb2.ReleaseLockRequest, _cachecoord_pb2.ReleaseLockResponse]
@@ -68,6 +73,9 @@ class CacheCoordServiceStub:
     client can keep its own local cache coherent. The first event is a Reset
     (events start now); a Reset later means events may have been missed and
     the client must drop everything it cached from those namespaces.
+    A client that lost its stream passes the last resume_token it received:
+    the events it missed follow (from the invalidation log), then Resumed;
+    or, when the log no longer reaches back that far, Reset(too_old).
     """
     HoldLock: _grpc.StreamStreamMultiCallable[_cachecoord_pb2.HoldLockRequest, _cachecoord_pb2.HoldLockResponse]
     """HoldLock takes a lock and holds it for as long as the stream is open: the
@@ -111,6 +119,11 @@ class CacheCoordServiceAsyncStub(CacheCoordServiceStub):
     """Invalidate drops cached copies without touching PostgreSQL, and publishes
     the invalidation to every instance.
     """
+    InvalidateTags: _aio.UnaryUnaryMultiCallable[_cachecoord_pb2.InvalidateTagsRequest, _cachecoord_pb2.InvalidateTagsResponse]  # type: ignore[assignment]
+    """InvalidateTags makes every cached entry of the namespace that carries one
+    of the tags unreachable at once, on every instance, without scanning
+    keys, and publishes one invalidation per tag.
+    """
     AcquireLock: _aio.UnaryUnaryMultiCallable[_cachecoord_pb2.AcquireLockRequest, _cachecoord_pb2.AcquireLockResponse]  # type: ignore[assignment]
     """AcquireLock takes a distributed lock, waiting up to wait_timeout_ms."""
     ReleaseLock: _aio.UnaryUnaryMultiCallable[_cachecoord_pb2.ReleaseLockRequest, _cachecoord_pb2.ReleaseLockResponse]  # type: ignore[assignment]
@@ -124,6 +137,9 @@ class CacheCoordServiceAsyncStub(CacheCoordServiceStub):
     client can keep its own local cache coherent. The first event is a Reset
     (events start now); a Reset later means events may have been missed and
     the client must drop everything it cached from those namespaces.
+    A client that lost its stream passes the last resume_token it received:
+    the events it missed follow (from the invalidation log), then Resumed;
+    or, when the log no longer reaches back that far, Reset(too_old).
     """
     HoldLock: _aio.StreamStreamMultiCallable[_cachecoord_pb2.HoldLockRequest, _cachecoord_pb2.HoldLockResponse]  # type: ignore[assignment]
     """HoldLock takes a lock and holds it for as long as the stream is open: the
@@ -196,6 +212,17 @@ class CacheCoordServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def InvalidateTags(
+        self,
+        request: _cachecoord_pb2.InvalidateTagsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cachecoord_pb2.InvalidateTagsResponse, _abc.Awaitable[_cachecoord_pb2.InvalidateTagsResponse]]:
+        """InvalidateTags makes every cached entry of the namespace that carries one
+        of the tags unreachable at once, on every instance, without scanning
+        keys, and publishes one invalidation per tag.
+        """
+
+    @_abc_1.abstractmethod
     def AcquireLock(
         self,
         request: _cachecoord_pb2.AcquireLockRequest,
@@ -231,6 +258,9 @@ class CacheCoordServiceServicer(metaclass=_abc_1.ABCMeta):
         client can keep its own local cache coherent. The first event is a Reset
         (events start now); a Reset later means events may have been missed and
         the client must drop everything it cached from those namespaces.
+        A client that lost its stream passes the last resume_token it received:
+        the events it missed follow (from the invalidation log), then Resumed;
+        or, when the log no longer reaches back that far, Reset(too_old).
         """
 
     @_abc_1.abstractmethod
