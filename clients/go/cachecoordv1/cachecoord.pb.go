@@ -1759,8 +1759,10 @@ type Invalidation struct {
 	Reason string `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
 	// The cachecoord instance that made the change.
 	Origin string `protobuf:"bytes,6,opt,name=origin,proto3" json:"origin,omitempty"`
-	// Set when every entry carrying this tag was invalidated (InvalidateTags);
-	// key is then empty and all_keys false.
+	// Set when every entry carrying this tag was invalidated (InvalidateTags).
+	// key is then empty and all_keys true, so that a client that does not know
+	// tags drops the whole namespace; one that does may drop only the entries
+	// carrying the tag.
 	Tag string `protobuf:"bytes,7,opt,name=tag,proto3" json:"tag,omitempty"`
 }
 

@@ -519,8 +519,10 @@ export interface Invalidation {
   /** The cachecoord instance that made the change. */
   origin: string;
   /**
-   * Set when every entry carrying this tag was invalidated (InvalidateTags);
-   * key is then empty and all_keys false.
+   * Set when every entry carrying this tag was invalidated (InvalidateTags).
+   * key is then empty and all_keys true, so that a client that does not know
+   * tags drops the whole namespace; one that does may drop only the entries
+   * carrying the tag.
    */
   tag: string;
 }

@@ -1061,8 +1061,10 @@ class Invalidation(_message.Message):
     origin: _builtins.str
     """The cachecoord instance that made the change."""
     tag: _builtins.str
-    """Set when every entry carrying this tag was invalidated (InvalidateTags);
-    key is then empty and all_keys false.
+    """Set when every entry carrying this tag was invalidated (InvalidateTags).
+    key is then empty and all_keys true, so that a client that does not know
+    tags drops the whole namespace; one that does may drop only the entries
+    carrying the tag.
     """
     def __init__(
         self,
