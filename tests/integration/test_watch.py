@@ -47,7 +47,11 @@ from cachecoord_client import (
 )
 from conftest import Backend
 
-INVALIDATION, RESET, HEARTBEAT = WatchEventKind
+INVALIDATION, RESET, HEARTBEAT = (
+    WatchEventKind.INVALIDATION,
+    WatchEventKind.RESET,
+    WatchEventKind.HEARTBEAT,
+)
 SUBSCRIBED = WatchEvent(RESET, reason="subscribed")
 
 

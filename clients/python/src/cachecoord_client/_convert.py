@@ -196,9 +196,15 @@ def hold_lock_acquire(name: str, ttl_ms: int, wait_timeout_ms: int) -> pb.HoldLo
     return pb.HoldLockRequest(acquire=acquire)
 
 
-def watch_request(namespaces: Iterable[str], key_prefix: str) -> pb.WatchRequest:
+def watch_request(
+    namespaces: Iterable[str], key_prefix: str, resume_token: str = ""
+) -> pb.WatchRequest:
     """Build a WatchRequest."""
-    return pb.WatchRequest(namespaces=_keys(namespaces, "namespaces"), key_prefix=key_prefix)
+    return pb.WatchRequest(
+        namespaces=_keys(namespaces, "namespaces"),
+        key_prefix=key_prefix,
+        resume_token=resume_token,
+    )
 
 
 # Responses.
@@ -296,7 +302,7 @@ def to_watch_event(response: pb.WatchResponse) -> WatchEvent | None:
     Skipping unknown kinds is safe: the contract makes RESET the only event
     that asks a client to drop more than the keys an invalidation names.
     """
-    kind = response.WhichOneof("event")
+    kind, token = response.WhichOneof("event"), response.resume_token
     if kind == "invalidation":
         inv = response.invalidation
         return WatchEvent(
@@ -307,9 +313,17 @@ def to_watch_event(response: pb.WatchResponse) -> WatchEvent | None:
             version=inv.version,
             reason=inv.reason,
             origin=inv.origin,
+            tag=inv.tag,
+            resume_token=token,
         )
     if kind == "reset":
-        return WatchEvent(kind=WatchEventKind.RESET, reason=response.reset.reason)
+        return WatchEvent(
+            kind=WatchEventKind.RESET, reason=response.reset.reason, resume_token=token
+        )
     if kind == "heartbeat":
-        return WatchEvent(kind=WatchEventKind.HEARTBEAT)
+        return WatchEvent(kind=WatchEventKind.HEARTBEAT, resume_token=token)
+    if kind == "resumed":
+        return WatchEvent(
+            kind=WatchEventKind.RESUMED, replayed=response.resumed.replayed, resume_token=token
+        )
     return None

@@ -488,6 +488,8 @@ class AsyncClient:
         key_prefix: str = "",
         timeout: float | None = None,
         resume: bool = False,
+        replay: bool = False,
+        resume_token: str = "",
     ) -> AsyncWatchStream:
         """Stream the invalidation events of some namespaces, to keep a local cache coherent.
 
@@ -524,6 +526,16 @@ class AsyncClient:
                 missed until the new stream is up), then the new stream's own
                 RESET. Unavailable is raised only when no new stream could be
                 opened for `WATCH_RESUME_FOR` seconds.
+            replay: With ``resume``, open the new stream from the last
+                event's resume token instead: an INTERRUPTED event comes at
+                once (stop serving what you cached, but keep it), then the
+                events missed meanwhile, replayed from the server's
+                invalidation log, then RESUMED; or a RESET (``too_old``) when
+                the log no longer reaches back that far.
+            resume_token: Start from this position (a `WatchEvent`'s
+                ``resume_token``, of a stream of the same namespaces): the
+                events after it come first, then RESUMED; or a RESET
+                (``too_old``). Empty: start now, with RESET (``subscribed``).
 
         Returns:
             An async iterator of `WatchEvent`, and an async context manager
@@ -537,12 +549,15 @@ class AsyncClient:
         or another CacheCoordError when the call fails (Unavailable when the
         server goes away).
         """
-        request = _convert.watch_request(namespaces, key_prefix)
+        request = _convert.watch_request(namespaces, key_prefix, resume_token)
+
+        def open_call(token: str) -> AsyncWatchCall:
+            request.resume_token = token
+            return self._stub.Watch(request, timeout=timeout, metadata=self._metadata)
+
         if resume:
-            return _ResumingWatchStream(
-                lambda: self._stub.Watch(request, timeout=timeout, metadata=self._metadata)
-            )
-        return AsyncWatchStream(self._stub.Watch(request, timeout=timeout, metadata=self._metadata))
+            return _ResumingWatchStream(open_call, replay=replay, token=resume_token)
+        return AsyncWatchStream(open_call(resume_token))
 
     if True:  # ASYNC
 
@@ -700,11 +715,16 @@ WATCH_RESUME_FOR = 10.0
 
 
 class _ResumingWatchStream(AsyncWatchStream):
-    """A Watch that opens a new stream when its stream breaks (``resume=True``)."""
+    """A Watch that opens a new stream when its stream breaks (``resume=True``);
+    with *replay*, from the last resume token it received."""
 
-    def __init__(self, open_call: Callable[[], AsyncWatchCall]) -> None:
-        super().__init__(open_call())
+    def __init__(
+        self, open_call: Callable[[str], AsyncWatchCall], *, replay: bool, token: str
+    ) -> None:
+        super().__init__(open_call(token))
         self._open_call = open_call
+        self._replay = replay
+        self._token = token
         self._stopped = False
         self._broken_since: float | None = None
         self._retry_in = _convert.RESUME_RETRY_FIRST
@@ -719,8 +739,7 @@ class _ResumingWatchStream(AsyncWatchStream):
                 now = time.monotonic()
                 if self._broken_since is None:  # it just broke: tell the consumer at once
                     self._broken_since = now
-                    self._reopen()
-                    return WatchEvent(kind=WatchEventKind.RESET, reason="reconnecting")
+                    return self._interrupted()
                 if now - self._broken_since > WATCH_RESUME_FOR:
                     raise
                 await asyncio.sleep(self._retry_in)
@@ -732,20 +751,30 @@ class _ResumingWatchStream(AsyncWatchStream):
                     raise
                 # The server ended the stream (it is shutting down): as a break.
                 self._broken_since = time.monotonic()
-                self._reopen()
-                return WatchEvent(kind=WatchEventKind.RESET, reason="reconnecting")
+                return self._interrupted()
             self._broken_since = None
             self._retry_in = _convert.RESUME_RETRY_FIRST
+            self._token = event.resume_token or self._token
             return event
+
+    def _interrupted(self) -> WatchEvent:
+        """Open a new stream, and say what the consumer must do meanwhile."""
+        if self._replay and self._token:
+            event = WatchEvent(kind=WatchEventKind.INTERRUPTED, resume_token=self._token)
+        else:
+            self._token = ""  # the consumer drops everything: start afresh
+            event = WatchEvent(kind=WatchEventKind.RESET, reason="reconnecting")
+        self._reopen()
+        return event
 
     def _reopen(self) -> None:
         self._call.cancel()
         if self._stopped:
             return
         if True:  # ASYNC
-            self._call = self._open_call()
+            self._call = self._open_call(self._token)
         else:
-            self._call = self._open_call()
+            self._call = self._open_call(self._token)
             self._responses = iter(self._call)
         self._closed = False
 

@@ -2,9 +2,12 @@
 
 Entries are dropped by the Watch stream's invalidations, all of them on a
 RESET (events may have been missed), and each also after ``max_age`` whatever
-happens. While the stream is down the cache holds nothing and stores nothing:
-every read goes to the server until a new stream has started (its first event
-is a RESET), so a read is never older than the stream allows.
+happens. While the stream is down the cache serves nothing and stores
+nothing: every read goes to the server. It keeps what it holds, though: the
+new stream resumes from the last event's resume token, the server replays
+the events missed meanwhile from its invalidation log, and once they are
+applied (the RESUMED event) memory is served again. Only when the log no
+longer reaches back (a RESET, ``too_old``) is everything dropped.
 
 A Get that was in flight while its key was invalidated (or a RESET came)
 returns its answer to its caller but is not stored: it may have read the
@@ -87,6 +90,7 @@ class LocalCache:
         self._silence, self._max_backoff = silence, max_backoff
         self._memory = LocalMemory(max_entries, max_age)  # the rules of what it keeps
         self._live = asyncio.Event()
+        self._token = ""  # the last event's resume token: where a new stream resumes
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -146,7 +150,7 @@ class LocalCache:
         """Read a key: from memory if held and fresh (and at least *min_version*,
         see `AsyncClient.get`), else from the server (then held)."""
         k = (namespace, key)
-        held = self._memory.get(k)
+        held = self._memory.get(k) if self._live.is_set() else None
         if held is not None and held.version >= min_version:
             return held
         reading, value = self._memory.begin(k), None
@@ -197,9 +201,12 @@ class LocalCache:
             self._memory.invalidate((namespace, key), 0)
 
     def _apply(self, event: WatchEvent) -> None:
+        self._token = event.resume_token or self._token
         if event.kind is WatchEventKind.RESET:
             self._blind()  # the stream restarts: events may have been missed
             self._live.set()
+        elif event.kind is WatchEventKind.RESUMED:
+            self._live.set()  # every event missed while the stream was down is applied
         elif event.kind is WatchEventKind.INVALIDATION and event.all_keys:
             self._memory.drop_namespace(event.namespace)
         elif event.kind is WatchEventKind.INVALIDATION:
@@ -208,14 +215,24 @@ class LocalCache:
     def _blind(self) -> None:
         """Forget everything and serve nothing from memory: events may be missed."""
         self._live.clear()
+        self._token = ""
         self._memory.forget_all()
+
+    def _pause(self) -> None:
+        """Serve nothing from memory until the events missed meanwhile are
+        replayed (RESUMED); keep what is held. Without a resume token: `_blind`."""
+        if not self._token:
+            self._blind()
+        self._live.clear()
 
     async def _watch(self) -> None:
         """Keep a Watch stream open, restarting it with backoff; stopped by cancellation."""
         backoff = 0.05
         while True:
             try:
-                async with self._client.watch(sorted(self._namespaces)) as events:
+                async with self._client.watch(
+                    sorted(self._namespaces), resume_token=self._token
+                ) as events:
                     while True:
                         async with asyncio.timeout(self._silence):
                             event = await anext(events)
@@ -228,6 +245,6 @@ class LocalCache:
                 log.warning("cachecoord watch stream lost (%r); reads bypass the local cache", err)
             except Exception:  # e.g. the client was closed first: keep trying, never die
                 log.exception("cachecoord watch stream failed; reads bypass the local cache")
-            self._blind()
+            self._pause()
             await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, self._max_backoff)

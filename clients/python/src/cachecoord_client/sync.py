@@ -401,6 +401,8 @@ class Client:
         key_prefix: str = "",
         timeout: float | None = None,
         resume: bool = False,
+        replay: bool = False,
+        resume_token: str = "",
     ) -> WatchStream:
         """Stream the invalidation events of some namespaces, to keep a local cache coherent.
 
@@ -437,6 +439,16 @@ class Client:
                 missed until the new stream is up), then the new stream's own
                 RESET. Unavailable is raised only when no new stream could be
                 opened for `WATCH_RESUME_FOR` seconds.
+            replay: With ``resume``, open the new stream from the last
+                event's resume token instead: an INTERRUPTED event comes at
+                once (stop serving what you cached, but keep it), then the
+                events missed meanwhile, replayed from the server's
+                invalidation log, then RESUMED; or a RESET (``too_old``) when
+                the log no longer reaches back that far.
+            resume_token: Start from this position (a `WatchEvent`'s
+                ``resume_token``, of a stream of the same namespaces): the
+                events after it come first, then RESUMED; or a RESET
+                (``too_old``). Empty: start now, with RESET (``subscribed``).
 
         Returns:
             An iterator of `WatchEvent`, and a context manager
@@ -450,12 +462,15 @@ class Client:
         or another CacheCoordError when the call fails (Unavailable when the
         server goes away).
         """
-        request = _convert.watch_request(namespaces, key_prefix)
+        request = _convert.watch_request(namespaces, key_prefix, resume_token)
+
+        def open_call(token: str) -> WatchCall:
+            request.resume_token = token
+            return self._stub.Watch(request, timeout=timeout, metadata=self._metadata)
+
         if resume:
-            return _ResumingWatchStream(
-                lambda: self._stub.Watch(request, timeout=timeout, metadata=self._metadata)
-            )
-        return WatchStream(self._stub.Watch(request, timeout=timeout, metadata=self._metadata))
+            return _ResumingWatchStream(open_call, replay=replay, token=resume_token)
+        return WatchStream(open_call(resume_token))
 
     @contextlib.contextmanager
     def hold_lock(
@@ -531,11 +546,14 @@ WATCH_RESUME_FOR = 10.0
 
 
 class _ResumingWatchStream(WatchStream):
-    """A Watch that opens a new stream when its stream breaks (``resume=True``)."""
+    """A Watch that opens a new stream when its stream breaks (``resume=True``);
+    with *replay*, from the last resume token it received."""
 
-    def __init__(self, open_call: Callable[[], WatchCall]) -> None:
-        super().__init__(open_call())
+    def __init__(self, open_call: Callable[[str], WatchCall], *, replay: bool, token: str) -> None:
+        super().__init__(open_call(token))
         self._open_call = open_call
+        self._replay = replay
+        self._token = token
         self._stopped = False
         self._broken_since: float | None = None
         self._retry_in = _convert.RESUME_RETRY_FIRST
@@ -550,8 +568,7 @@ class _ResumingWatchStream(WatchStream):
                 now = time.monotonic()
                 if self._broken_since is None:  # it just broke: tell the consumer at once
                     self._broken_since = now
-                    self._reopen()
-                    return WatchEvent(kind=WatchEventKind.RESET, reason="reconnecting")
+                    return self._interrupted()
                 if now - self._broken_since > WATCH_RESUME_FOR:
                     raise
                 time.sleep(self._retry_in)
@@ -563,17 +580,27 @@ class _ResumingWatchStream(WatchStream):
                     raise
                 # The server ended the stream (it is shutting down): as a break.
                 self._broken_since = time.monotonic()
-                self._reopen()
-                return WatchEvent(kind=WatchEventKind.RESET, reason="reconnecting")
+                return self._interrupted()
             self._broken_since = None
             self._retry_in = _convert.RESUME_RETRY_FIRST
+            self._token = event.resume_token or self._token
             return event
+
+    def _interrupted(self) -> WatchEvent:
+        """Open a new stream, and say what the consumer must do meanwhile."""
+        if self._replay and self._token:
+            event = WatchEvent(kind=WatchEventKind.INTERRUPTED, resume_token=self._token)
+        else:
+            self._token = ""  # the consumer drops everything: start afresh
+            event = WatchEvent(kind=WatchEventKind.RESET, reason="reconnecting")
+        self._reopen()
+        return event
 
     def _reopen(self) -> None:
         self._call.cancel()
         if self._stopped:
             return
-        self._call = self._open_call()
+        self._call = self._open_call(self._token)
         self._responses = iter(self._call)
         self._closed = False
 

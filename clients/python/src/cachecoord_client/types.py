@@ -181,15 +181,23 @@ class WatchEventKind(StrEnum):
     """Events may have been missed: drop everything cached from the watched namespaces."""
     HEARTBEAT = "heartbeat"
     """Nothing happened for a while; the stream is alive."""
+    RESUMED = "resumed"
+    """The stream continued from a resume token: every event since that token
+    came before this one (``replayed`` of them); the stream is live again."""
+    INTERRUPTED = "interrupted"
+    """``watch(resume=True, replay=True)`` only: the stream broke and is being
+    opened again from the last resume token. Events are late until RESUMED (or
+    a RESET, if the server's log no longer reaches back): don't serve from
+    what you cached until then, but keep it."""
 
 
 @dataclass(frozen=True, slots=True)
 class WatchEvent:
     """One event of a ``watch`` stream.
 
-    Only an INVALIDATION fills ``namespace`` to ``origin``; a RESET carries
-    only ``reason``; a HEARTBEAT carries nothing. Unused fields hold their
-    zero values.
+    Only an INVALIDATION fills ``namespace`` to ``tag``; a RESET carries
+    ``reason``, a RESUMED ``replayed``. Every event from the server carries
+    ``resume_token``. Unused fields hold their zero values.
 
     Attributes:
         kind: What the event says.
@@ -203,10 +211,17 @@ class WatchEvent:
             write-behind write; the key moved to a higher version holding
             PostgreSQL's row). RESET: ``subscribed`` (the first event of every
             stream), ``resubscribed`` (the server lost its own subscription),
-            ``overflow`` (this client read too slowly) or, with
-            ``watch(resume=True)``, ``reconnecting`` (the stream broke and is
-            being opened again).
+            ``overflow`` (this client read too slowly), ``too_old`` (the
+            resume token is older than the server's invalidation log reaches
+            back) or, with ``watch(resume=True)``, ``reconnecting`` (the
+            stream broke and is being opened again).
         origin: The cachecoord instance that made the change.
+        tag: Set when every entry carrying this tag was invalidated
+            (``invalidate_tags``); ``all_keys`` is then True as well, for
+            clients that do not know tags.
+        replayed: RESUMED: how many events were replayed from the log.
+        resume_token: The stream's position after this event: pass it to
+            ``watch(resume_token=...)`` to continue from here. Opaque.
     """
 
     kind: WatchEventKind
@@ -216,3 +231,6 @@ class WatchEvent:
     version: int = 0
     reason: str = ""
     origin: str = ""
+    tag: str = ""
+    replayed: int = 0
+    resume_token: str = ""
