@@ -280,29 +280,43 @@ async def test_reset_flushes_everything(
             assert gets[key] == 3, "read from the server again after the RESET"
 
 
-async def test_a_lost_stream_bypasses_memory_until_the_watch_is_back(
-    app: App, gets: Counter[str], key: str
+async def test_a_lost_stream_bypasses_memory_until_the_watch_has_resumed_then_keeps_it(
+    app: App, gets: Counter[str], key: str, writer: AsyncClient
 ) -> None:
+    kept, changed = f"{key}-kept", f"{key}-changed"
     async with (
         CuttableLink(app.port) as link,
         AsyncClient(f"127.0.0.1:{link.port}", options=FAST_RECONNECT) as client,
         LocalCache(client, namespaces=["blobs"], max_backoff=0.2) as local,
     ):
-        await local.put("blobs", key, b"v")
-        # A Get in flight when the Put's own event arrives is not kept: read
-        # until one is.
-        await poll(lambda: local.get("blobs", key), lambda _: len(local) == 1, within=2)
-        assert len(local) == 1
-        before = gets[key]
+        for held, k in enumerate((kept, changed), start=1):
+            await local.put("blobs", k, b"v1")
+
+            def read(k: str = k) -> Awaitable[Value]:
+                return local.get("blobs", k)
+
+            def is_held(_: Value, n: int = held) -> bool:
+                return len(local) == n
+
+            # A Get in flight when the Put's own event arrives is not kept:
+            # read until one is.
+            await poll(read, is_held, within=2)
+        assert len(local) == 2
+        before = gets[kept]
 
         link.cut()  # the stream breaks
 
-        assert await until(lambda: not local.watching and len(local) == 0)
+        assert await until(lambda: not local.watching)
+        assert len(local) == 2, "memory is kept while the stream is down"
         with pytest.raises(Unavailable):
-            await local.get("blobs", key)  # not from memory: nobody would evict it
+            await local.get("blobs", kept)  # not from memory: an event may be late
+        # Changed on another instance while this client cannot hear of it.
+        version = await writer.put("blobs", changed, b"v2")
         link.restore()
         assert await until(lambda: local.watching)
-        served = [await local.get("blobs", key) for _ in range(3)]
+        served = [await local.get("blobs", kept) for _ in range(3)]
+        fresh = await local.get("blobs", changed)
 
-    assert {v.value for v in served} == {b"v"}
-    assert gets[key] == before + 1, "read once after the cut; then from memory again"
+    assert {v.value for v in served} == {b"v1"}
+    assert gets[kept] == before, "served from the memory kept across the cut"
+    assert (fresh.value, fresh.version) == (b"v2", version), "the replayed event evicted it"
