@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -154,7 +155,7 @@ class App:
                 [strategy.on_message, *handlers],
                 on_suspend=strategy.on_suspend,
                 on_resume=strategy.on_resume,
-                on_lost=[strategy.on_reset, watch_hub.reset(name)],
+                on_lost=[strategy.on_reset, functools.partial(watch_hub.reset, name)],
             )
             watch_hub.add_source(name, feed)
             bus.on(strategy.channel, _decoded(feed.receive))

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -104,7 +104,12 @@ class Backlog:
         self._events[-1].passed.append(advance)
         return True
 
-    def take(self) -> tuple[WatchEvent, list[Advance]] | None:
+    def take(self) -> WatchEvent | None:
+        """The oldest event not read yet, if any."""
+        taken = self.take_with_passed()
+        return None if taken is None else taken[0]
+
+    def take_with_passed(self) -> tuple[WatchEvent, list[Advance]] | None:
         """The oldest event not read yet, and the changes passed after it, if any."""
         if not self._events:
             return None
@@ -202,7 +207,7 @@ class Watcher:
             event = await self._next_replayed()
             if event is not None:
                 return event
-        while (taken := self._backlog.take()) is None:
+        while (taken := self._backlog.take_with_passed()) is None:
             self._ready.clear()
             try:
                 await asyncio.wait_for(self._ready.wait(), heartbeat)
@@ -317,18 +322,14 @@ class WatchHub:
         for watcher in self._by_namespace.get(change.namespace, ()):
             watcher.offer_change(change)
 
-    def reset(self, namespace: str) -> Callable[[], None]:
-        """A callback: this instance missed events of *namespace* that the
-        log could not replay; its watchers get RESET(resubscribed) and
-        continue from the instance's new positions."""
-
-        def reset() -> None:
-            positions = {namespace: self._positions(namespace)}
-            for watcher in self._by_namespace.get(namespace, ()):
-                watcher.move_to(positions)
-                watcher.offer(RESUBSCRIBED)
-
-        return reset
+    def reset(self, namespace: str) -> None:
+        """This instance missed events of *namespace* that the log could not
+        replay: its watchers get RESET(resubscribed) and continue from the
+        instance's new positions."""
+        positions = {namespace: self._positions(namespace)}
+        for watcher in self._by_namespace.get(namespace, ()):
+            watcher.move_to(positions)
+            watcher.offer(RESUBSCRIBED)
 
     def __len__(self) -> int:
         return len({w for watchers in self._by_namespace.values() for w in watchers})
