@@ -72,6 +72,7 @@ class App:
         self.flushers: list[Flusher] = []
         self.listener: ChangeListener | None = None
         self.bus: Bus | None = None
+        self.feeds: dict[str, Feed] = {}
         self._opened = AsyncExitStack()
 
     async def start(self) -> None:
@@ -157,6 +158,7 @@ class App:
                 on_resume=strategy.on_resume,
                 on_lost=[strategy.on_reset, functools.partial(watch_hub.reset, name)],
             )
+            self.feeds[name] = feed
             watch_hub.add_source(name, feed)
             bus.on(strategy.channel, _decoded(feed.receive))
             bus.on_drop(feed.suspend)
