@@ -47,7 +47,7 @@ class Stream:
 
     async def close(self) -> None:
         self._call.cancel()
-        await self._channel.close()
+        await self._channel.close(None)
 
 
 async def watch_from(app: App, ns: str, token: str = "") -> Stream:
@@ -66,7 +66,9 @@ def managed(ns: str, extra: str = "", strategy: str = "cache-aside") -> str:
     return f'[namespaces.{ns}]\nkind = "managed"\nstrategy = "{strategy}"\n{extra}'
 
 
-async def put_versions(client: AsyncClient, ns: str, keys: list[str], rounds: int) -> dict:
+async def put_versions(
+    client: AsyncClient, ns: str, keys: list[str], rounds: int
+) -> dict[str, list[int]]:
     """Put every key *rounds* times (keys concurrently, each key in order);
     the versions acknowledged, per key."""
     acknowledged: dict[str, list[int]] = defaultdict(list)

@@ -18,15 +18,25 @@ streams get RESET(resubscribed); it then takes the log's current positions.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 from cachecoord.invalidation.messages import Invalidation
 from cachecoord.invalidation.positions import NONE, is_newer, reaches_back
-from cachecoord.storage.invalidation_log import InvalidationLog
+from cachecoord.invalidation.replay import LogReader
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Invalidation], None]
+
+
+class Log(LogReader, Protocol):
+    """A namespace's log (storage/invalidation_log.py)."""
+
+    @property
+    def partitions(self) -> int: ...
+
+    def positions(self) -> Awaitable[list[str]]: ...
 
 
 class Feed:
@@ -35,7 +45,7 @@ class Feed:
     def __init__(
         self,
         namespace: str,
-        log: InvalidationLog,
+        log: Log,
         handlers: Sequence[Handler],
         *,
         on_suspend: Callable[[], None],
@@ -56,7 +66,7 @@ class Feed:
         return self._positions
 
     @property
-    def log(self) -> InvalidationLog:
+    def log(self) -> Log:
         return self._log
 
     def receive(self, message: Invalidation) -> None:
