@@ -145,8 +145,10 @@ class Watcher:
         self._sent = {name: list(positions[name]) for name in namespaces}
         self._replay: Replay | None = None
         self._replayed = 0
-        # Live events held while replaying (None: not replaying).
+        # Live events held while replaying (None: not replaying), and
+        # whether a RESET is among them (it ends the replay).
         self._stash: list[Invalidation | WatchEvent] | None = None
+        self._reset_held = False
 
     def wants(self, change: Invalidation) -> bool:
         # A whole-namespace invalidation (key None) concerns every prefix.
@@ -188,7 +190,9 @@ class Watcher:
         assert self._stash is not None
         if len(self._stash) >= self._max_backlog:
             self._stash = [OVERFLOW]
+            self._reset_held = True
         self._stash.append(item)
+        self._reset_held = self._reset_held or isinstance(item, WatchEvent)
 
     def start_replay(self, replay: Replay) -> None:
         """Send *replay*'s changes first; live events wait until it ends."""
@@ -232,12 +236,12 @@ class Watcher:
         replay = self._replay
         assert replay is not None
         while True:
-            if self._reset_held():
+            if self._reset_held:
                 # A RESET (resubscribed, overflow) while replaying covers it all.
                 self._end_replay()
                 return None
             change = await replay.next()
-            if self._reset_held():
+            if self._reset_held:
                 continue
             if change is None:
                 if replay.too_old:
@@ -254,11 +258,9 @@ class Watcher:
                 self._replayed += 1
                 return WatchEvent(EventKind.INVALIDATED, change)
 
-    def _reset_held(self) -> bool:
-        return any(isinstance(item, WatchEvent) for item in self._stash or ())
-
     def _end_replay(self) -> None:
         stash, self._stash, self._replay = self._stash or [], None, None
+        self._reset_held = False
         for item in stash:
             if isinstance(item, WatchEvent):
                 self.offer(item)
