@@ -94,10 +94,17 @@ class Feed:
                 lost = True
                 break
         if lost:
+            positioned = any(self._positions)  # else: the first subscription
             self._positions = list(await self._log.positions())
             for forget in self._on_lost:
                 forget()
             self._on_resume()
+            if positioned:
+                log.warning(
+                    "namespace %s: the invalidation log no longer reaches back to the last "
+                    "change applied here; near cache flushed, Watch streams reset",
+                    self.namespace,
+                )
             return -1
         replayed = 0
         for partition, position in enumerate(list(self._positions)):
@@ -110,4 +117,8 @@ class Feed:
                 self.receive(message.at_position(partition, entry.position))
                 replayed += 1
         self._on_resume()
+        if replayed:
+            log.info(
+                "namespace %s: replayed %d missed changes from its log", self.namespace, replayed
+            )
         return replayed
