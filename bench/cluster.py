@@ -170,7 +170,7 @@ class Cluster:
         One Redis: a blocking pool of *connections* (a burst waits for a free
         one). A cluster: ``redis.asyncio.cluster.RedisCluster``, which finds every
         node from one and sends each command to the primary of its key's slot
-        (cachecoord's keys carry a hash tag, e.g. ``cc:{<namespace>:<key>}``).
+        (cachecoord's keys carry a hash tag, e.g. ``cc:{<namespace>:<partition>}:v:<key>``).
         Its per-node pools cannot make a caller wait (a burst past their size
         fails with MaxConnectionsError), so they are not bounded."""
         if isinstance(self.redis, RedisCluster):

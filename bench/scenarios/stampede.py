@@ -56,6 +56,7 @@ from bench.cluster import AsyncRedis, Cluster
 from bench.harness import Options
 from bench.loadgen import use_uvloop
 from bench.naive import naive_cache_aside
+from cachecoord.storage.keys import KeySpace
 from cachecoord_client import AsyncClient, Layer
 
 INSTANCES = 3
@@ -271,8 +272,8 @@ async def _stampede(
     clients: list[AsyncClient], redis: AsyncRedis, loads: slow_rows.Loads, calls: int
 ) -> Burst:
     """Wait for the filled entry to expire in Redis, then the burst."""
-    # The entry's Redis key (design 3: cc:{<namespace>:<key>}) has PX = ttl.
-    name = f"cc:{{stampede:{KEY}}}"
+    # The entry's Redis key (storage/keys.py) has PX = ttl.
+    name = KeySpace("stampede").value(KEY)
     deadline = time.monotonic() + 30
     while await redis.exists(name):
         if time.monotonic() > deadline:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -30,6 +31,7 @@ from cachecoord.config import ConfigError, Invalidation, Settings, StrategyName
 from cachecoord.consistency import Observer
 from cachecoord.coordination.locks import Locks
 from cachecoord.invalidation.bus import Bus
+from cachecoord.invalidation.feed import Feed
 from cachecoord.invalidation.listener import ChangeListener
 from cachecoord.invalidation.messages import Invalidation as Message
 from cachecoord.invalidation.outbox import Outbox
@@ -41,6 +43,7 @@ from cachecoord.rpc.servicer import CacheCoordServicer
 from cachecoord.storage import eviction, keys, postgres
 from cachecoord.storage.breaker import CircuitBreaker
 from cachecoord.storage.consistency_log import ConsistencyLog
+from cachecoord.storage.invalidation_log import LogBounds
 from cachecoord.storage.keys import KeySpace
 from cachecoord.storage.lock_store import LockStore
 from cachecoord.storage.redis_store import EntryStore, connect
@@ -68,6 +71,8 @@ class App:
         self.cache: Cache | None = None
         self.flushers: list[Flusher] = []
         self.listener: ChangeListener | None = None
+        self.bus: Bus | None = None
+        self.feeds: dict[str, Feed] = {}
         self._opened = AsyncExitStack()
 
     async def start(self) -> None:
@@ -111,9 +116,12 @@ class App:
         stores = {
             name: EntryStore(
                 client,
-                KeySpace(name, classes[name].partitions(ns)),
+                KeySpace(
+                    name, classes[name].partitions(ns), write_behind=classes[name].write_behind
+                ),
                 generations=ns.invalidation is Invalidation.VERSION,
                 breaker=breaker,
+                log_bounds=LogBounds(ns.log_max_entries, ns.log_max_age),
             )
             for name, ns in settings.namespaces.items()
         }
@@ -127,7 +135,7 @@ class App:
         }
         opened.enter_context(_reporting_state(breaker, strategies))
         locks = Locks(LockStore(client, breaker=breaker))
-        bus = Bus(settings.redis.url, client=client)
+        self.bus = bus = Bus(settings.redis.url, client=client)
         bus.on(keys.LOCK_CHANNEL, lambda name: locks.on_release_notice(name.decode()))
         bus.on_reset(locks.wake_all)
         watch_hub = WatchHub(max_backlog=settings.server.watch_backlog)
@@ -141,10 +149,20 @@ class App:
             )
             opened.push_async_callback(observer.close)
             handlers.append(observer.saw)
-        for strategy in strategies.values():
-            bus.on(strategy.channel, _decoded(strategy.on_message, *handlers))
-            bus.on_reset(strategy.on_reset)
-        bus.on_reset(watch_hub.reset)
+        for name, strategy in strategies.items():
+            feed = Feed(
+                name,
+                strategy.log,
+                [strategy.on_message, *handlers],
+                on_suspend=strategy.on_suspend,
+                on_resume=strategy.on_resume,
+                on_lost=[strategy.on_reset, functools.partial(watch_hub.reset, name)],
+            )
+            self.feeds[name] = feed
+            watch_hub.add_source(name, feed)
+            bus.on(strategy.channel, _decoded(feed.receive))
+            bus.on_drop(feed.suspend)
+            bus.on_subscribed(feed.catch_up)
         self.cache = Cache(strategies, settings.server, watch_hub)
         servicer = CacheCoordServicer(
             self.cache,

@@ -10,6 +10,7 @@ from contextlib import AbstractAsyncContextManager
 from cachecoord import instruments, telemetry
 from cachecoord.config import ServerSettings
 from cachecoord.errors import InvalidArgument, NamespaceNotFound
+from cachecoord.invalidation import resume_token as resume_token_codec
 from cachecoord.invalidation.watch import Watcher, WatchHub
 from cachecoord.model import Deleted, Entry, Layer
 from cachecoord.strategies import Strategy
@@ -103,9 +104,11 @@ class Cache:
         return await strategy.invalidate(list(dict.fromkeys(keys)))
 
     def watch(
-        self, namespaces: Sequence[str], key_prefix: str
+        self, namespaces: Sequence[str], key_prefix: str, resume_token: str = ""
     ) -> AbstractAsyncContextManager[Watcher]:
-        """Subscribe to the invalidation events of *namespaces*."""
+        """Subscribe to the invalidation events of *namespaces* (from now, or
+        from *resume_token*, which must be one of a stream of the same
+        namespaces: else InvalidArgument)."""
         if not namespaces:
             raise InvalidArgument("give at least one namespace to watch")
         for name in namespaces:
@@ -115,7 +118,12 @@ class Cache:
                 f"key_prefix is longer than {self._limits.max_key_bytes} bytes "
                 "(server.max_key_bytes)"
             )
-        return self._watch_hub.watch(namespaces, key_prefix)
+        if resume_token:
+            try:
+                resume_token_codec.decode(resume_token, self._watch_hub.partitions(namespaces))
+            except resume_token_codec.InvalidToken as err:
+                raise InvalidArgument(str(err)) from None
+        return self._watch_hub.watch(namespaces, key_prefix, resume_token)
 
     @property
     def namespaces(self) -> list[str]:

@@ -25,6 +25,7 @@ import psycopg
 
 from cachecoord.config import ConfigError, NamespaceSettings, Settings, StrategyName
 from cachecoord.invalidation.messages import Invalidation
+from cachecoord.storage.invalidation_log import LogBounds
 from cachecoord.storage.keys import KeySpace
 from cachecoord.storage.queue_admin import DeadLetter, QueueAdmin
 from cachecoord.storage.redis_store import Client, EntryStore
@@ -92,7 +93,7 @@ def write_behind(settings: Settings, names: list[str]) -> dict[str, NamespaceSet
 
 
 def keyspace(ns: NamespaceSettings) -> KeySpace:
-    return KeySpace(ns.name, ns.partitions)
+    return KeySpace(ns.name, ns.partitions, write_behind=True)
 
 
 def _admin(client: RedisClient, ns: NamespaceSettings) -> QueueAdmin:
@@ -154,7 +155,12 @@ async def replay(
 ) -> list[Replayed]:
     """Write dead letters again as new writes (see the module docstring);
     replayed ones leave the dead-letter stream."""
-    entries = EntryStore(client, keyspace(ns), generations=False)
+    entries = EntryStore(
+        client,
+        keyspace(ns),
+        generations=False,
+        log_bounds=LogBounds(ns.log_max_entries, ns.log_max_age),
+    )
     admin, store = QueueAdmin(entries), WriteBehindStore(entries)
     origin = f"cli-{socket.gethostname()}-{os.getpid()}"
     found = {letter.id: letter for letter in await admin.dead_letters(ids, None)}

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 import redis
 
+from cachecoord.storage.keys import KeySpace
 from cachecoord_client import AsyncClient, Layer
 from local_servers import PostgresServer, RedisServer
 
@@ -114,7 +115,7 @@ async def test_ttl_expiry_reloads_from_database(
     r = redis.Redis.from_url(redis_server.url)
     try:
         for _ in range(100):
-            if not await asyncio.to_thread(r.exists, f"cc:{{short:{key}}}"):
+            if not await asyncio.to_thread(r.exists, KeySpace("short").value(key)):
                 break
             await asyncio.sleep(0.05)
     finally:

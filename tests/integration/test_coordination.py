@@ -29,6 +29,7 @@ from strategy_support import Start, instances, poll
 from cachecoord.app import App
 from cachecoord.model import Row
 from cachecoord.storage import envelope
+from cachecoord.storage.keys import KeySpace
 from cachecoord.storage.tables import Table
 from cachecoord.strategies import Strategy, reads
 from cachecoord_client import AsyncClient, Layer, Value
@@ -116,9 +117,9 @@ class HeldLoad:
 
 
 async def cached_raw(backend: Backend, namespace: str, key: str) -> bytes | None:
-    """The entry's envelope in Redis (design 3: ``cc:{<namespace>:<key>}``)."""
+    """The entry's envelope in Redis (storage/keys.py)."""
     async with backend.client() as client:
-        return cast("bytes | None", await client.get(f"cc:{{{namespace}:{key}}}"))
+        return cast("bytes | None", await client.get(KeySpace(namespace).value(key)))
 
 
 async def fresh_until_ms(backend: Backend, namespace: str, key: str) -> int:

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 from strategy_support import serving, unique_namespace
+from watch_support import cut_subscriptions
 
 from cachecoord.app import App, change_triggers
 from cachecoord.config import Duration
@@ -116,23 +117,54 @@ async def test_near_cache_entries_expire_after_near_cache_ttl(
         assert (await client.get(users, "1")).layer is Layer.REDIS
 
 
-async def test_killed_subscription_flushes_the_near_cache(
+async def test_killed_subscription_keeps_near_cache_entries_not_changed_meanwhile(
     start: Start, users: str, own_backend: Backend
 ) -> None:
     app, client = await start()
-    await client.get(users, "1")
+    _, writer = await start()
+    for user in ("1", "2"):
+        await client.get(users, user)
+        assert (await client.get(users, user)).layer is Layer.NEAR
+
+    async with cut_subscriptions(own_backend.kill_pubsub_connections, app):
+        # Changed while the instance cannot hear of it: never served from its
+        # near cache, neither now nor once it has caught up from the log.
+        await writer.put(users, "2", json.dumps({"name": "Changed While Away"}).encode())
+        assert await name_of(client, users, "2") == "Changed While Away"
+        # While it has not caught up, the near cache serves nothing.
+        assert (await client.get(users, "1")).layer is Layer.REDIS
+    assert app.bus is not None
+    await asyncio.wait_for(app.bus.subscribed.wait(), 5.0)
+    changed = await client.get(users, "2")
+    assert json.loads(changed.value)["name"] == "Changed While Away"
+    # Not changed: still in the near cache, served from it again.
     assert (await client.get(users, "1")).layer is Layer.NEAR
-    near = app.cache.strategy(users).reader.near if app.cache else None
-    assert near is not None
-    assert len(near) == 1
-    epoch = near.epoch
-    assert await own_backend.kill_pubsub_connections() >= 1
 
-    async def flushed() -> bool:
-        return near.epoch > epoch and len(near) == 0
 
-    assert await eventually(flushed)
-    assert (await client.get(users, "1")).layer is Layer.REDIS
+async def test_killed_subscription_flushes_the_near_cache_when_the_log_does_not_reach_back(
+    own_backend: Backend, users: str, tmp_path: Path
+) -> None:
+    # Every entry older than 1 ms is trimmed at each append: the write made
+    # while the instance is away removes the entry of its position.
+    short = NEAR.format(users=users) + 'log_partitions = 1\nlog_max_age = "1ms"\n'
+    async with (
+        serving(own_backend.settings(tmp_path, namespaces=short)) as (app, client),
+        serving(own_backend.settings(tmp_path, namespaces=short)) as (_, writer),
+    ):
+        await client.get(users, "1")
+        assert (await client.get(users, "1")).layer is Layer.NEAR
+        near = app.cache.strategy(users).reader.near if app.cache else None
+        assert near is not None
+        epoch = near.epoch
+        async with cut_subscriptions(own_backend.kill_pubsub_connections, app):
+            await asyncio.sleep(0.01)
+            await writer.put(users, "2", json.dumps({"name": "Rear Admiral Hopper"}).encode())
+            await writer.put(users, "3", json.dumps({"name": "Rear Admiral Hopper"}).encode())
+        assert app.bus is not None
+        await asyncio.wait_for(app.bus.subscribed.wait(), 5.0)
+        assert near.epoch > epoch
+        assert len(near) == 0
+        assert (await client.get(users, "1")).layer is Layer.REDIS
 
 
 async def test_update_in_sql_is_invalidated_while_instances_listen(

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 from strategy_support import FAST_RECONNECT, poll
-from watch_support import CuttableLink, instance, kill_pubsub_connections
+from watch_support import CuttableLink, cut_subscriptions, instance, kill_pubsub_connections
 
 from cachecoord.app import App
 from cachecoord.model import Entry
@@ -266,18 +267,59 @@ async def test_reset_flushes_everything(
     monkeypatch: pytest.MonkeyPatch,
     key: str,
 ) -> None:
-    async with instance(tmp_path, own_redis.url, own_database, "reset") as (app, client):
+    # The server sends RESET when it missed changes its invalidation log
+    # cannot replay: here every entry older than 1 ms is trimmed at each append.
+    log = 'log_partitions = 1\nlog_max_age = "1ms"\n'
+    namespaces = (
+        f'[namespaces.blobs]\nkind = "managed"\n{log}'
+        f'[namespaces.sessions]\nkind = "managed"\nstrategy = "write-through"\n{log}'
+    )
+    async with instance(tmp_path, own_redis.url, own_database, "reset", namespaces=namespaces) as (
+        app,
+        client,
+    ):
         gets = count_gets(app, monkeypatch)
         async with LocalCache(client, namespaces=["blobs", "sessions"]) as local:
             await local.get("blobs", key)
             await local.get("sessions", key)
             assert len(local) == 2
 
-            assert await kill_pubsub_connections(own_redis.url) >= 1
+            async with cut_subscriptions(partial(kill_pubsub_connections, own_redis.url), app):
+                await asyncio.sleep(0.01)
+                await client.invalidate("blobs", [f"{key}-1"])
+                await client.invalidate("blobs", [f"{key}-2"])
 
             assert await until(lambda: len(local) == 0)
             await local.get("blobs", key)
             assert gets[key] == 3, "read from the server again after the RESET"
+
+
+async def test_memory_is_kept_across_a_cut_server_subscription_the_log_replays(
+    own_redis: RedisServer,
+    own_database: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    key: str,
+) -> None:
+    url = own_redis.url
+    async with (
+        instance(tmp_path, url, own_database, "served") as (app, client),
+        instance(tmp_path, url, own_database, "writer") as (_, writer),
+    ):
+        gets = count_gets(app, monkeypatch)
+        async with LocalCache(client, namespaces=["blobs"]) as local:
+            await writer.put("blobs", f"{key}-kept", b"kept")
+            await writer.put("blobs", f"{key}-changed", b"old")
+            await local.get("blobs", f"{key}-kept")
+            await local.get("blobs", f"{key}-changed")
+            async with cut_subscriptions(partial(kill_pubsub_connections, url), app):
+                await writer.put("blobs", f"{key}-changed", b"new")
+            # The change is replayed from the log: that key is evicted...
+            assert await until(lambda: len(local) == 1)
+            assert (await local.get("blobs", f"{key}-changed")).value == b"new"
+            # ...and the other one still read from memory.
+            assert (await local.get("blobs", f"{key}-kept")).value == b"kept"
+            assert gets[f"{key}-kept"] == 1
 
 
 async def test_a_lost_stream_bypasses_memory_until_the_watch_has_resumed_then_keeps_it(

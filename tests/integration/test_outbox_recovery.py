@@ -19,6 +19,7 @@ from strategy_support import cached_value, named, poll, serving, unique_namespac
 
 from cachecoord.app import App
 from cachecoord.config import Settings
+from cachecoord.storage.keys import KeySpace
 from cachecoord.storage.postgres import RecordedWrite
 from cachecoord.strategies.cache_aside import CacheAside
 from cachecoord.strategies.write_through import WriteThrough
@@ -96,7 +97,7 @@ async def test_instance_dying_between_commit_and_cache_update_leaves_no_stale_re
 
     await die_after_commit(settings, namespace, key, strategy, monkeypatch)
     row = await committed_version(postgres_server.dsn, namespace, key)
-    stale = await cached_value(redis_server.url, f"cc:{{{namespace}:{key}}}")
+    stale = await cached_value(redis_server.url, KeySpace(namespace).value(key))
     pending = await outbox_rows(postgres_server.dsn, namespace, key)
     async with serving(named(settings, "recovered")) as (_, client):
         got = await poll(lambda: client.get(namespace, key), lambda g: g.value == b"new", within=8)

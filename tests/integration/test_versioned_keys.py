@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 from strategy_support import cached_value, redis_client, serving, unique_namespace
 
+from cachecoord.storage.keys import KeySpace
 from cachecoord_client import AsyncClient, Layer
 from conftest import settings_for
 from local_servers import PostgresServer, RedisServer
@@ -60,7 +61,7 @@ async def change_behind_cachecoord(dsn: str, namespace: str, key: str, value: by
 
 async def generation(url: str, namespace: str, key: str) -> int:
     async with redis_client(url) as client:
-        return int(await client.get(f"cc:{{{namespace}:{key}}}:gen") or 0)
+        return int(await client.get(KeySpace(namespace).generation(key)) or 0)
 
 
 @pytest.mark.parametrize(
@@ -91,7 +92,7 @@ async def test_invalidate_makes_the_old_entry_unreachable_but_leaves_it(
     assert (again.value, again.layer) == (b"changed", Layer.REDIS)
     assert (batch[0].value, batch[0].layer) == (b"changed", Layer.REDIS)
     # ...while the old entry itself is still in Redis, under the old generation.
-    old_key = f"cc:{{{namespace}:{key}}}:g{old}"
+    old_key = f"{KeySpace(namespace).value(key)}:g{old}"
     assert await cached_value(redis_server.url, old_key) == b"cached"
 
 

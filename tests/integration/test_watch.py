@@ -27,6 +27,7 @@ from strategy_support import unique_namespace
 from test_hold_lock import heap_in_use, settled_task_count
 from watch_support import (
     CuttableLink,
+    cut_subscriptions,
     instance,
     next_event,
     watchers,
@@ -129,43 +130,59 @@ async def test_a_watch_given_a_timeout_ends_with_deadline_exceeded(
             await next_event(events)
 
 
-async def test_cut_subscription_sends_reset_resubscribed_then_events_resume(
+async def test_cut_subscription_replays_what_was_missed_without_a_reset(
     own_backend: Backend, tmp_path: Path, key: str
 ) -> None:
     # A namespace of its own: on the cluster, own_backend is shared.
     ns = unique_namespace("watched")
+    config = f'[namespaces.{ns}]\nkind = "managed"\n'
+    url, dsn, cluster = own_backend.url, own_backend.dsn, own_backend.cluster
     async with (
-        instance(
-            tmp_path,
-            own_backend.url,
-            own_backend.dsn,
-            "watched",
-            cluster=own_backend.cluster,
-            namespaces=f'[namespaces.{ns}]\nkind = "managed"\n',
-        ) as (_, client),
+        instance(tmp_path, url, dsn, "watched", cluster=cluster, namespaces=config) as (
+            app,
+            client,
+        ),
+        instance(tmp_path, url, dsn, "writer", cluster=cluster, namespaces=config) as (_, writer),
         client.watch([ns], key_prefix=key) as events,
     ):
         assert await next_event(events) == SUBSCRIBED
+        async with cut_subscriptions(own_backend.kill_pubsub_connections, app):
+            # Made while the instance cannot hear of them: replayed from the log.
+            versions = [await writer.put(ns, f"{key}-{n}", b"while away") for n in range(3)]
+        got = [await next_event(events) for _ in versions]
+        # In order per key (per log partition), not across keys.
+        assert sorted((e.kind, e.key, e.version) for e in got) == [
+            (INVALIDATION, f"{key}-{n}", v) for n, v in enumerate(versions)
+        ]
+        version = await writer.put(ns, key, b"after the cut")
+        assert await next_event(events) == invalidation(key, version, "put", "writer", ns)
 
-        assert await own_backend.kill_pubsub_connections() >= 1
 
+async def test_cut_subscription_sends_reset_resubscribed_when_the_log_does_not_reach_back(
+    own_backend: Backend, tmp_path: Path, key: str
+) -> None:
+    ns = unique_namespace("watched")
+    # Every log entry older than 1 ms is trimmed at each append.
+    config = f'[namespaces.{ns}]\nkind = "managed"\nlog_partitions = 1\nlog_max_age = "1ms"\n'
+    url, dsn, cluster = own_backend.url, own_backend.dsn, own_backend.cluster
+    async with (
+        instance(tmp_path, url, dsn, "watched", cluster=cluster, namespaces=config) as (
+            app,
+            client,
+        ),
+        instance(tmp_path, url, dsn, "writer", cluster=cluster, namespaces=config) as (_, writer),
+        client.watch([ns], key_prefix=key) as events,
+    ):
+        assert await next_event(events) == SUBSCRIBED
+        async with cut_subscriptions(own_backend.kill_pubsub_connections, app):
+            await asyncio.sleep(0.01)
+            await writer.put(ns, f"{key}-1", b"while away")
+            await writer.put(ns, f"{key}-2", b"while away")
         assert await next_event(events) == WatchEvent(RESET, reason="resubscribed")
-
-        # Writes made before the instance has subscribed again are lost (a
-        # second RESET may say so): keep writing until one comes through.
-        async def keep_writing() -> None:
-            while True:
-                await client.put(ns, key, b"after the cut")
-                await asyncio.sleep(0.1)
-
-        writing = asyncio.create_task(keep_writing())
-        try:
-            while (event := await next_event(events)).kind is RESET:
-                assert event.reason == "resubscribed"
-        finally:
-            writing.cancel()
-    assert event == invalidation(key, event.version, "put", "watched", ns)
-    assert event.version > 0
+        assert app.bus is not None
+        await asyncio.wait_for(app.bus.subscribed.wait(), 5)
+        version = await writer.put(ns, key, b"after the cut")
+        assert await next_event(events) == invalidation(key, version, "put", "writer", ns)
 
 
 async def test_a_broken_connection_ends_the_stream_on_both_sides(backend_app: App) -> None:
@@ -246,13 +263,13 @@ async def test_slow_reader_costs_a_bounded_backlog_then_gets_reset_overflow_and_
     """
     backlog = 100
     peaks: dict[str, int] = {}
-    offer = Watcher.offer
+    offer = Watcher.offer_change
 
-    def measured_offer(watcher: Watcher, event: object) -> None:
-        offer(watcher, event)  # type: ignore[arg-type]
+    def measured_offer(watcher: Watcher, change: object) -> None:
+        offer(watcher, change)  # type: ignore[arg-type]
         peaks[watcher.key_prefix] = max(peaks.get(watcher.key_prefix, 0), watcher.backlog)
 
-    monkeypatch.setattr(Watcher, "offer", measured_offer)
+    monkeypatch.setattr(Watcher, "offer_change", measured_offer)
     padding = "p" * 200  # bigger events fill the window sooner
     async with (
         instance(

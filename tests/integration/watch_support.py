@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from strategy_support import named, serving
 
 from cachecoord.app import App
+from cachecoord.storage.subscription import Messages, Subscriber
 from cachecoord_client import AsyncClient, WatchEvent, WatchEventKind
 from conftest import NAMESPACES, settings_for
 
@@ -53,6 +54,34 @@ async def kill_pubsub_connections(redis_url: str) -> int:
         return int(await client.client_kill_filter(_type="pubsub"))
     finally:
         await client.aclose()
+
+
+@asynccontextmanager
+async def cut_subscriptions(kill: Callable[[], Awaitable[int]], *apps: App) -> AsyncIterator[None]:
+    """Cut the pub/sub connections (*kill*) and keep the instances of this
+    process (*apps* among them) from subscribing again until the block
+    ends; on entry, every app of *apps* has noticed the cut."""
+    gate = asyncio.Event()
+    original = Subscriber.subscribe
+
+    @asynccontextmanager
+    async def held(self: Subscriber, channels: Iterable[str]) -> AsyncIterator[Messages]:
+        await gate.wait()
+        async with original(self, channels) as messages:
+            yield messages
+
+    Subscriber.subscribe = held  # type: ignore[method-assign]
+    try:
+        assert await kill() >= 1
+        async with asyncio.timeout(5):
+            for app in apps:
+                assert app.bus is not None
+                while app.bus.subscribed.is_set():  # noqa: ASYNC110 (the bus has no event for it)
+                    await asyncio.sleep(0.01)
+        yield
+    finally:
+        Subscriber.subscribe = original  # type: ignore[method-assign]
+        gate.set()
 
 
 async def next_event(

@@ -623,3 +623,24 @@ def test_variables_shaped_unlike_service_links_are_still_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=var):
         load(write(tmp_path, MANAGED), {var: value})
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("log_partitions = 0", "log_partitions"),
+        ("log_partitions = 1025", "log_partitions"),
+        ("log_max_entries = 0", "log_max_entries"),
+        ('log_max_age = "0s"', "log_max_age"),
+    ],
+)
+def test_invalidation_log_bounds_are_checked_naming_the_key(
+    tmp_path: Path, line: str, key: str
+) -> None:
+    message = error_of(tmp_path, f'[namespaces.blobs]\nkind = "managed"\n{line}\n')
+    assert f"namespaces.blobs.{key}" in message
+
+
+def test_invalidation_log_defaults(tmp_path: Path) -> None:
+    ns = load_text(tmp_path, '[namespaces.blobs]\nkind = "managed"\n').namespaces["blobs"]
+    assert (ns.log_partitions, ns.log_max_entries, ns.log_max_age) == (8, 10_000, 600_000)

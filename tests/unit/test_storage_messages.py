@@ -33,6 +33,21 @@ def test_a_fill_notice_decodes_as_a_fill_notice_and_a_change_does_not() -> None:
     assert not isinstance(Invalidation.decode(change.encode()), FillNotice)
 
 
+def test_a_message_is_logged_without_a_position_and_published_with_the_one_its_script_adds() -> (
+    None
+):
+    message = Invalidation("users", "1", 7, "put", "host-1", at=1.25)
+    logged = message.encode()
+    # What ANNOUNCE (storage/scripts.py) publishes: the logged JSON, its last
+    # "}" replaced by the partition and position.
+    published = logged[:-1] + b',"partition":3,"position":"1796538143288-0"}'
+
+    assert b"position" not in logged
+    assert Invalidation.decode(logged).position == ""
+    assert Invalidation.decode(published) == message.at_position(3, "1796538143288-0")
+    assert Invalidation.decode(message.at_position(3, "1-0").encode()).position == "1-0"
+
+
 def test_jittered_ttls_stay_within_the_jitter_and_at_least_one_ms() -> None:
     random.seed(5)
     ttls = [jittered(1000, 0.1) for _ in range(1000)]

@@ -78,12 +78,20 @@ async def test_a_fill_notice_is_not_a_change(hub: WatchHub) -> None:
         assert await pending(watcher) == []
 
 
-async def test_a_dropped_subscription_resets_every_watcher_once(hub: WatchHub) -> None:
-    async with hub.watch(["ns", "other"], "") as both, hub.watch(["ns"], "") as one:
+async def test_events_the_log_cannot_replay_reset_every_watcher_of_the_namespace_once(
+    hub: WatchHub,
+) -> None:
+    async with (
+        hub.watch(["ns", "other"], "") as both,
+        hub.watch(["ns"], "") as one,
+        hub.watch(["other"], "") as other,
+    ):
         await pending(both)
         await pending(one)
+        await pending(other)
         hub.publish(change())
-        hub.reset()
+        hub.reset("ns")
+        assert await pending(other) == []
         hub.publish(change(version=2))  # covered by the RESET, not read yet
         assert await pending(both) == [RESUBSCRIBED]
         hub.publish(change(version=3))  # both has read its RESET; one has not
@@ -107,7 +115,7 @@ async def test_a_watcher_that_left_gets_nothing(hub: WatchHub) -> None:
     async with hub.watch(["ns"], "") as watcher:
         pass
     hub.publish(change())
-    hub.reset()
+    hub.reset("ns")
     assert watcher.backlog == 1  # only its SUBSCRIBED, never read
 
 

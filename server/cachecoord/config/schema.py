@@ -219,6 +219,20 @@ class NamespaceSettings:
         default=Duration(1_000), metadata=positive(when=_near_cache_on)
     )
     """Longest time a near-cache entry is served without asking Redis."""
+    log_partitions: int = field(
+        default=8, metadata=between(1, 1024, fix=lambda v: f"must be between 1 and 1024 (got {v})")
+    )
+    """Partitions of the invalidation log (and of the keys: each key belongs to
+    one, and on Redis Cluster they spread over shards). write-behind uses its
+    queue ``partitions`` instead."""
+    log_max_entries: int = field(
+        default=10_000,
+        metadata=between(1, 10_000_000, fix=lambda v: f"must be between 1 and 10000000 (got {v})"),
+    )
+    """Entries each log partition keeps at least (trimmed approximately,
+    ``MAXLEN ~``: up to about a hundred more)."""
+    log_max_age: Duration = field(default=Duration(600_000), metadata=positive())
+    """Entries of the log older than this are trimmed (at each append)."""
     flush_interval: Duration = field(default=Duration(100), metadata=positive(when=_write_behind))
     """write-behind: longest time a queued write waits before its flush starts."""
     flush_batch: int = field(default=500, metadata=_write_behind_between(1, 10_000))

@@ -2,17 +2,20 @@
 (storage/subscription.py).
 
 Pub/sub messages sent while a subscriber is disconnected are lost, so the bus
-never lets redis-py reconnect silently: every drop goes through ``on_reset``
-(listeners must assume they missed messages), then the bus resubscribes (on a
-Redis Cluster, on the next node) and calls ``on_reset`` again once
-subscribed.
+never lets redis-py reconnect silently: every drop goes through ``on_drop``
+and ``on_reset`` (listeners must assume they are missing messages), then the
+bus resubscribes (on a Redis Cluster, on the next node), calls ``on_reset``
+again once subscribed, and awaits every ``on_subscribed`` handler (which
+catch up from the invalidation log, feed.py) before it dispatches the
+messages received since. Before the first subscription, ``on_drop`` handlers
+are called too: nothing was received yet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from cachecoord import background
 from cachecoord.storage.errors import RedisError
@@ -39,6 +42,8 @@ class Bus(background.Component):
         self._subscriber = Subscriber(url, client)
         self._handlers: dict[str, Handler] = {}
         self._reset_handlers: list[Callable[[], None]] = []
+        self._drop_handlers: list[Callable[[], None]] = []
+        self._subscribed_handlers: list[Callable[[], Awaitable[object]]] = []
         self._reconnect_delay = reconnect_delay
         self._loop = background.Loop(self._run, name="cachecoord-bus")
         self.subscribed = asyncio.Event()
@@ -48,8 +53,18 @@ class Bus(background.Component):
         self._handlers[channel] = handler
 
     def on_reset(self, handler: Callable[[], None]) -> None:
-        """Call *handler* whenever messages may have been missed."""
+        """Call *handler* whenever messages may have been missed (when the
+        subscription drops, and again once subscribed)."""
         self._reset_handlers.append(handler)
+
+    def on_drop(self, handler: Callable[[], None]) -> None:
+        """Call *handler* when the subscription drops (and before the first)."""
+        self._drop_handlers.append(handler)
+
+    def on_subscribed(self, handler: Callable[[], Awaitable[object]]) -> None:
+        """Await *handler* after each subscription, before messages are
+        dispatched; if it raises RedisError, the bus subscribes again."""
+        self._subscribed_handlers.append(handler)
 
     async def open(self) -> None:
         """Subscribe (and keep resubscribing) in the background."""
@@ -62,6 +77,7 @@ class Bus(background.Component):
 
     async def _run(self) -> None:
         first = True
+        self._call(self._drop_handlers)
         while True:
             if not first:
                 await self._subscriber.next_node()
@@ -69,12 +85,15 @@ class Bus(background.Component):
             try:
                 async with self._subscriber.subscribe(self._handlers) as messages:
                     self._reset()
+                    for caught_up in self._subscribed_handlers:
+                        await caught_up()
                     self.subscribed.set()
                     await self._listen(messages)
             except (RedisError, OSError) as err:
                 log.warning("pub/sub connection lost (%s); resubscribing", err)
             finally:
                 self.subscribed.clear()
+                self._call(self._drop_handlers)
                 self._reset()
             await asyncio.sleep(self._reconnect_delay)
 
@@ -93,7 +112,11 @@ class Bus(background.Component):
                 log.exception("handler for %s failed", channel)
 
     def _reset(self) -> None:
-        for handler in self._reset_handlers:
+        self._call(self._reset_handlers)
+
+    @staticmethod
+    def _call(handlers: list[Callable[[], None]]) -> None:
+        for handler in handlers:
             try:
                 handler()
             except Exception:

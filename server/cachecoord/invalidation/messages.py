@@ -7,8 +7,11 @@ change created (0 when unknown, e.g. a plain Invalidate). ``origin`` is the
 instance that made the change, ``at`` when it published it (Unix time in
 seconds; absent or 0 when unknown): receivers measure the propagation delay
 from it (cachecoord.invalidation.propagation.duration), so it is only as
-good as the clocks of the hosts agree. Documented in the README; other
-programs may subscribe.
+good as the clocks of the hosts agree. A change (not a fill notice) also
+carries ``"partition": 3, "position": "1796538143288-0"``: the partition of
+the namespace's invalidation log it was appended to and its entry id there
+(storage/invalidation_log.py), added by the script that made the change.
+Documented in the README; other programs may subscribe.
 """
 
 from __future__ import annotations
@@ -26,16 +29,28 @@ class Invalidation:
     reason: str
     origin: str
     at: float = field(default_factory=time.time)
+    partition: int = -1
+    """The log partition the change was appended to (-1: not logged)."""
+    position: str = ""
+    """Its position there, a stream entry id ('' when not logged)."""
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        """The message as published, but without its partition and position
+        (the script that logs it adds them) unless it has them."""
+        data = asdict(self)
+        if not self.position:
+            del data["partition"], data["position"]
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    def at_position(self, partition: int, position: str) -> Invalidation:
+        return replace(self, partition=partition, position=position)
 
     def encode_around_version(self) -> tuple[bytes, bytes]:
         """The message in two parts, before and after its version: for a Redis
         script that numbers the write it announces (``head + version + tail``).
         A quote inside a JSON string is escaped, so the split cannot fall
         inside the key."""
-        head, _, tail = replace(self, version=0).encode().partition(b',"version":0,')
+        head, _, tail = replace(self, version=0, position="").encode().partition(b',"version":0,')
         return head + b',"version":', b"," + tail
 
     @classmethod
@@ -50,6 +65,8 @@ class Invalidation:
             reason=str(data.get("reason", "")),
             origin=str(data.get("origin", "")),
             at=float(data.get("at") or 0.0),
+            partition=int(data.get("partition", -1)),
+            position=str(data.get("position") or ""),
         )
 
 

@@ -1,9 +1,12 @@
 """The near cache: a small in-process LRU in front of Redis, per namespace.
 
-Entries are dropped by invalidation messages from any instance, expire after
-``near_cache_ttl`` whatever happens, and the whole cache is flushed whenever
-the pub/sub subscription drops (messages sent meanwhile are lost: Redis'
-client-side caching rule).
+Entries are dropped by invalidation messages from any instance and expire
+after ``near_cache_ttl`` whatever happens. When the pub/sub subscription
+drops (messages sent meanwhile are lost), the cache is *suspended*: it
+serves and keeps nothing, but holds its entries, until the instance has
+replayed what it missed from the invalidation log (feed.py), which evicts
+the keys that changed meanwhile; then it is *resumed*. Only when the log no
+longer reaches back is it flushed (Redis' client-side caching rule).
 
 What may be kept, and for how long:
 
@@ -57,11 +60,14 @@ class NearCache:
         # may keep its answer only if nothing concerning its key is newer than
         # the number it began at.
         self._seq = 0
-        self._flushed = 0  # the last flush or whole-namespace invalidation
+        self._flushed = 0  # the last flush, whole-namespace invalidation, suspension or resumption
+        self._suspended = False
         self._reading: Counter[str] = Counter()  # keys with a read in flight
         self._changed: dict[str, int] = {}  # their last invalidation
 
     def get(self, key: str) -> Entry | None:
+        if self._suspended:
+            return None
         item = self._entries.get(key)
         if item is None:
             return None
@@ -91,7 +97,7 @@ class NearCache:
         if not self._reading[key]:
             del self._reading[key]
             self._changed.pop(key, None)
-        if entry is None or read_at is None or entry.stale or missed > began:
+        if entry is None or read_at is None or entry.stale or missed > began or self._suspended:
             return
         ttl = self._max_ttl if entry.ttl_ms <= 0 else min(self._max_ttl, entry.ttl_ms / 1000)
         expires = read_at + ttl
@@ -123,6 +129,20 @@ class NearCache:
         self._seq += 1
         self._flushed = self._seq
         self._entries.clear()
+
+    def suspend(self) -> None:
+        """Invalidations may be missing until :meth:`resume`: serve nothing,
+        keep nothing (no read in flight either), but hold the entries."""
+        self._seq += 1
+        self._flushed = self._seq
+        self._suspended = True
+
+    def resume(self) -> None:
+        """Every invalidation missed meanwhile was applied: serve again. A
+        read that began before now keeps nothing."""
+        self._seq += 1
+        self._flushed = self._seq
+        self._suspended = False
 
     def __len__(self) -> int:
         return len(self._entries)

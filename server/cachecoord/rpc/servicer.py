@@ -156,10 +156,12 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
     # lock can interrupt whichever it is waiting on.
     @server_stream_rpc
     async def Watch(self, request: pb.WatchRequest, context: Context) -> None:  # type: ignore[override]
-        async with self.cache.watch(list(request.namespaces), request.key_prefix) as watcher:
+        async with self.cache.watch(
+            list(request.namespaces), request.key_prefix, request.resume_token
+        ) as watcher:
             while True:
                 event = await watcher.next(self.watch_heartbeat)
-                await context.write(_watch_response(event))
+                await context.write(_watch_response(event, watcher.resume_token))
 
     @stream_rpc
     async def HoldLock(  # type: ignore[override]
@@ -202,7 +204,7 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
             raise
 
 
-def _watch_response(event: WatchEvent) -> pb.WatchResponse:
+def _watch_response(event: WatchEvent, resume_token: str) -> pb.WatchResponse:
     change = event.change
     if event.kind is EventKind.INVALIDATED and change is not None:
         return pb.WatchResponse(
@@ -213,11 +215,16 @@ def _watch_response(event: WatchEvent) -> pb.WatchResponse:
                 version=change.version,
                 reason=change.reason,
                 origin=change.origin,
-            )
+            ),
+            resume_token=resume_token,
         )
     if event.kind is EventKind.RESET:
-        return pb.WatchResponse(reset=pb.Reset(reason=event.reason))
-    return pb.WatchResponse(heartbeat=pb.Heartbeat())
+        return pb.WatchResponse(reset=pb.Reset(reason=event.reason), resume_token=resume_token)
+    if event.kind is EventKind.RESUMED:
+        return pb.WatchResponse(
+            resumed=pb.Resumed(replayed=event.replayed), resume_token=resume_token
+        )
+    return pb.WatchResponse(heartbeat=pb.Heartbeat(), resume_token=resume_token)
 
 
 def _entry(entry: Entry) -> pb.Entry:

@@ -1,50 +1,75 @@
 """Redis key names.
 
-Every key of one cache entry shares a hash tag, so that each multi-key Lua
-script touches a single Redis Cluster slot:
+A namespace's keys are grouped into partitions, ``crc32(key) % partitions``,
+and every Redis key of a partition shares one hash tag, so that each Lua
+script (which touches one cache entry and its partition's invalidation log)
+stays on a single Redis Cluster slot:
 
-* cache-aside and write-through: ``cc:{<ns>:<key>}`` (value), ``...:lease``
-  and, with ``invalidation = "version"``, ``...:gen`` (the key's generation;
-  values live at ``...:g<generation>``);
-* write-behind: keys are grouped into partitions so that a value and the
-  queue (Redis Stream) it is written to share a slot:
-  ``cc:wb:{<ns>:<partition>}:v:<key>``, ``...:l:<key>`` and
-  ``cc:wb:{<ns>:<partition>}:queue``; per namespace, ``cc:wb:{<ns>}:dead``
-  (dead letters) and ``cc:wb:{<ns>}:errors`` (why entries were rejected).
+* cache-aside and write-through: ``cc:{<ns>:<p>}:v:<key>`` (value; with
+  ``invalidation = "version"``, the prefix of the values
+  ``...:v:<key>:g<generation>``), ``cc:{<ns>:<p>}:l:<key>`` (lease),
+  ``cc:{<ns>:<p>}:g:<key>`` (the key's generation), and the partition's
+  invalidation log (a Redis Stream) ``cc:{<ns>:<p>}:log``;
+* write-behind: its queue partitions are the log's partitions:
+  ``cc:wb:{<ns>:<p>}:v:<key>``, ``...:l:<key>``, the queue (Redis Stream)
+  ``cc:wb:{<ns>:<p>}:queue`` and the log ``cc:wb:{<ns>:<p>}:log``; per
+  namespace, ``cc:wb:{<ns>}:dead`` (dead letters) and ``cc:wb:{<ns>}:errors``
+  (why entries were rejected).
 
-Namespace names cannot contain ``:`` or ``{`` (config.NAME_RE), and the key
-is always last or followed by a fixed suffix, so distinct (namespace, key)
-pairs never share a Redis key, whatever bytes the key holds.
+Namespace names cannot contain ``:`` or ``{`` (config.NAME_RE) and a
+partition is digits, so the hash tag ends at the first ``}``; after it comes
+a fixed part (``:v:``, ``:l:``, ``:g:``, ``:queue``, ``:log``), and the key,
+when there is one, is last or followed by ``:g<digits>`` (whose last ``:g``
+is the one before the digits). So distinct (namespace, key) pairs never share
+a Redis key, whatever bytes the key holds, and no entry key is a log or a
+queue.
 """
 
 from __future__ import annotations
 
 import zlib
 
+LOG_PARTITIONS = 8
+"""The default number of log partitions of a namespace that is not write-behind."""
+
 
 class KeySpace:
     """The Redis names of one namespace."""
 
-    def __init__(self, namespace: str, partitions: int = 0) -> None:
+    def __init__(
+        self, namespace: str, partitions: int = LOG_PARTITIONS, *, write_behind: bool = False
+    ) -> None:
         self.namespace = namespace
         self.partitions = partitions
+        self.write_behind = write_behind
         self.channel = f"cc:inv:{namespace}"
+        self._prefix = "cc:wb:" if write_behind else "cc:"
 
     def partition(self, key: str) -> int:
         return zlib.crc32(key.encode()) % self.partitions
 
+    def _tag(self, partition: int) -> str:
+        return f"{self._prefix}{{{self.namespace}:{partition}}}"
+
     def value(self, key: str) -> str:
-        if self.partitions:
-            return f"cc:wb:{{{self.namespace}:{self.partition(key)}}}:v:{key}"
-        return f"cc:{{{self.namespace}:{key}}}"
+        return f"{self._tag(self.partition(key))}:v:{key}"
 
     def lease(self, key: str) -> str:
-        if self.partitions:
-            return f"cc:wb:{{{self.namespace}:{self.partition(key)}}}:l:{key}"
-        return f"cc:{{{self.namespace}:{key}}}:lease"
+        return f"{self._tag(self.partition(key))}:l:{key}"
 
     def generation(self, key: str) -> str:
-        return f"cc:{{{self.namespace}:{key}}}:gen"
+        return f"{self._tag(self.partition(key))}:g:{key}"
+
+    def log(self, key: str) -> str:
+        """The invalidation log of *key*'s partition."""
+        return self.log_of(self.partition(key))
+
+    def log_of(self, partition: int) -> str:
+        return f"{self._tag(partition)}:log"
+
+    @property
+    def logs(self) -> list[str]:
+        return [self.log_of(p) for p in range(self.partitions)]
 
     def queue(self, key: str) -> str:
         return self.queue_of(self.partition(key))
@@ -67,11 +92,11 @@ class KeySpace:
 
     @property
     def scan_patterns(self) -> list[str]:
-        """Globs matching every cached value and lease of the namespace (names
-        hold no glob characters), never its queues."""
-        if self.partitions:
+        """Globs matching every cached value, lease (and generation) of the
+        namespace (names hold no glob characters), never its queues or logs."""
+        if self.write_behind:
             return [f"cc:wb:{{{self.namespace}:*}}:[vl]:*"]
-        return [f"cc:{{{self.namespace}:*"]
+        return [f"cc:{{{self.namespace}:*}}:[vlg]:*"]
 
 
 def lock_key(name: str) -> str:

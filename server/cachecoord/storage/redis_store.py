@@ -1,8 +1,10 @@
 """Redis access for one namespace's cache entries: reads, leased fills,
 invalidation and version-guarded stores, as Lua scripts.
 
-Each script touches the keys of a single entry (one hash tag, see keys.py),
-so all of them stay valid on Redis Cluster. Scripts are registered once;
+Each script touches the keys of a single entry and its partition's
+invalidation log (one hash tag, see keys.py), so all of them stay valid on
+Redis Cluster. Every script that makes a change appends it to the log and
+publishes it (ANNOUNCE, invalidation_log.py). Scripts are registered once;
 redis-py sends them by SHA and reloads them on NOSCRIPT. With
 ``invalidation = "version"`` the entry lives under its key's current
 generation, and invalidating bumps the generation instead of deleting: old
@@ -24,6 +26,7 @@ from cachecoord.config import RedisSettings
 from cachecoord.storage.breaker import CircuitBreaker
 from cachecoord.storage.breaker import guarded as _guarded
 from cachecoord.storage.hot_path import REROUTE, HotPath, PipelinedRedis
+from cachecoord.storage.invalidation_log import InvalidationLog, LogBounds
 from cachecoord.storage.keys import KeySpace
 from cachecoord.storage.pipelined import Command
 from cachecoord.storage.scripts import (
@@ -112,12 +115,16 @@ class EntryStore:
         *,
         generations: bool,
         breaker: CircuitBreaker | None = None,
+        log_bounds: LogBounds | None = None,
     ) -> None:
         self.client = client
         self.cluster = isinstance(client, redis.RedisCluster)
         self.breaker = breaker or CircuitBreaker(failures=5, cooldown_ms=1000)
         self.keys = keyspace
         self.generations = generations
+        self.log = InvalidationLog(
+            client, keyspace, log_bounds or LogBounds(), breaker=self.breaker
+        )
         self._hot_path: HotPath | None = getattr(client, "hot_path", None)
         register = client.register_script
         self._drop_if_clean = register(DROP_IF_CLEAN)
@@ -143,6 +150,14 @@ class EntryStore:
         if self.generations:
             return [self.keys.generation(key), self.keys.lease(key)], [self.keys.value(key)]
         return [self.keys.value(key), self.keys.lease(key)], []
+
+    def _change_keys(self, key: str) -> tuple[list[str], list[Any]]:
+        """KEYS and leading ARGV of the scripts that change *key* (and announce it)."""
+        keys, args = self._entry_keys(key)
+        return [*keys, self.keys.log(key)], args
+
+    def _announce_args(self, key: str) -> list[int]:
+        return self.log.announce_args(self.keys.partition(key))
 
     async def get(self, key: str) -> bytes | None:
         if self.generations:
@@ -290,18 +305,30 @@ class EntryStore:
             return 0
         async with self.client.pipeline(transaction=False) as pipe:
             for key, message in messages.items():
-                keys, args = self._entry_keys(key)
+                keys, args = self._change_keys(key)
                 await queue_script(
-                    pipe, self._invalidate, keys, [*args, self.keys.channel, message]
+                    pipe,
+                    self._invalidate,
+                    keys,
+                    [*args, self.keys.channel, message, *self._announce_args(key)],
                 )
             return sum(int(n) for n in await pipe.execute())
 
     @_guarded
     async def store(self, key: str, envelope: bytes, px: int, version: int, message: bytes) -> bool:
         """Cache a freshly written value unless a newer version is already cached."""
-        keys, args = self._entry_keys(key)
+        keys, args = self._change_keys(key)
         stored = await self._store(
-            keys=keys, args=[*args, envelope, px, version, self.keys.channel, message]
+            keys=keys,
+            args=[
+                *args,
+                envelope,
+                px,
+                version,
+                self.keys.channel,
+                message,
+                *self._announce_args(key),
+            ],
         )
         return bool(stored)
 
@@ -363,8 +390,9 @@ class EntryStore:
     @_guarded
     async def drop_namespace(self, message: bytes) -> int:
         """Delete every cached entry of the namespace (SCAN, never KEYS) but
-        unflushed write-behind values and generation counters (no TTL), and publish.
-        On a cluster, scan_iter walks every primary in turn."""
+        unflushed write-behind values and generation counters (no TTL), then
+        announce *message* in every partition's log. On a cluster, scan_iter
+        walks every primary in turn."""
         dropped = 0
         for pattern in self.keys.scan_patterns:
             async for batch in _batches(self.client.scan_iter(match=pattern, count=1000)):
@@ -372,7 +400,7 @@ class EntryStore:
                     for name in batch:
                         await queue_script(pipe, self._drop_if_clean, [name], [])
                     dropped += sum(int(n) for n in await pipe.execute())
-        await self.client.publish(self.keys.channel, message)
+        await self.log.announce_all(message)
         return dropped
 
 

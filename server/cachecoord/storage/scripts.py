@@ -1,9 +1,11 @@
-"""The Lua scripts of cache entries (redis_store.py) and the one Lua helper
-that reads and writes the value envelope (envelope.py) for every script.
+"""The Lua scripts of cache entries (redis_store.py), the Lua helper that
+reads and writes the value envelope (envelope.py) for every script, and the
+one that announces a change (ANNOUNCE: its invalidation log, then pub/sub).
 
-Each script touches the keys of a single entry (one hash tag, see keys.py).
-In generation mode KEYS[1] is the key's generation counter and ARGV[1] the
-value key's prefix; the value key is ``<prefix>:g<generation>``.
+Each script touches the keys of a single entry and its partition's log (one
+hash tag, see keys.py). In generation mode KEYS[1] is the key's generation
+counter and ARGV[1] the value key's prefix; the value key is
+``<prefix>:g<generation>``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,25 @@ local function envelope_clean(raw)
 end
 """
 """Prepended to every script that looks inside a cached value."""
+
+ANNOUNCE = """
+-- A change: append its message to the partition's invalidation log (a Redis
+-- Stream, storage/invalidation_log.py), trimmed to about max_len entries
+-- (MAXLEN ~: whole nodes only, so it stays cheap) and exactly to max_age_ms
+-- (MINID, against the new entry's own clock), then publish the message with
+-- its partition and position (the entry id) added as its last two fields.
+-- The message is a JSON object: it ends with '}'. Returns the position.
+local function announce(log, channel, message, partition, max_len, max_age_ms)
+  local id = redis.call('XADD', log, 'MAXLEN', '~', max_len, '*', 'm', message)
+  local oldest = tonumber(string.match(id, '^(%d+)-')) - tonumber(max_age_ms)
+  if oldest > 0 then redis.call('XTRIM', log, 'MINID', string.format('%.0f', oldest)) end
+  redis.call('PUBLISH', channel, string.sub(message, 1, -2) .. ',"partition":' .. partition
+    .. ',"position":"' .. id .. '"}')
+  return id
+end
+"""
+"""Prepended to every script that makes a change. Its last three arguments
+(partition, max_len, max_age_ms) are InvalidationLog.announce_args()."""
 
 _VALUE_KEY = """
 local function value_key(gen_key, prefix)
@@ -124,24 +145,30 @@ return 1
 # tell every instance; atomically, so no reader sees one without the other.
 # A value without TTL is a write-behind value not yet flushed to PostgreSQL:
 # it is the newest version there is, and dropping it would lose it.
-# KEYS: value, lease. ARGV: channel, message. Returns how many values were dropped.
-INVALIDATE = """
+# KEYS: value, lease, log. ARGV: channel, message, partition, log max_len, log max_age_ms.
+# Returns how many values were dropped.
+INVALIDATE = (
+    ANNOUNCE
+    + """
 local dropped = 0
 if redis.call('PTTL', KEYS[1]) ~= -1 then dropped = redis.call('DEL', KEYS[1]) end
 redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[1], ARGV[2])
+announce(KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 return dropped
 """
+)
 
-# KEYS: generation, lease. ARGV: value key prefix, channel, message.
+# KEYS: generation, lease, log. ARGV: value key prefix, channel, message,
+# partition, log max_len, log max_age_ms.
 # Returns 1 if a value was retired (bumps the generation), else 0.
 INVALIDATE_GENERATION = (
     _VALUE_KEY
+    + ANNOUNCE
     + """
 local dropped = redis.call('EXISTS', value_key(KEYS[1], ARGV[1]))
 redis.call('INCR', KEYS[1])
 redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[2], ARGV[3])
+announce(KEYS[3], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 return dropped
 """
 )
@@ -156,26 +183,31 @@ return redis.call('DEL', KEYS[1])
 _STORE_BODY = """
 local current = redis.call('GET', target)
 redis.call('DEL', lease)
+announce(KEYS[3], ARGV[n + 3], ARGV[n + 4], ARGV[n + 5], ARGV[n + 6], ARGV[n + 7])
 if current then
   local version = envelope_version(current)
-  if version and version >= tonumber(ARGV[n + 2]) then
-    redis.call('PUBLISH', ARGV[n + 3], ARGV[n + 4])
-    return 0
-  end
+  if version and version >= tonumber(ARGV[n + 2]) then return 0 end
 end
 redis.call('SET', target, ARGV[n], 'PX', ARGV[n + 1])
-redis.call('PUBLISH', ARGV[n + 3], ARGV[n + 4])
 return 1
 """
 
-# KEYS: value, lease. ARGV: envelope, px, version, channel, message.
+# KEYS: value, lease, log. ARGV: envelope, px, version, channel, message,
+# partition, log max_len, log max_age_ms.
 # Returns 1 if stored, 0 if a newer version is cached (the message goes out either way).
-STORE = ENVELOPE + "local target, lease, n = KEYS[1], KEYS[2], 1\n" + _STORE_BODY
+STORE = ENVELOPE + ANNOUNCE + "local target, lease, n = KEYS[1], KEYS[2], 1\n" + _STORE_BODY
 
-# KEYS: generation, lease. ARGV: value key prefix, then as STORE. Returns as STORE.
+# KEYS: generation, lease, log. ARGV: value key prefix, then as STORE. Returns as STORE.
 STORE_GENERATION = (
     _VALUE_KEY
     + ENVELOPE
+    + ANNOUNCE
     + "local target, lease, n = value_key(KEYS[1], ARGV[1]), KEYS[2], 2\n"
     + _STORE_BODY
 )
+
+# A whole-namespace invalidation, announced in one partition's log (the
+# caller runs it for every partition).
+# KEYS: log. ARGV: channel, message, partition, log max_len, log max_age_ms.
+# Returns the position.
+ANNOUNCE_ALL = ANNOUNCE + "return announce(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])\n"

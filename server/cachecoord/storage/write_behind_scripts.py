@@ -1,13 +1,13 @@
 """The Lua scripts of write-behind namespaces (write_behind_store.py).
 
-KEYS of a key's value, lease and queue share one hash tag (the key's
-partition, see keys.py). Queued ("dirty") values carry an upper-case envelope
+KEYS of a key's value, lease, queue and invalidation log share one hash tag
+(the key's partition, see keys.py). Queued ("dirty") values carry an upper-case envelope
 tag and no TTL until flushed (SETTLE).
 """
 
 from __future__ import annotations
 
-from cachecoord.storage.scripts import ENVELOPE
+from cachecoord.storage.scripts import ANNOUNCE, ENVELOPE
 
 _WRITE_BODY = """
 local current = redis.call('GET', KEYS[1])
@@ -31,30 +31,32 @@ redis.call('SET', KEYS[1], envelope_dirty(version, fresh_until, ARGV[2], ARGV[1]
 redis.call('DEL', KEYS[2])
 redis.call('XADD', KEYS[3], '*', 'k', ARGV[7], 'v', version, 't', ARGV[2], 'p', ARGV[1],
   'c', ARGV[8])
-redis.call('PUBLISH', ARGV[5], ARGV[9] .. version .. ARGV[10])
+announce(KEYS[4], ARGV[5], ARGV[9] .. version .. ARGV[10], ARGV[11], ARGV[12], ARGV[13])
 return {1, tonumber(version)}
 """
 
 # Value, enqueue (XADD) and invalidation message in one script, so a Put is
 # acknowledged only when both the value and its queue entry exist.
-# KEYS: value, lease, queue. ARGV: payload, kind (v|n), expected version (-1:
-# none), queue bound, channel, fresh ms, key, traceparent of the Put (so the
-# flush span can link to it), message before and after its version.
+# KEYS: value, lease, queue, log. ARGV: payload, kind (v|n), expected version
+# (-1: none), queue bound, channel, fresh ms, key, traceparent of the Put (so
+# the flush span can link to it), message before and after its version,
+# partition, log max_len, log max_age_ms.
 # Returns {1, version} written, {0, current} version conflict, {-1, 0} queue
 # full, {-2, 0} not cached (the caller loads the key, then retries).
-WRITE = ENVELOPE + _WRITE_BODY
+WRITE = ENVELOPE + ANNOUNCE + _WRITE_BODY
 
 # WRITE, run only if the key is still at the version the dead lettering left
-# it at (ARGV[11]; an absent value passes: the caller checked PostgreSQL's
-# version). KEYS and ARGV 1-10 as WRITE.
+# it at (ARGV[14]; an absent value passes: the caller checked PostgreSQL's
+# version). KEYS and ARGV 1-13 as WRITE.
 # Returns as WRITE, or {0, current} when the key was written since.
 REPLAY = (
     ENVELOPE
+    + ANNOUNCE
     + """
 local head = redis.call('GET', KEYS[1])
 if head then
   local seen = envelope_version(head)
-  if seen ~= tonumber(ARGV[11]) then return {0, seen} end
+  if seen ~= tonumber(ARGV[14]) then return {0, seen} end
 end
 """
     + _WRITE_BODY
@@ -86,11 +88,13 @@ return 0
 # PostgreSQL's version of the key up to it), so it stays dirty (no TTL) until
 # PostgreSQL's version has caught up, and a compare-and-set against the
 # rejected version fails. Any in-flight fill is cancelled (lease deleted).
-# KEYS: value, lease, queue. ARGV: rejected version, kind (v|n), PostgreSQL's
-# row, fresh ms, channel, key, message before and after its version.
+# KEYS: value, lease, queue, log. ARGV: rejected version, kind (v|n),
+# PostgreSQL's row, fresh ms, channel, key, message before and after its
+# version, partition, log max_len, log max_age_ms.
 # Returns the new version, or 0 if a newer write replaced the rejected one.
 REVERT = (
     ENVELOPE
+    + ANNOUNCE
     + """
 local current = redis.call('GET', KEYS[1])
 local previous = tonumber(ARGV[1])
@@ -104,7 +108,7 @@ local fresh_until = string.format('%.0f', math.floor(clock / 1000) + tonumber(AR
 redis.call('SET', KEYS[1], envelope_dirty(version, fresh_until, ARGV[2], ARGV[3]))
 redis.call('DEL', KEYS[2])
 redis.call('XADD', KEYS[3], '*', 'k', ARGV[6], 'v', version, 't', 'r', 'p', '', 'c', '')
-redis.call('PUBLISH', ARGV[5], ARGV[7] .. version .. ARGV[8])
+announce(KEYS[4], ARGV[5], ARGV[7] .. version .. ARGV[8], ARGV[9], ARGV[10], ARGV[11])
 return tonumber(version)
 """
 )

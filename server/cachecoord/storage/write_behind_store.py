@@ -127,6 +127,9 @@ class WriteBehindStore:
     def queues(self) -> list[str]:
         return self._keys.queues
 
+    def _announce_args(self, key: str) -> list[int]:
+        return self._entries.log.announce_args(self._keys.partition(key))
+
     # -- writes --------------------------------------------------------------
 
     async def write(
@@ -150,7 +153,12 @@ class WriteBehindStore:
         script's connection. With *replay_of*, only if the key is still at
         that version (a dead letter's replay)."""
         head, tail = message.encode_around_version()
-        names = [self._keys.value(key), self._keys.lease(key), self._keys.queue(key)]
+        names = [
+            self._keys.value(key),
+            self._keys.lease(key),
+            self._keys.queue(key),
+            self._keys.log(key),
+        ]
         arguments: list[Any] = [
             payload,
             kind,
@@ -162,6 +170,7 @@ class WriteBehindStore:
             traceparent,
             head,
             tail,
+            *self._announce_args(key),
         ]
         script = self._write
         if replay_of is not None:
@@ -191,7 +200,12 @@ class WriteBehindStore:
         head, tail = message.encode_around_version()
         reverted = await self._entries.run(
             self._revert,
-            [self._keys.value(key), self._keys.lease(key), self._keys.queue(key)],
+            [
+                self._keys.value(key),
+                self._keys.lease(key),
+                self._keys.queue(key),
+                self._keys.log(key),
+            ],
             [
                 rejected_version,
                 "n" if row is None else "v",
@@ -201,6 +215,7 @@ class WriteBehindStore:
                 key,
                 head,
                 tail,
+                *self._announce_args(key),
             ],
         )
         return int(reverted)

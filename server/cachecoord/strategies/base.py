@@ -17,6 +17,7 @@ from cachecoord.invalidation.messages import FillNotice, Invalidation
 from cachecoord.invalidation.outbox import Outbox
 from cachecoord.model import Deleted, Entry
 from cachecoord.storage.errors import RedisError
+from cachecoord.storage.invalidation_log import InvalidationLog
 from cachecoord.storage.redis_store import EntryStore
 from cachecoord.storage.tables import Table
 from cachecoord.strategies.changes import Changes
@@ -125,8 +126,23 @@ class Strategy:
             self._reader.forget(message.key, message.version)
 
     def on_reset(self) -> None:
-        """Messages may have been missed: nothing held locally can be trusted."""
+        """Messages were missed: nothing held locally can be trusted."""
         self._reader.forget_all()
+
+    def on_suspend(self) -> None:
+        """Messages may be missing until :meth:`on_resume` (they are being
+        replayed from the invalidation log): hold, but do not serve, what is
+        held locally."""
+        self._reader.suspend()
+
+    def on_resume(self) -> None:
+        """The messages missed were applied (or :meth:`on_reset` was called)."""
+        self._reader.resume()
+
+    @property
+    def log(self) -> InvalidationLog:
+        """The namespace's invalidation log."""
+        return self._store.log
 
     # -- writes --------------------------------------------------------------
 
@@ -168,8 +184,10 @@ class StrategyKind:
     """How a strategy named in the configuration is built."""
 
     build: Callable[[NamespaceSettings, Table, EntryStore, Backends], Strategy]
-    partitions: Callable[[NamespaceSettings], int] = lambda settings: 0
-    """How many queue partitions the namespace's keys are grouped in (0: none)."""
+    partitions: Callable[[NamespaceSettings], int] = lambda settings: settings.log_partitions
+    """How many partitions the namespace's keys (and its invalidation log) are grouped in."""
+    write_behind: bool = False
+    """Its keys live beside its queues (keys.py)."""
 
     def __call__(
         self, settings: NamespaceSettings, table: Table, store: EntryStore, backends: Backends

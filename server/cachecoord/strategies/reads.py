@@ -298,6 +298,17 @@ class Reader:
         if self.near is not None:
             self.near.flush()
 
+    def suspend(self) -> None:
+        """Changes may be missing until :meth:`resume`: the near cache neither
+        serves nor keeps, but holds its entries."""
+        if self.near is not None:
+            self.near.suspend()
+
+    def resume(self) -> None:
+        """The changes missed were applied: the near cache serves again."""
+        if self.near is not None:
+            self.near.resume()
+
     def near_cache_size(self) -> int | None:
         """Entries in the near cache; None without one."""
         return None if self.near is None else len(self.near)

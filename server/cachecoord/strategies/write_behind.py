@@ -207,4 +207,6 @@ def build(
     )
 
 
-WRITE_BEHIND = StrategyKind(build, partitions=lambda settings: settings.partitions)
+WRITE_BEHIND = StrategyKind(
+    build, partitions=lambda settings: settings.partitions, write_behind=True
+)
