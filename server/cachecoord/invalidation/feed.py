@@ -7,7 +7,8 @@ the last change it applied. While the subscription is down the namespace's
 near cache is suspended (it serves and keeps nothing, but holds its
 entries). Once subscribed again, :meth:`Feed.catch_up` replays each
 partition's log after its position through the same handlers as live
-messages (strategy, then Watch), in order, then resumes the near cache. A
+messages (strategy, then Watch), merged by position (replay.py), then
+resumes the near cache. A
 change received twice (replayed, then live) is applied once: live messages
 at or before a partition's position are skipped. Only when the log no
 longer reaches back to a position (or the feed never had one) does it fall
@@ -23,7 +24,7 @@ from typing import Protocol
 
 from cachecoord.invalidation.messages import Invalidation
 from cachecoord.invalidation.positions import NONE, is_newer, reaches_back
-from cachecoord.invalidation.replay import LogReader
+from cachecoord.invalidation.replay import LogReader, changes_after, merged
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +108,13 @@ class Feed:
                 )
             return -1
         replayed = 0
-        for partition, position in enumerate(list(self._positions)):
-            async for entry in self._log.read_after(partition, position):
-                try:
-                    message = Invalidation.decode(entry.message)
-                except (ValueError, KeyError, TypeError):
-                    log.warning("ignoring a malformed log entry: %.200r", entry.message)
-                    continue
-                self.receive(message.at_position(partition, entry.position))
-                replayed += 1
+        partitions = [
+            changes_after(self._log, partition, position)
+            for partition, position in enumerate(self._positions)
+        ]
+        async for change in merged(partitions):
+            self.receive(change)
+            replayed += 1
         self._on_resume()
         if replayed:
             log.info(
