@@ -7,8 +7,11 @@ change created (0 when unknown, e.g. a plain Invalidate). ``origin`` is the
 instance that made the change, ``at`` when it published it (Unix time in
 seconds; absent or 0 when unknown): receivers measure the propagation delay
 from it (cachecoord.invalidation.propagation.duration), so it is only as
-good as the clocks of the hosts agree. Documented in the README; other
-programs may subscribe.
+good as the clocks of the hosts agree. InvalidateTags publishes one message
+per tag with ``"tag": "<tag>"``, ``key`` null and ``reason`` ``"tags"``: every
+entry carrying that tag was invalidated (not the whole namespace); other
+messages have no ``tag`` member. Documented in the README; other programs
+may subscribe.
 """
 
 from __future__ import annotations
@@ -26,9 +29,19 @@ class Invalidation:
     reason: str
     origin: str
     at: float = field(default_factory=time.time)
+    tag: str | None = None
+    """Set on InvalidateTags' messages (one per tag); *key* is then None."""
+
+    @property
+    def everything(self) -> bool:
+        """Whether the whole namespace was invalidated."""
+        return self.key is None and self.tag is None
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        fields = asdict(self)
+        if self.tag is None:
+            del fields["tag"]
+        return json.dumps(fields, separators=(",", ":")).encode()
 
     def encode_around_version(self) -> tuple[bytes, bytes]:
         """The message in two parts, before and after its version: for a Redis
@@ -50,11 +63,15 @@ class Invalidation:
             reason=str(data.get("reason", "")),
             origin=str(data.get("origin", "")),
             at=float(data.get("at") or 0.0),
+            tag=None if data.get("tag") is None else str(data["tag"]),
         )
 
 
 FILL = "fill"
 """The reason of a :class:`FillNotice`."""
+
+TAGS = "tags"
+"""The reason of InvalidateTags' messages."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,6 +88,7 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
                 request.expected_version if request.HasField("expected_version") else None
             ),
             ttl_ms=request.ttl_ms if request.HasField("ttl_ms") else None,
+            tags=list(request.tags),
         )
         return pb.PutResponse(version=version)
 
@@ -111,12 +112,12 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
         )
         return pb.InvalidateResponse(invalidated=count)
 
+    @rpc(_timeout)
     async def InvalidateTags(
         self, request: pb.InvalidateTagsRequest, context: Context
     ) -> pb.InvalidateTagsResponse:
-        # Being built (issue 21, item 4): answered UNIMPLEMENTED until then.
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "InvalidateTags is not built yet")
-        raise AssertionError("unreachable")
+        await self.cache.invalidate_tags(request.namespace, list(request.tags))
+        return pb.InvalidateTagsResponse()
 
     @rpc(_timeout)
     async def AcquireLock(
@@ -209,10 +210,11 @@ def _watch_response(event: WatchEvent) -> pb.WatchResponse:
             invalidation=pb.Invalidation(
                 namespace=change.namespace,
                 key=change.key or "",
-                all_keys=change.key is None,
+                all_keys=change.everything,
                 version=change.version,
                 reason=change.reason,
                 origin=change.origin,
+                tag=change.tag or "",
             )
         )
     if event.kind is EventKind.RESET:

@@ -12,6 +12,9 @@ script touches a single Redis Cluster slot:
   ``cc:wb:{<ns>:<partition>}:queue``; per namespace, ``cc:wb:{<ns>}:dead``
   (dead letters) and ``cc:wb:{<ns>}:errors`` (why entries were rejected).
 
+Per namespace, ``cc:tags:{<ns>}``: the hash of its tag clock and tag marks
+(InvalidateTags, see scripts.py INVALIDATE_TAGS).
+
 Namespace names cannot contain ``:`` or ``{`` (config.NAME_RE), and the key
 is always last or followed by a fixed suffix, so distinct (namespace, key)
 pairs never share a Redis key, whatever bytes the key holds.
@@ -66,6 +69,12 @@ class KeySpace:
         return f"cc:wb:{{{self.namespace}}}:errors"
 
     @property
+    def tags(self) -> str:
+        """A hash: '' -> the namespace's tag clock; tag -> the clock value at
+        which the tag was last invalidated."""
+        return f"cc:tags:{{{self.namespace}}}"
+
+    @property
     def scan_patterns(self) -> list[str]:
         """Globs matching every cached value and lease of the namespace (names
         hold no glob characters), never its queues."""
@@ -83,3 +92,6 @@ def fencing_key(name: str) -> str:
 
 
 LOCK_CHANNEL = "cc:locks"
+
+TAG_CLOCK = ""
+"""The field of the tag clock in KeySpace.tags (a tag is never empty)."""

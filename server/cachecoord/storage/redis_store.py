@@ -24,7 +24,7 @@ from cachecoord.config import RedisSettings
 from cachecoord.storage.breaker import CircuitBreaker
 from cachecoord.storage.breaker import guarded as _guarded
 from cachecoord.storage.hot_path import REROUTE, HotPath, PipelinedRedis
-from cachecoord.storage.keys import KeySpace
+from cachecoord.storage.keys import TAG_CLOCK, KeySpace
 from cachecoord.storage.pipelined import Command
 from cachecoord.storage.scripts import (
     DROP_IF_CLEAN,
@@ -33,6 +33,7 @@ from cachecoord.storage.scripts import (
     GET_GENERATION,
     INVALIDATE,
     INVALIDATE_GENERATION,
+    INVALIDATE_TAGS,
     LEASE,
     LEASE_GENERATION,
     STORE,
@@ -121,6 +122,7 @@ class EntryStore:
         self._hot_path: HotPath | None = getattr(client, "hot_path", None)
         register = client.register_script
         self._drop_if_clean = register(DROP_IF_CLEAN)
+        self._invalidate_tags = register(INVALIDATE_TAGS)
         self._get: Any = None
         if generations:
             self._get = register(GET_GENERATION)
@@ -193,6 +195,65 @@ class EntryStore:
             lambda _: self._get(keys=keys, args=args),
         )
         return cast("bytes | None", replies[0])
+
+    @_guarded
+    async def read(self, key: str) -> tuple[bytes | None, int]:
+        """*key*'s cached value and the namespace's tag clock, in one round
+        trip (pipelined; on a cluster, to both nodes at once)."""
+        keys, args = self._entry_keys(key)
+        tags = self.keys.tags
+        clock_read: Command = ("HGET", tags, TAG_CLOCK)
+        if self.generations:
+            value_read = self._script_command(self._get, keys, args)
+            route = keys[0]
+        else:
+            route = self.keys.value(key)
+            value_read = ("GET", route)
+        if self._hot_path is None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                if self.generations:
+                    await queue_script(pipe, self._get, keys, args)
+                else:
+                    pipe.get(route)
+                pipe.hget(tags, TAG_CLOCK)
+                raw, clock = await pipe.execute()
+        else:
+
+            def fallback(i: int) -> Awaitable[Any]:
+                if i == 1:
+                    return self.client.hget(tags, TAG_CLOCK)
+                if self.generations:
+                    return self._get(keys=keys, args=args)  # type: ignore[no-any-return]
+                return self.client.get(route)
+
+            raw, clock = await self._hot([route, tags], [value_read, clock_read], fallback)
+        return cast("bytes | None", raw), int(clock or 0)
+
+    async def read_many(self, key_list: Sequence[str]) -> tuple[list[bytes | None], int]:
+        """The cached values of *key_list* and the namespace's tag clock (read
+        just before them)."""
+        clock, raws = await asyncio.gather(self.tag_clock(), self.get_many(key_list))
+        return raws, clock
+
+    @_guarded
+    async def tag_clock(self) -> int:
+        """The namespace's tag clock (0: no tag was ever invalidated)."""
+        return int(await self.client.hget(self.keys.tags, TAG_CLOCK) or 0)
+
+    @_guarded
+    async def tag_marks(self, tags: Sequence[str]) -> list[int]:
+        """The clock value at which each of *tags* was last invalidated (0: never)."""
+        marks = await self.client.hmget(self.keys.tags, list(tags))
+        return [int(mark or 0) for mark in marks]
+
+    @_guarded
+    async def invalidate_tags(self, messages: dict[str, bytes]) -> int:
+        """Move the tag clock, mark each tag of ``tag -> message`` invalidated
+        at the new clock value, and publish each message; returns the clock."""
+        args: list[Any] = [self.keys.channel]
+        for tag, message in messages.items():
+            args += [tag, message]
+        return int(await self._invalidate_tags(keys=[self.keys.tags], args=args))
 
     @_guarded
     async def get_many(self, key_list: Sequence[str]) -> list[bytes | None]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 ENVELOPE = """
 -- The value envelope of storage/envelope.py:
--- <version>:<fresh_until_ms>:<load_ms>:<tag><payload>, tag v|n, V|N while dirty.
+-- <version>:<fresh_until_ms>:<load_ms>:<tag><payload>, tag v|n, V|N while dirty;
+-- t (T dirty) for a value with tags, whose payload starts with <clock>:<length>:<tags>.
 local function envelope_version(raw)
   return tonumber(string.match(raw, '^(%d+):'))
 end
@@ -179,3 +180,24 @@ STORE_GENERATION = (
     + "local target, lease, n = value_key(KEYS[1], ARGV[1]), KEYS[2], 2\n"
     + _STORE_BODY
 )
+
+# The tags of a namespace live in one hash (keys.py KeySpace.tags): field ''
+# (never a tag: tags are 1 to 128 bytes) is the tag clock, every other field
+# a tag -> the clock value at which it was last invalidated. One key, so an
+# eviction cannot take the marks and leave the clock (entries whose clock is
+# ahead of the namespace's then count as invalid, see strategies/tagging.py).
+# The clock moves to max(clock + 1, Redis time in µs): it keeps increasing
+# even after Redis lost the hash. One PUBLISH per tag, all from the line
+# below (the invalidation log of issue 21 item 2 is to take it over).
+# KEYS: the tags hash. ARGV: channel, then (tag, message) per tag.
+# Returns the new clock value.
+INVALIDATE_TAGS = """
+local now = redis.call('TIME')
+local micros = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local clock = math.max((tonumber(redis.call('HGET', KEYS[1], '')) or 0) + 1, micros)
+local stamp = string.format('%.0f', clock)
+redis.call('HSET', KEYS[1], '', stamp)
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], stamp) end
+for i = 3, #ARGV, 2 do redis.call('PUBLISH', ARGV[1], ARGV[i]) end
+return stamp
+"""

@@ -15,7 +15,7 @@ local previous, visible = 0, 0
 if current then
   local kind
   previous, kind = envelope_version_and_tag(current)
-  if kind == 'v' or kind == 'V' then visible = previous end
+  if kind ~= 'n' and kind ~= 'N' then visible = previous end
 end
 local expected = tonumber(ARGV[3])
 if expected >= 0 then

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry import propagate
@@ -20,7 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from cachecoord import telemetry
 from cachecoord.config import NamespaceSettings, QueueFull
-from cachecoord.errors import QueueFullError, Unavailable, VersionConflict
+from cachecoord.errors import InvalidArgument, QueueFullError, Unavailable, VersionConflict
 from cachecoord.model import Deleted
 from cachecoord.storage.errors import RedisError
 from cachecoord.storage.redis_store import EntryStore
@@ -71,8 +72,18 @@ class WriteBehind:
         )
 
     async def put(
-        self, key: str, value: bytes, expected_version: int | None, ttl_ms: int | None
+        self,
+        key: str,
+        value: bytes,
+        expected_version: int | None,
+        ttl_ms: int | None,
+        tags: Sequence[str] = (),
     ) -> int:
+        if tags:
+            raise InvalidArgument(
+                f"namespace {self._settings.name!r} is write-behind, which does not take "
+                "tags yet; send no tags, or use a cache-aside or write-through namespace"
+            )
         self._table.prepare(key, value)
         return await self._enqueue(key, value, "v", "put", expected_version, ttl_ms)
 
