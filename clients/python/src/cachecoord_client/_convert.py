@@ -151,10 +151,15 @@ def batch_get_request(
 
 
 def put_request(
-    namespace: str, key: str, value: bytes, expected_version: int | None, ttl_ms: int | None
+    namespace: str,
+    key: str,
+    value: bytes,
+    expected_version: int | None,
+    ttl_ms: int | None,
+    tags: Iterable[str] = (),
 ) -> pb.PutRequest:
     """Build a PutRequest; None leaves an optional field unset (0 is sent as 0)."""
-    request = pb.PutRequest(namespace=namespace, key=key, value=value)
+    request = pb.PutRequest(namespace=namespace, key=key, value=value, tags=_tags(tags))
     if expected_version is not None:
         request.expected_version = expected_version
     if ttl_ms is not None:
@@ -173,6 +178,17 @@ def delete_request(namespace: str, key: str, expected_version: int | None) -> pb
 def invalidate_request(namespace: str, keys: Iterable[str], all: bool) -> pb.InvalidateRequest:
     """Build an InvalidateRequest."""
     return pb.InvalidateRequest(namespace=namespace, keys=_keys(keys), all=all)
+
+
+def invalidate_tags_request(namespace: str, tags: Iterable[str]) -> pb.InvalidateTagsRequest:
+    """Build an InvalidateTagsRequest."""
+    return pb.InvalidateTagsRequest(namespace=namespace, tags=_tags(tags))
+
+
+def _tags(tags: Iterable[str]) -> list[str]:
+    if isinstance(tags, str | bytes):
+        raise TypeError("tags must be an iterable of str, not a single str or bytes")
+    return list(tags)
 
 
 def acquire_lock_request(name: str, ttl_ms: int, wait_timeout_ms: int) -> pb.AcquireLockRequest:
@@ -307,6 +323,7 @@ def to_watch_event(response: pb.WatchResponse) -> WatchEvent | None:
             version=inv.version,
             reason=inv.reason,
             origin=inv.origin,
+            tag=inv.tag,
         )
     if kind == "reset":
         return WatchEvent(kind=WatchEventKind.RESET, reason=response.reset.reason)

@@ -165,6 +165,7 @@ class LocalCache:
         *,
         expected_version: int | None = None,
         ttl_ms: int | None = None,
+        tags: Iterable[str] = (),
         timeout: float | None = None,
     ) -> int:
         """Write through the client (see `AsyncClient.put`); the key is dropped here at once."""
@@ -175,10 +176,21 @@ class LocalCache:
                 value,
                 expected_version=expected_version,
                 ttl_ms=ttl_ms,
+                tags=tags,
                 timeout=timeout,
             )
         finally:
             self._memory.invalidate((namespace, key), 0)  # failed writes may have happened too
+
+    async def invalidate_tags(
+        self, namespace: str, tags: Iterable[str], *, timeout: float | None = None
+    ) -> None:
+        """Invalidate tags through the client (see `AsyncClient.invalidate_tags`);
+        the namespace is dropped here at once (values are held without their tags)."""
+        try:
+            await self._client.invalidate_tags(namespace, tags, timeout=timeout)
+        finally:
+            self._memory.drop_namespace(namespace)
 
     async def delete(
         self,
@@ -200,7 +212,8 @@ class LocalCache:
         if event.kind is WatchEventKind.RESET:
             self._blind()  # the stream restarts: events may have been missed
             self._live.set()
-        elif event.kind is WatchEventKind.INVALIDATION and event.all_keys:
+        elif event.kind is WatchEventKind.INVALIDATION and (event.all_keys or event.tag):
+            # Values are held here without their tags: a tag drops the namespace.
             self._memory.drop_namespace(event.namespace)
         elif event.kind is WatchEventKind.INVALIDATION:
             self._memory.invalidate((event.namespace, event.key), event.version)

@@ -194,8 +194,10 @@ class WatchEvent:
     Attributes:
         kind: What the event says.
         namespace: Namespace of the changed key.
-        key: The changed key; empty when ``all_keys`` is True.
+        key: The changed key; empty when ``all_keys`` is True or ``tag`` is set.
         all_keys: True when every key of the namespace was invalidated.
+        tag: Set when every value carrying this tag was invalidated
+            (``invalidate_tags``, reason ``tags``); key is then empty.
         version: The version the change created; 0 when unknown (a plain
             invalidate), so a cached copy of any version is invalid.
         reason: INVALIDATION: ``put``, ``delete``, ``invalidate``,
@@ -216,3 +218,4 @@ class WatchEvent:
     version: int = 0
     reason: str = ""
     origin: str = ""
+    tag: str = ""
