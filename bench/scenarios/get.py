@@ -18,9 +18,10 @@ Phases, per run, after the echo floor:
   before the runs): each read also needs its tags' marks, read from Redis
   once per tag and clock value, then from the instance's memory.
 
-``get_hit_tagged_cpu_ratio`` and ``get_hit_tagged_moved_cpu_ratio`` are
-those phases' server CPU per call over the untagged Redis hit's, in the same
-run (``..._rps_ratio``: throughput); what untagged values pay for tags (the
+``get_hit_tagged_over_untagged_cpu_ratio`` and
+``get_hit_tagged_moved_over_untagged_cpu_ratio`` are those phases' server CPU
+per call over the untagged Redis hit's, in the same run (``..._rps_ratio``:
+throughput); what untagged values pay for tags (the
 tag clock read with every value) shows in ``get_hit_redis_cpu_us`` against
 the runs before tags (docs/benchmarks.md).
 
@@ -112,12 +113,9 @@ def run(options: Options) -> None:
             _measure_hits(harness, report, hot, "tagged", TAGGED, pb.LAYER_REDIS)
             _measure_hits(harness, report, hot, "moved", MOVED, pb.LAYER_REDIS)
     for phase in (TAGGED, MOVED):
-        report.result(
-            f"{phase.name}_cpu_ratio_to_untagged", report.paired(phase.name, HIT.name, cpu_us)
-        )
-        report.result(
-            f"{phase.name}_rps_ratio_to_untagged", report.paired(phase.name, HIT.name, rps)
-        )
+        over = f"{phase.name}_over_untagged"
+        report.result(f"{over}_cpu_ratio", report.paired(phase.name, HIT.name, cpu_us))
+        report.result(f"{over}_rps_ratio", report.paired(phase.name, HIT.name, rps))
     report.result("batchget_keys_per_s", BATCH * report.median(BATCH_GET.name, rps))
     report.result(
         "batchget_cpu_per_key_us", report.median(BATCH_GET.name, lambda s: s.cpu_us() / BATCH)

@@ -259,7 +259,7 @@ class NamespaceSettings:
         if self.kind is Kind.MANAGED:
             yield "tags", "only a mapped namespace derives tags from columns; a Put gives its tags"
         elif _write_behind(self):
-            yield "tags", "tags are not supported with write-behind yet; remove tags"
+            yield "tags", "tag templates are not supported with write-behind yet; remove tags"
         for text in self.tags:
             try:
                 TagTemplate.parse(text)

@@ -54,8 +54,24 @@ def encode(
 
 def tagged_payload(value: bytes, tags: Sequence[str], tag_clock: int) -> bytes:
     """What follows the tag ``t`` of a tagged value."""
+    return tag_prefix(tags, tag_clock) + value
+
+
+def tag_prefix(tags: Sequence[str], tag_clock: int) -> bytes:
+    """``<clock>:<length>:<tags as JSON>``, which starts a tagged value's payload
+    (empty without tags; write-behind queues it beside the value too)."""
+    if not tags:
+        return b""
     listed = json.dumps(list(tags), separators=(",", ":"), ensure_ascii=False).encode()
-    return b"%d:%d:" % (tag_clock, len(listed)) + listed + value
+    return b"%d:%d:" % (tag_clock, len(listed)) + listed
+
+
+def parse_tag_prefix(prefix: bytes) -> tuple[tuple[str, ...], int]:
+    """The tags and clock of a :func:`tag_prefix` (empty: none, 0)."""
+    if not prefix:
+        return (), 0
+    clock, _, listed = prefix.split(b":", 2)
+    return tuple(json.loads(listed)), int(clock)
 
 
 def decode(raw: bytes) -> Cached:

@@ -27,10 +27,12 @@ local now = redis.call('TIME')
 local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local version = string.format('%.0f', math.max(previous + 1, clock))
 local fresh_until = string.format('%.0f', math.floor(clock / 1000) + tonumber(ARGV[6]))
-redis.call('SET', KEYS[1], envelope_dirty(version, fresh_until, ARGV[2], ARGV[1]))
+local stored = ARGV[2]
+if ARGV[11] ~= '' and stored == 'v' then stored = 't' end
+redis.call('SET', KEYS[1], envelope_dirty(version, fresh_until, stored, ARGV[11] .. ARGV[1]))
 redis.call('DEL', KEYS[2])
 redis.call('XADD', KEYS[3], '*', 'k', ARGV[7], 'v', version, 't', ARGV[2], 'p', ARGV[1],
-  'c', ARGV[8])
+  'c', ARGV[8], 'g', ARGV[11])
 redis.call('PUBLISH', ARGV[5], ARGV[9] .. version .. ARGV[10])
 return {1, tonumber(version)}
 """
@@ -39,14 +41,15 @@ return {1, tonumber(version)}
 # acknowledged only when both the value and its queue entry exist.
 # KEYS: value, lease, queue. ARGV: payload, kind (v|n), expected version (-1:
 # none), queue bound, channel, fresh ms, key, traceparent of the Put (so the
-# flush span can link to it), message before and after its version.
+# flush span can link to it), message before and after its version, the
+# value's tag prefix (envelope.py tag_prefix; '' without tags: queued as 'g').
 # Returns {1, version} written, {0, current} version conflict, {-1, 0} queue
 # full, {-2, 0} not cached (the caller loads the key, then retries).
 WRITE = ENVELOPE + _WRITE_BODY
 
 # WRITE, run only if the key is still at the version the dead lettering left
-# it at (ARGV[11]; an absent value passes: the caller checked PostgreSQL's
-# version). KEYS and ARGV 1-10 as WRITE.
+# it at (ARGV[12]; an absent value passes: the caller checked PostgreSQL's
+# version). KEYS and ARGV 1-11 as WRITE.
 # Returns as WRITE, or {0, current} when the key was written since.
 REPLAY = (
     ENVELOPE
@@ -54,7 +57,7 @@ REPLAY = (
 local head = redis.call('GET', KEYS[1])
 if head then
   local seen = envelope_version(head)
-  if seen ~= tonumber(ARGV[11]) then return {0, seen} end
+  if seen ~= tonumber(ARGV[12]) then return {0, seen} end
 end
 """
     + _WRITE_BODY

@@ -336,7 +336,8 @@ class Flusher:
             if row.kind == "n":
                 await table.delete(conn, row.key)
                 continue
-            written = await table.write(conn, row.key, table.prepare(row.key, row.payload))
+            prepared = table.prepare(row.key, row.payload)
+            written = await table.write(conn, row.key, prepared, row.tags)
             if table.merges_rows:
                 stored[row.key] = written
 

@@ -352,8 +352,10 @@ class Reader:
 
     async def _valid(self, cached: Cached, clock: int) -> Cached | None:
         """*cached*, unless one of its tags was invalidated after it was read
-        (then None: a miss), the tag clock reading *clock*."""
-        if not cached.tags:
+        (then None: a miss), the tag clock reading *clock*. A write-behind
+        value not flushed yet stays: PostgreSQL is behind it (as Invalidate
+        never drops it); once flushed, its tags count."""
+        if not cached.tags or cached.dirty:
             return cached
         if await self._tag_marks.valid(cached.tags, cached.tag_clock, clock):
             return cached
@@ -438,15 +440,15 @@ class Reader:
                     tokens, self.settings.lease, even_if_cached=reload
                 )
         plan = plan_misses(keys, taken)
-        found, hidden = {}, []
+        found = {}
         for key, raw in plan.cached.items():
             try:
                 cached = await self._valid(envelope.decode(raw), clock)
             except RedisError:
                 cached = None
-            if cached is None:
-                hidden.append(key)  # filled meanwhile, and invalid: loaded, not filled
-            else:
+            # A value filled meanwhile whose tag was invalidated (or that
+            # cannot be checked) is loaded like the others, but not filled.
+            if cached is not None:
                 found[key] = Read(self._hit(key, cached)[0], mark, began)
         load = [key for key in keys if key not in found]
         if not load:

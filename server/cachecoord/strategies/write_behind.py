@@ -21,8 +21,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from cachecoord import telemetry
 from cachecoord.config import NamespaceSettings, QueueFull
-from cachecoord.errors import InvalidArgument, QueueFullError, Unavailable, VersionConflict
+from cachecoord.errors import QueueFullError, Unavailable, VersionConflict
 from cachecoord.model import Deleted
+from cachecoord.storage import envelope
 from cachecoord.storage.errors import RedisError
 from cachecoord.storage.redis_store import EntryStore
 from cachecoord.storage.tables import Table
@@ -79,13 +80,19 @@ class WriteBehind:
         ttl_ms: int | None,
         tags: Sequence[str] = (),
     ) -> int:
-        if tags:
-            raise InvalidArgument(
-                f"namespace {self._settings.name!r} is write-behind, which does not take "
-                "tags yet; send no tags, or use a cache-aside or write-through namespace"
-            )
         self._table.prepare(key, value)
-        return await self._enqueue(key, value, "v", "put", expected_version, ttl_ms)
+        prefix = b""
+        if tags:
+            # The clock before the write (strategies/tagging.py); if Redis
+            # cannot say, the write cannot be made either.
+            try:
+                clock = await self._reader.store.tag_clock()
+            except RedisError as err:
+                raise Unavailable(f"Redis is unavailable: {err}") from err
+            prefix = envelope.tag_prefix(tags, clock)
+        return await self._enqueue(
+            key, value, "v", "put", expected_version, ttl_ms, tags=tags, tag_prefix=prefix
+        )
 
     async def delete(self, key: str, expected_version: int | None) -> Deleted:
         existed = (await self._reader.get(key)).found
@@ -100,6 +107,9 @@ class WriteBehind:
         reason: str,
         expected_version: int | None,
         ttl_ms: int | None,
+        *,
+        tags: Sequence[str] = (),
+        tag_prefix: bytes = b"",
     ) -> int:
         for _ in range(_CAS_ATTEMPTS):
             expected = expected_version
@@ -114,7 +124,9 @@ class WriteBehind:
                     expected = current.version if current.found else 0
                 elif expected != (current.version if current.found else 0):
                     raise VersionConflict(key, expected, current.version if current.found else 0)
-            outcome = await self._run_write(key, payload, kind, reason, expected, ttl_ms)
+            outcome = await self._run_write(
+                key, payload, kind, reason, expected, ttl_ms, tag_prefix
+            )
             if outcome.status is WriteStatus.WRITTEN:
                 self._changes.made_here(key, outcome.version)
                 self._check_replicas(outcome.replicas)
@@ -124,7 +136,7 @@ class WriteBehind:
                     raise VersionConflict(key, expected_version, outcome.version)
                 continue  # a concurrent merge won; merge again
             if outcome.status is WriteStatus.QUEUE_FULL:
-                return await self._queue_full(key, value, kind, expected_version, ttl_ms)
+                return await self._queue_full(key, value, kind, expected_version, ttl_ms, tags)
             await self._reader.get(key)  # not cached: load it, then compare again
         raise Unavailable(f"key {key!r} is written too often concurrently; retry")
 
@@ -136,6 +148,7 @@ class WriteBehind:
         reason: str,
         expected: int | None,
         ttl_ms: int | None,
+        tag_prefix: bytes,
     ) -> WriteOutcome:
         """Write and queue; with wait_replicas, WAIT for them and report how
         many acknowledged."""
@@ -150,6 +163,7 @@ class WriteBehind:
                 message=self._changes.message(key, 0, reason),
                 traceparent=_traceparent(),
                 wait_replicas=self._settings.wait_replicas,
+                tag_prefix=tag_prefix,
             )
         except RedisError as err:
             raise Unavailable(
@@ -163,6 +177,7 @@ class WriteBehind:
         kind: str,
         expected_version: int | None,
         ttl_ms: int | None,
+        tags: Sequence[str] = (),
     ) -> int:
         if self._settings.on_queue_full is QueueFull.REJECT or expected_version is not None:
             raise QueueFullError(
@@ -174,7 +189,7 @@ class WriteBehind:
         floor = time.time_ns() // 1000
         if kind == "n":
             return (await self._overflow.delete(key, None, floor=floor)).version
-        return await self._overflow.put(key, value, None, ttl_ms, floor=floor)
+        return await self._overflow.put(key, value, None, ttl_ms, tags, floor=floor)
 
     def _merged(self, key: str, current: bytes | None, patch: bytes) -> bytes:
         row: dict[str, Any] = {} if current is None else json.loads(current)
