@@ -48,6 +48,13 @@ strategy = "write-through"
 near_cache_entries = 100
 near_cache_ttl = "60s"
 
+[namespaces.{ver}]
+kind = "managed"
+strategy = "cache-aside"
+invalidation = "version"
+near_cache_entries = 100
+near_cache_ttl = "60s"
+
 [namespaces.{bare}]
 kind = "managed"
 strategy = "write-through"
@@ -71,7 +78,7 @@ Start = Callable[[], Awaitable[tuple[App, AsyncClient]]]
 
 @pytest.fixture
 def names() -> dict[str, str]:
-    return {n: unique_namespace(n) for n in ("ca", "wt", "bare", "users", "queued")}
+    return {n: unique_namespace(n) for n in ("ca", "wt", "ver", "bare", "users", "queued")}
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -114,7 +121,7 @@ async def values(clients: Sequence[AsyncClient], namespace: str, key: str) -> li
     return [(await c.get(namespace, key)).value for c in clients]
 
 
-@pytest.mark.parametrize("strategy", ["ca", "wt"])
+@pytest.mark.parametrize("strategy", ["ca", "wt", "ver"])
 async def test_invalidate_tags_hides_tagged_values_on_every_instance_and_keeps_the_others(
     start: Start, own_backend: Backend, names: dict[str, str], strategy: str
 ) -> None:
@@ -336,7 +343,7 @@ async def test_a_tag_template_naming_an_unknown_column_stops_start_up(
     own_backend: Backend, tmp_path: Path
 ) -> None:
     namespaces = NAMESPACES.format(
-        ca="a", wt="b", bare="c", users=unique_namespace("users"), queued="q"
+        ca="a", wt="b", ver="v", bare="c", users=unique_namespace("users"), queued="q"
     ).replace("karma:{karma}", "tenant:{tenant_id}")
     with pytest.raises(ConfigError) as refused:
         async with serving(own_backend.settings(tmp_path, namespaces=namespaces)):

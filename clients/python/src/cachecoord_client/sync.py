@@ -241,7 +241,7 @@ class Client:
             ttl_ms: Cache time to live for this write; None or 0 uses the namespace's.
             tags: Tags of the value (0 to 16, each 1 to 128 bytes of UTF-8), for
                 :meth:`invalidate_tags`; not for mapped namespaces (their
-                configuration derives tags from columns) nor write-behind ones.
+                configuration derives tags from columns).
             timeout: Deadline in seconds; None uses ``default_timeout``.
 
         Returns:
