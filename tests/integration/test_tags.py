@@ -26,6 +26,7 @@ from watch_support import next_event
 from cachecoord.app import App
 from cachecoord.config import ConfigError
 from cachecoord.model import Row
+from cachecoord.storage.keys import KeySpace
 from cachecoord_client import (
     AsyncClient,
     InvalidArgument,
@@ -167,6 +168,26 @@ async def test_redis_hides_tagged_values_at_once_for_every_instance(
     assert await values(clients, ns, "a") == [b"a2", b"a2"]
     assert [(await c.get(ns, "a")).layer for c in clients] == [Layer.REDIS, Layer.REDIS]
     assert await values(clients, ns, "u") == [b"u1", b"u1"]
+
+
+@pytest.mark.parametrize("lost", ["marks", "clock"])
+async def test_tag_state_lost_by_redis_hides_tagged_values_rather_than_resurrect_them(
+    start: Start, own_backend: Backend, names: dict[str, str], lost: str
+) -> None:
+    """Eviction (under allkeys-*) or a flush may take the marks hash or the
+    clock: a tagged value then counts as invalid, never as valid again."""
+    ns = names["bare"]
+    _, client = await start()
+    await client.put(ns, "a", b"a1", tags=["t"])
+    await client.put(ns, "u", b"u1")
+    await behind_the_back(own_backend.dsn, ns, "a", b"a2")
+    await behind_the_back(own_backend.dsn, ns, "u", b"u2")
+    await client.invalidate_tags(ns, ["t"])
+    keys = KeySpace(ns)
+    async with own_backend.client() as redis:
+        await redis.delete(keys.tags if lost == "marks" else keys.tag_clock)
+    assert await values([client], ns, "a") == [b"a2"]
+    assert await values([client], ns, "u") == [b"u1"]  # untagged: untouched
 
 
 @pytest.mark.parametrize("strategy", ["ca", "wt"])

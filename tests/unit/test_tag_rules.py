@@ -76,9 +76,9 @@ class Marks:
         self.marks = marks
         self.reads: list[list[str]] = []
 
-    async def __call__(self, tags: Sequence[str]) -> list[int]:
+    async def __call__(self, tags: Sequence[str]) -> tuple[int, list[int]]:
         self.reads.append(list(tags))
-        return [self.marks.get(tag, 0) for tag in tags]
+        return self.marks.get("", 99), [self.marks.get(tag, 0) for tag in tags]
 
 
 def test_marks_are_read_once_per_clock_value_and_again_when_it_moves() -> None:
@@ -95,6 +95,14 @@ def test_marks_are_read_once_per_clock_value_and_again_when_it_moves() -> None:
 
     assert asyncio.run(scenario()) == [False, True, True, True]
     assert redis.reads == [["a"], ["a"], ["b"]]
+
+
+def test_marks_that_redis_lost_hide_the_value_and_are_not_kept() -> None:
+    redis = Marks({"": 0})  # the hash's copy of the clock is gone
+    kept = TagMarks(redis)
+    assert asyncio.run(kept.valid(["a"], 6, 7)) is False
+    assert asyncio.run(kept.valid(["a"], 6, 7)) is False
+    assert redis.reads == [["a"], ["a"]]
 
 
 def test_forgotten_marks_are_read_again() -> None:

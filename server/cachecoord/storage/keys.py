@@ -12,8 +12,8 @@ script touches a single Redis Cluster slot:
   ``cc:wb:{<ns>:<partition>}:queue``; per namespace, ``cc:wb:{<ns>}:dead``
   (dead letters) and ``cc:wb:{<ns>}:errors`` (why entries were rejected).
 
-Per namespace, ``cc:tags:{<ns>}``: the hash of its tag clock and tag marks
-(InvalidateTags, see scripts.py INVALIDATE_TAGS).
+Per namespace, ``cc:tags:{<ns>}:clock``, its tag clock, and ``cc:tags:{<ns>}``,
+the hash of its tag marks (InvalidateTags, see scripts.py INVALIDATE_TAGS).
 
 Namespace names cannot contain ``:`` or ``{`` (config.NAME_RE), and the key
 is always last or followed by a fixed suffix, so distinct (namespace, key)
@@ -69,9 +69,14 @@ class KeySpace:
         return f"cc:wb:{{{self.namespace}}}:errors"
 
     @property
+    def tag_clock(self) -> str:
+        """The namespace's tag clock (a number; read with every value)."""
+        return f"cc:tags:{{{self.namespace}}}:clock"
+
+    @property
     def tags(self) -> str:
-        """A hash: '' -> the namespace's tag clock; tag -> the clock value at
-        which the tag was last invalidated."""
+        """A hash: tag -> the clock value at which the tag was last
+        invalidated; '' -> the clock as the hash last saw it."""
         return f"cc:tags:{{{self.namespace}}}"
 
     @property
@@ -94,4 +99,5 @@ def fencing_key(name: str) -> str:
 LOCK_CHANNEL = "cc:locks"
 
 TAG_CLOCK = ""
-"""The field of the tag clock in KeySpace.tags (a tag is never empty)."""
+"""The field of KeySpace.tags that mirrors the tag clock (a tag is never
+empty): marks read with it are known to be the marks of that clock."""

@@ -34,6 +34,7 @@ from cachecoord.storage.scripts import (
     INVALIDATE,
     INVALIDATE_GENERATION,
     INVALIDATE_TAGS,
+    START_TAG_CLOCK,
     LEASE,
     LEASE_GENERATION,
     STORE,
@@ -123,6 +124,7 @@ class EntryStore:
         register = client.register_script
         self._drop_if_clean = register(DROP_IF_CLEAN)
         self._invalidate_tags = register(INVALIDATE_TAGS)
+        self._start_tag_clock = register(START_TAG_CLOCK)
         self._get: Any = None
         if generations:
             self._get = register(GET_GENERATION)
@@ -199,56 +201,45 @@ class EntryStore:
     @_guarded
     async def read(self, key: str) -> tuple[bytes | None, int]:
         """*key*'s cached value and the namespace's tag clock, in one round
-        trip (pipelined; on a cluster, to both nodes at once)."""
-        keys, args = self._entry_keys(key)
-        tags = self.keys.tags
-        clock_read: Command = ("HGET", tags, TAG_CLOCK)
-        if self.generations:
-            value_read = self._script_command(self._get, keys, args)
-            route = keys[0]
-        else:
-            route = self.keys.value(key)
-            value_read = ("GET", route)
+        trip: one MGET on a single Redis; on a cluster (other slots) or with
+        generations (a script), two pipelined commands."""
+        clock_key = self.keys.tag_clock
         if self._hot_path is None:
-            async with self.client.pipeline(transaction=False) as pipe:
-                if self.generations:
-                    await queue_script(pipe, self._get, keys, args)
-                else:
-                    pipe.get(route)
-                pipe.hget(tags, TAG_CLOCK)
-                raw, clock = await pipe.execute()
-        else:
-
-            def fallback(i: int) -> Awaitable[Any]:
-                if i == 1:
-                    return self.client.hget(tags, TAG_CLOCK)
-                if self.generations:
-                    return self._get(keys=keys, args=args)  # type: ignore[no-any-return]
-                return self.client.get(route)
-
-            raw, clock = await self._hot([route, tags], [value_read, clock_read], fallback)
-        return cast("bytes | None", raw), int(clock or 0)
+            raws, clock = await self._read_many_plain([key])
+            return raws[0], clock
+        if not self.generations and not self.cluster:
+            name = self.keys.value(key)
+            replies = await self._hot(
+                [name], [("MGET", name, clock_key)], lambda _: self.client.mget(name, clock_key)
+            )
+            raw, clock = replies[0]
+            return raw, int(clock or 0)
+        raws, clock = await self._read_many_hot([key])
+        return raws[0], clock
 
     async def read_many(self, key_list: Sequence[str]) -> tuple[list[bytes | None], int]:
         """The cached values of *key_list* and the namespace's tag clock, in
         one round trip where the hot path serves them (one per node)."""
         if self._hot_path is None or not key_list:
-            clock, raws = await asyncio.gather(self.tag_clock(), self.get_many(key_list))
-            return raws, clock
+            return await self._read_many_plain(key_list)
         return await self._read_many_hot(key_list)
+
+    async def _read_many_plain(self, key_list: Sequence[str]) -> tuple[list[bytes | None], int]:
+        clock, raws = await asyncio.gather(self.tag_clock(), self.get_many(key_list))
+        return raws, clock
 
     @_guarded
     async def _read_many_hot(self, key_list: Sequence[str]) -> tuple[list[bytes | None], int]:
-        tags = self.keys.tags
-        clock_read: Command = ("HGET", tags, TAG_CLOCK)
+        clock_key = self.keys.tag_clock
         names = [self.keys.value(k) for k in key_list]
         if not self.generations and not self.cluster:
             replies = await self._hot(
-                [names[0], tags],
-                [("MGET", *names), clock_read],
-                lambda i: self.client.mget(names) if i == 0 else self.client.hget(tags, TAG_CLOCK),
+                names[:1],
+                [("MGET", *names, clock_key)],
+                lambda _: self.client.mget(*names, clock_key),
             )
-            return cast("list[bytes | None]", replies[0]), int(replies[1] or 0)
+            *raws, clock = replies[0]
+            return raws, int(clock or 0)
         if self.generations:
             calls = [self._entry_keys(key) for key in key_list]
             routes = [keys[0] for keys, _ in calls]
@@ -266,22 +257,31 @@ class EntryStore:
 
         last = len(commands)
         replies = await self._hot(
-            [*routes, tags],
-            [*commands, clock_read],
-            lambda i: self.client.hget(tags, TAG_CLOCK) if i == last else fetch(i),
+            [*routes, clock_key],
+            [*commands, ("GET", clock_key)],
+            lambda i: self.client.get(clock_key) if i == last else fetch(i),
         )
         return cast("list[bytes | None]", replies[:last]), int(replies[last] or 0)
 
     @_guarded
     async def tag_clock(self) -> int:
         """The namespace's tag clock (0: no tag was ever invalidated)."""
-        return int(await self.client.hget(self.keys.tags, TAG_CLOCK) or 0)
+        return int(await self.client.get(self.keys.tag_clock) or 0)
 
     @_guarded
-    async def tag_marks(self, tags: Sequence[str]) -> list[int]:
-        """The clock value at which each of *tags* was last invalidated (0: never)."""
-        marks = await self.client.hmget(self.keys.tags, list(tags))
-        return [int(mark or 0) for mark in marks]
+    async def started_tag_clock(self) -> int:
+        """The namespace's tag clock, started if it is not there (see
+        START_TAG_CLOCK): what a value about to be read or written records."""
+        keys = [self.keys.tag_clock, self.keys.tags]
+        return int(await self._start_tag_clock(keys=keys, args=[]))
+
+    @_guarded
+    async def tag_marks(self, tags: Sequence[str]) -> tuple[int, list[int]]:
+        """The tag clock as the marks hash last saw it, and the clock value at
+        which each of *tags* was last invalidated (0: never)."""
+        marks = await self.client.hmget(self.keys.tags, [TAG_CLOCK, *tags])
+        recorded, *rest = (int(mark or 0) for mark in marks)
+        return recorded, rest
 
     @_guarded
     async def invalidate_tags(self, messages: dict[str, bytes]) -> int:
@@ -290,7 +290,8 @@ class EntryStore:
         args: list[Any] = [self.keys.channel]
         for tag, message in messages.items():
             args += [tag, message]
-        return int(await self._invalidate_tags(keys=[self.keys.tags], args=args))
+        keys = [self.keys.tag_clock, self.keys.tags]
+        return int(await self._invalidate_tags(keys=keys, args=args))
 
     @_guarded
     async def get_many(self, key_list: Sequence[str]) -> list[bytes | None]:

@@ -181,23 +181,47 @@ STORE_GENERATION = (
     + _STORE_BODY
 )
 
-# The tags of a namespace live in one hash (keys.py KeySpace.tags): field ''
-# (never a tag: tags are 1 to 128 bytes) is the tag clock, every other field
-# a tag -> the clock value at which it was last invalidated. One key, so an
-# eviction cannot take the marks and leave the clock (entries whose clock is
-# ahead of the namespace's then count as invalid, see strategies/tagging.py).
-# The clock moves to max(clock + 1, Redis time in µs): it keeps increasing
-# even after Redis lost the hash. One PUBLISH per tag, all from the line
-# below (the invalidation log of issue 21 item 2 is to take it over).
-# KEYS: the tags hash. ARGV: channel, then (tag, message) per tag.
+# A namespace's tag clock is a plain key (keys.py KeySpace.tag_clock), read
+# with every value (one MGET on a single Redis); its marks are a hash
+# (KeySpace.tags): tag -> the clock value at which the tag was last
+# invalidated, and field '' (never a tag: tags are 1 to 128 bytes) the clock
+# as the hash last saw it. Both share a hash tag and change together here,
+# so a reader that finds the hash's '' behind the clock knows the hash was
+# lost (evicted, flushed), and a clock behind a value's means the clock was:
+# either way the value counts as invalid (strategies/tagging.py). The clock
+# moves to max(clock + 1, Redis time in µs): it keeps increasing even after
+# Redis lost both. One PUBLISH per tag, all from the line below (the
+# invalidation log of issue 21 item 2 is to take it over).
+# KEYS: the clock, the marks hash. ARGV: channel, then (tag, message) per tag.
 # Returns the new clock value.
 INVALIDATE_TAGS = """
 local now = redis.call('TIME')
 local micros = tonumber(now[1]) * 1000000 + tonumber(now[2])
-local clock = math.max((tonumber(redis.call('HGET', KEYS[1], '')) or 0) + 1, micros)
-local stamp = string.format('%.0f', clock)
-redis.call('HSET', KEYS[1], '', stamp)
-for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], stamp) end
+local seen = math.max(tonumber(redis.call('GET', KEYS[1])) or 0,
+  tonumber(redis.call('HGET', KEYS[2], '')) or 0)
+local stamp = string.format('%.0f', math.max(seen + 1, micros))
+redis.call('SET', KEYS[1], stamp)
+redis.call('HSET', KEYS[2], '', stamp)
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], stamp) end
 for i = 3, #ARGV, 2 do redis.call('PUBLISH', ARGV[1], ARGV[i]) end
+return stamp
+"""
+
+# The tag clock, started if it is not there (a namespace's first tagged value,
+# or Redis lost it): a tagged value always records a clock that exists, so a
+# clock read as 0 later means it was lost (strategies/tagging.py). Started at
+# max(marks' copy + 1, Redis time in µs); the marks' copy ('') is moved too
+# only if the marks are there: if they were lost as well, the copy stays
+# behind the clock and says so.
+# KEYS: the clock, the marks hash. Returns the clock.
+START_TAG_CLOCK = """
+local clock = redis.call('GET', KEYS[1])
+if clock then return clock end
+local now = redis.call('TIME')
+local micros = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local seen = tonumber(redis.call('HGET', KEYS[2], '')) or 0
+local stamp = string.format('%.0f', math.max(seen + 1, micros))
+redis.call('SET', KEYS[1], stamp)
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[2], '', stamp) end
 return stamp
 """

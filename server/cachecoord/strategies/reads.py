@@ -161,7 +161,9 @@ class Reader:
             try:
                 with span("cache.redis", **{"cache.namespace": self.settings.name}):
                     raw, clock = await self.store.read(key)
-                    cached = None if raw is None else await self._valid(envelope.decode(raw), clock)
+                    cached = None if raw is None else envelope.decode(raw)
+                    if cached is not None and cached.tags:
+                        cached = await self._valid(cached, clock)
             except RedisError as err:
                 self._check_postgres_can_answer(err)
                 log.debug("redis get failed, reading PostgreSQL: %s", err)
@@ -242,10 +244,10 @@ class Reader:
         clock, hidden = 0, False
         try:
             raws, clock = await self.store.read_many(unique)
-            found = [
-                None if raw is None else await self._valid(envelope.decode(raw), clock)
-                for raw in raws
-            ]
+            found = [None if raw is None else envelope.decode(raw) for raw in raws]
+            for i, cached in enumerate(found):
+                if cached is not None and cached.tags:  # untagged: nothing to check
+                    found[i] = await self._valid(cached, clock)
         except RedisError as err:
             self._check_postgres_can_answer(err)
             raws, found, redis_up = [None] * len(unique), [None] * len(unique), False
@@ -403,6 +405,8 @@ class Reader:
                 now = envelope.decode(raw)
                 if (now.version, now.fresh_until_ms) != (seen_version, seen_fresh_until):
                     return _REFRESHED  # refreshed (or rewritten) by someone else meanwhile
+            if clock == 0:
+                clock = await self._started_tag_clock()
             rows, load_ms, _ = await self._load([key])
             _, stored, px = self.fresh(key, rows[key], load_ms, clock=clock)
             await self.store.fill_many({key: (token, stored, px, self._notice(key, rows[key]))})
@@ -457,6 +461,8 @@ class Reader:
             filled = await self._await_fill(plan.wait_for)
             if filled is not None:
                 return {**found, plan.wait_for: filled}
+        if clock == 0 and plan.fill:
+            clock = await self._started_tag_clock()
         rows, load_ms, mark = await self._load(load)
         entries, fills = {}, {}
         for key in load:
@@ -481,6 +487,16 @@ class Reader:
             for key, entry in entries.items()
         }
         return {**reads, **found}
+
+    async def _started_tag_clock(self) -> int:
+        """The tag clock, started if Redis has none (a first fill, or Redis
+        lost it), read before the rows: a tagged value never records a clock
+        that was not there (strategies/tagging.py). 0 if Redis cannot say:
+        such a value counts as invalid once there is a clock."""
+        try:
+            return await self.store.started_tag_clock()
+        except RedisError:
+            return 0
 
     async def _await_fill(self, key: str) -> Read | None:
         with span("cache.lease_wait", **{"cache.namespace": self.settings.name}):

@@ -13,13 +13,17 @@ InvalidateTags read a clock at least as high as the marks it set, so it
 survives it (rule: :func:`valid`).
 
 A read gets the namespace's clock with the value (EntryStore.read, one round
-trip); while no tag was invalidated since the value's clock was read (the
+trip: one MGET on a single Redis); while no tag was invalidated since the value's clock was read (the
 clock has not moved) the value is valid without looking at any mark, and
 untagged values are never looked at. Otherwise the marks of the value's tags
 are read (HMGET), or taken from this instance's copy of the marks read at
 that same clock value (:class:`TagMarks`): the clock moves on every
 InvalidateTags, so marks read while it showed a value are the marks of every
-read that shows it.
+read that shows it. A value always records a clock that was there (it is
+started before a first fill or tagged write: scripts.py START_TAG_CLOCK), so
+if Redis lost the clock (it reads behind the value's) or the marks (their
+copy of the clock reads behind it), the value is not trusted: at worst it is
+reloaded once more.
 """
 
 from __future__ import annotations
@@ -47,8 +51,9 @@ def valid(*, entry_clock: int, clock: int, marks: Iterable[int] | None) -> bool 
 _MAX_KEPT = 100_000
 """Tags whose marks one namespace's copy keeps at most (then it starts over)."""
 
-Marks = Callable[[Sequence[str]], Awaitable[list[int]]]
-"""Reads the current marks of some tags from Redis (EntryStore.tag_marks)."""
+Marks = Callable[[Sequence[str]], Awaitable[tuple[int, list[int]]]]
+"""Reads the current marks of some tags from Redis, with the clock as the
+marks last saw it (EntryStore.tag_marks)."""
 
 
 class TagMarks:
@@ -72,7 +77,10 @@ class TagMarks:
         if missing:
             # Read after the clock showed *clock*: at least the marks it
             # stood for (higher ones only hide more, never less).
-            read = dict(zip(missing, await self._read_marks(missing), strict=True))
+            recorded, found = await self._read_marks(missing)
+            if recorded < clock:
+                return False  # the marks were lost (evicted, flushed): nothing to trust
+            read = dict(zip(missing, found, strict=True))
             marks.update(read)
             if clock > self._clock or (clock == self._clock and len(self._marks) >= _MAX_KEPT):
                 self._clock, self._marks = clock, read

@@ -86,7 +86,7 @@ class WriteBehind:
             # The clock before the write (strategies/tagging.py); if Redis
             # cannot say, the write cannot be made either.
             try:
-                clock = await self._reader.store.tag_clock()
+                clock = await self._reader.store.started_tag_clock()
             except RedisError as err:
                 raise Unavailable(f"Redis is unavailable: {err}") from err
             prefix = envelope.tag_prefix(tags, clock)

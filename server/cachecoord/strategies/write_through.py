@@ -65,10 +65,10 @@ class WriteThrough:
     async def _tag_clock(self) -> int:
         """The tag clock before the write: the cached value then counts as
         written no later than now (strategies/tagging.py). If Redis cannot say,
-        0, the oldest clock: the value is hidden by every tag invalidation
-        there was, which at worst costs a reload."""
+        0, older than any clock: the value counts as invalid, which at worst
+        costs a reload."""
         try:
-            return await self._store.tag_clock()
+            return await self._store.started_tag_clock()
         except RedisError:
             return 0
 
