@@ -34,9 +34,9 @@ from cachecoord.storage.scripts import (
     INVALIDATE,
     INVALIDATE_GENERATION,
     INVALIDATE_TAGS,
-    START_TAG_CLOCK,
     LEASE,
     LEASE_GENERATION,
+    START_TAG_CLOCK,
     STORE,
     STORE_GENERATION,
 )

@@ -13,17 +13,19 @@ InvalidateTags read a clock at least as high as the marks it set, so it
 survives it (rule: :func:`valid`).
 
 A read gets the namespace's clock with the value (EntryStore.read, one round
-trip: one MGET on a single Redis); while no tag was invalidated since the value's clock was read (the
-clock has not moved) the value is valid without looking at any mark, and
-untagged values are never looked at. Otherwise the marks of the value's tags
-are read (HMGET), or taken from this instance's copy of the marks read at
-that same clock value (:class:`TagMarks`): the clock moves on every
-InvalidateTags, so marks read while it showed a value are the marks of every
-read that shows it. A value always records a clock that was there (it is
-started before a first fill or tagged write: scripts.py START_TAG_CLOCK), so
-if Redis lost the clock (it reads behind the value's) or the marks (their
-copy of the clock reads behind it), the value is not trusted: at worst it is
-reloaded once more.
+trip: one MGET on a single Redis); while no tag was invalidated since the
+value's clock was read (the clock has not moved) the value is valid without
+looking at any mark, and untagged values are never looked at. Otherwise
+the marks of the value's tags are read (HMGET), or taken from this
+instance's copy of the marks read at that same clock value
+(:class:`TagMarks`): the clock moves on every InvalidateTags, so marks read
+while it showed a value are the marks of every read that shows it.
+
+A value always records a clock that was there (it is started before a first
+fill or tagged write: scripts.py START_TAG_CLOCK), so if Redis lost the
+clock (it reads behind the value's) or the marks (their copy of the clock
+reads behind it), the value is not trusted: at worst it is reloaded once
+more.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def valid(*, entry_clock: int, clock: int, marks: Iterable[int] | None) -> bool 
     the namespace's clock reading *clock*; None if that needs its tags'
     *marks* and they were not given.
 
-    The clock behind the value's means Redis lost the tag hash (evicted,
+    The clock behind the value's means Redis lost the tag clock (evicted,
     flushed): nothing says which tags were invalidated, so the value is not
     trusted."""
     if clock == entry_clock:
