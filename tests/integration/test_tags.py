@@ -170,6 +170,24 @@ async def test_redis_hides_tagged_values_at_once_for_every_instance(
     assert await values(clients, ns, "u") == [b"u1", b"u1"]
 
 
+async def test_batch_get_hides_tagged_values_and_serves_the_others_from_redis(
+    start: Start, own_backend: Backend, names: dict[str, str]
+) -> None:
+    ns = names["bare"]
+    _, client = await start()
+    _, other = await start()
+    for key, tags in (("a", ["t"]), ("b", ["t", "s"]), ("c", ["s"]), ("u", [])):
+        await client.put(ns, key, key.encode() + b"1", tags=tags)
+        await behind_the_back(own_backend.dsn, ns, key, key.encode() + b"2")
+
+    await other.invalidate_tags(ns, ["t"])
+
+    for reader in (client, other):
+        got = await reader.batch_get(ns, ["a", "b", "c", "u"])
+        assert [g.value for g in got] == [b"a2", b"b2", b"c1", b"u1"]
+        assert [g.layer for g in got][2:] == [Layer.REDIS, Layer.REDIS]
+
+
 @pytest.mark.parametrize("lost", ["marks", "clock"])
 async def test_tag_state_lost_by_redis_hides_tagged_values_rather_than_resurrect_them(
     start: Start, own_backend: Backend, names: dict[str, str], lost: str
