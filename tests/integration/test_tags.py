@@ -220,6 +220,7 @@ async def test_a_put_after_invalidate_tags_survives_it(
     await client.get(ns, "k")
     got = await client.get(ns, "k")  # cached: not hidden by the earlier invalidation
     assert (got.value, got.layer in (Layer.REDIS, Layer.NEAR)) == (b"new", True)
+    assert got.tags == ("t",)  # answered with its tags, from every layer
     await client.invalidate_tags(ns, ["other"])
     assert (await client.get(ns, "k")).layer is not Layer.DATABASE
 

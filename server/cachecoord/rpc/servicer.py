@@ -69,6 +69,7 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
             stale=entry.stale,
             ttl_ms=entry.ttl_ms,
             reloaded=entry.reloaded,
+            tags=entry.tags,
         )
 
     @rpc(_timeout)
@@ -234,6 +235,7 @@ def _entry(entry: Entry) -> pb.Entry:
         stale=entry.stale,
         ttl_ms=entry.ttl_ms,
         reloaded=entry.reloaded,
+        tags=entry.tags,
     )
 
 

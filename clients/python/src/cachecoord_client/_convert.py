@@ -159,7 +159,7 @@ def put_request(
     tags: Iterable[str] = (),
 ) -> pb.PutRequest:
     """Build a PutRequest; None leaves an optional field unset (0 is sent as 0)."""
-    request = pb.PutRequest(namespace=namespace, key=key, value=value, tags=_tags(tags))
+    request = pb.PutRequest(namespace=namespace, key=key, value=value, tags=tag_list(tags))
     if expected_version is not None:
         request.expected_version = expected_version
     if ttl_ms is not None:
@@ -182,10 +182,11 @@ def invalidate_request(namespace: str, keys: Iterable[str], all: bool) -> pb.Inv
 
 def invalidate_tags_request(namespace: str, tags: Iterable[str]) -> pb.InvalidateTagsRequest:
     """Build an InvalidateTagsRequest."""
-    return pb.InvalidateTagsRequest(namespace=namespace, tags=_tags(tags))
+    return pb.InvalidateTagsRequest(namespace=namespace, tags=tag_list(tags))
 
 
-def _tags(tags: Iterable[str]) -> list[str]:
+def tag_list(tags: Iterable[str]) -> list[str]:
+    """*tags* as a list; TypeError for a single str or bytes."""
     if isinstance(tags, str | bytes):
         raise TypeError("tags must be an iterable of str, not a single str or bytes")
     return list(tags)
@@ -235,6 +236,7 @@ def to_value(response: pb.GetResponse) -> Value:
         stale=response.stale,
         ttl_ms=response.ttl_ms,
         reloaded=response.reloaded,
+        tags=tuple(response.tags),
     )
 
 
@@ -249,6 +251,7 @@ def to_entry(message: pb.Entry) -> Entry:
         stale=message.stale,
         ttl_ms=message.ttl_ms,
         reloaded=message.reloaded,
+        tags=tuple(message.tags),
     )
 
 

@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Self
 
+from cachecoord_client import _convert
 from cachecoord_client.client import AsyncClient
 from cachecoord_client.errors import CacheCoordError, InvalidArgument, NamespaceNotFound
 from cachecoord_client.local_memory import LocalMemory
@@ -186,11 +187,13 @@ class LocalCache:
         self, namespace: str, tags: Iterable[str], *, timeout: float | None = None
     ) -> None:
         """Invalidate tags through the client (see `AsyncClient.invalidate_tags`);
-        the namespace is dropped here at once (values are held without their tags)."""
+        the values carrying them are dropped here at once."""
+        tags = _convert.tag_list(tags)
         try:
             await self._client.invalidate_tags(namespace, tags, timeout=timeout)
         finally:
-            self._memory.drop_namespace(namespace)
+            for tag in tags:
+                self._memory.drop_tag(namespace, tag)
 
     async def delete(
         self,
@@ -212,9 +215,10 @@ class LocalCache:
         if event.kind is WatchEventKind.RESET:
             self._blind()  # the stream restarts: events may have been missed
             self._live.set()
-        elif event.kind is WatchEventKind.INVALIDATION and (event.all_keys or event.tag):
-            # Values are held here without their tags: a tag drops the namespace.
+        elif event.kind is WatchEventKind.INVALIDATION and event.all_keys:
             self._memory.drop_namespace(event.namespace)
+        elif event.kind is WatchEventKind.INVALIDATION and event.tag:
+            self._memory.drop_tag(event.namespace, event.tag)
         elif event.kind is WatchEventKind.INVALIDATION:
             self._memory.invalidate((event.namespace, event.key), event.version)
 

@@ -54,6 +54,8 @@ class Value:
             PostgreSQL without caching.
         reloaded: True when a cached copy older than the read's ``min_version``
             was skipped and the key read again.
+        tags: The value's tags (given by its Put, or derived from a mapped
+            row's columns), for ``invalidate_tags``.
     """
 
     found: bool
@@ -63,6 +65,7 @@ class Value:
     stale: bool
     ttl_ms: int
     reloaded: bool = False
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,7 @@ class Entry:
         ttl_ms: Milliseconds until the cached copy expires (see `Value.ttl_ms`).
         reloaded: True when a cached copy older than the key's min_version was
             skipped (see `Value.reloaded`).
+        tags: The value's tags (see `Value.tags`).
     """
 
     key: str
@@ -90,6 +94,7 @@ class Entry:
     stale: bool
     ttl_ms: int
     reloaded: bool = False
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
