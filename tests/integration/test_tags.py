@@ -68,6 +68,14 @@ tags = ["karma:{{karma}}", "team"]
 near_cache_entries = 100
 near_cache_ttl = "60s"
 
+[namespaces.{profiles}]
+kind = "mapped"
+table = "profiles"
+key_column = "id"
+strategy = "write-behind"
+flush_interval = "50ms"
+tags = ["score:{{score}}"]
+
 [namespaces.{queued}]
 kind = "managed"
 strategy = "write-behind"
@@ -79,7 +87,9 @@ Start = Callable[[], Awaitable[tuple[App, AsyncClient]]]
 
 @pytest.fixture
 def names() -> dict[str, str]:
-    return {n: unique_namespace(n) for n in ("ca", "wt", "ver", "bare", "users", "queued")}
+    return {
+        n: unique_namespace(n) for n in ("ca", "wt", "ver", "bare", "users", "profiles", "queued")
+    }
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -326,6 +336,37 @@ async def test_write_behind_tags_reach_postgresql_and_hide_the_value_once_flushe
     assert await values([client, other], ns, "u") == [b"u1", b"u1"]
 
 
+async def test_mapped_write_behind_tags_come_from_the_merged_row(
+    start: Start, names: dict[str, str], own_backend: Backend
+) -> None:
+    ns = names["profiles"]
+    _, client = await start()
+    _, other = await start()
+    await client.put(ns, "1", json.dumps({"name": "a", "score": 5}).encode())
+    await client.put(ns, "2", json.dumps({"name": "b", "score": 6}).encode())
+    await client.put(ns, "1", json.dumps({"name": "a"}).encode())  # merged: score stays 5
+
+    async def row_names() -> list[str]:
+        async with await psycopg.AsyncConnection.connect(own_backend.dsn) as conn:
+            cur = await conn.execute("SELECT name FROM profiles ORDER BY id")
+            return [name async for (name,) in cur]
+
+    assert await poll(row_names, ["a", "b"].__eq__, within=5) == ["a", "b"]  # flushed
+    got = await client.get(ns, "1")
+    assert got.tags == ("score:5",)
+    async with await psycopg.AsyncConnection.connect(own_backend.dsn) as conn:
+        await conn.execute("SELECT set_config('cachecoord.writer', 'on', true)")
+        await conn.execute("UPDATE profiles SET name = name || '!'")
+
+    await other.invalidate_tags(ns, ["score:5"])
+
+    async def name_of(key: str) -> str:
+        return str(json.loads((await client.get(ns, key)).value)["name"])
+
+    assert await poll(partial(name_of, "1"), "a!".__eq__, within=3) == "a!"
+    assert await name_of("2") == "b"  # score:6, still cached
+
+
 async def test_an_unflushed_write_behind_value_is_not_hidden(
     start: Start, own_backend: Backend, names: dict[str, str]
 ) -> None:
@@ -383,7 +424,7 @@ async def test_a_tag_template_naming_an_unknown_column_stops_start_up(
     own_backend: Backend, tmp_path: Path
 ) -> None:
     namespaces = NAMESPACES.format(
-        ca="a", wt="b", ver="v", bare="c", users=unique_namespace("users"), queued="q"
+        ca="a", wt="b", ver="v", bare="c", users=unique_namespace("users"), profiles="p", queued="q"
     ).replace("karma:{karma}", "tenant:{tenant_id}")
     with pytest.raises(ConfigError) as refused:
         async with serving(own_backend.settings(tmp_path, namespaces=namespaces)):

@@ -258,8 +258,6 @@ class NamespaceSettings:
             return
         if self.kind is Kind.MANAGED:
             yield "tags", "only a mapped namespace derives tags from columns; a Put gives its tags"
-        elif _write_behind(self):
-            yield "tags", "tag templates are not supported with write-behind yet; remove tags"
         for text in self.tags:
             try:
                 TagTemplate.parse(text)

@@ -81,17 +81,16 @@ class WriteBehind:
         tags: Sequence[str] = (),
     ) -> int:
         self._table.prepare(key, value)
-        prefix = b""
-        if tags:
+        clock = None
+        if tags or self._table.tagged:
             # The clock before the write (strategies/tagging.py); if Redis
             # cannot say, the write cannot be made either.
             try:
                 clock = await self._reader.store.started_tag_clock()
             except RedisError as err:
                 raise Unavailable(f"Redis is unavailable: {err}") from err
-            prefix = envelope.tag_prefix(tags, clock)
         return await self._enqueue(
-            key, value, "v", "put", expected_version, ttl_ms, tags=tags, tag_prefix=prefix
+            key, value, "v", "put", expected_version, ttl_ms, tags=tags, tag_clock=clock
         )
 
     async def delete(self, key: str, expected_version: int | None) -> Deleted:
@@ -109,8 +108,10 @@ class WriteBehind:
         ttl_ms: int | None,
         *,
         tags: Sequence[str] = (),
-        tag_prefix: bytes = b"",
+        tag_clock: int | None = None,
     ) -> int:
+        """Write and queue; a value's tags (given, or derived from the merged
+        row of a mapped namespace) go with it when *tag_clock* is given."""
         for _ in range(_CAS_ATTEMPTS):
             expected = expected_version
             payload = value
@@ -124,9 +125,10 @@ class WriteBehind:
                     expected = current.version if current.found else 0
                 elif expected != (current.version if current.found else 0):
                     raise VersionConflict(key, expected, current.version if current.found else 0)
-            outcome = await self._run_write(
-                key, payload, kind, reason, expected, ttl_ms, tag_prefix
-            )
+            prefix = b""
+            if tag_clock is not None and kind == "v":
+                prefix = envelope.tag_prefix(self._table.row_tags(payload, tags), tag_clock)
+            outcome = await self._run_write(key, payload, kind, reason, expected, ttl_ms, prefix)
             if outcome.status is WriteStatus.WRITTEN:
                 self._changes.made_here(key, outcome.version)
                 self._check_replicas(outcome.replicas)
