@@ -305,14 +305,11 @@ class MappedTable:
                LEFT JOIN cachecoord.versions v ON v.namespace = %(ns)s AND v.key = k.key"""
         ).format(table=self.table, key=sql.Identifier(self.key_column), type=self._type())
         cur = await conn.execute(query, {"keys": list(keys), "ns": self.namespace})
-        return {
-            key: Row(
-                None if row is None else row.encode(),
-                version,
-                derive(self.tag_templates, None if row is None else row.encode()),
-            )
-            async for key, row, version in cur
-        }
+        return {key: self._row(row, version) async for key, row, version in cur}
+
+    def _row(self, row: str | None, version: int) -> Row:
+        value = None if row is None else row.encode()
+        return Row(value, version, derive(self.tag_templates, value))
 
     async def exists(self, conn: AsyncConnection, key: str, *, lock: bool = False) -> bool:
         query = sql.SQL("SELECT 1 FROM {table} WHERE {key} = %s::{type}{lock}").format(
