@@ -302,12 +302,13 @@ class EntryStore:
     async def invalidate_tags(self, messages: dict[str, bytes]) -> int:
         """Move the tag clock, mark each tag of ``tag -> message`` invalidated
         at the new clock value (from then on no read serves a value carrying
-        it), then announce each message in every partition's log; returns
+        it), then announce each message in the log of the tag's partition
+        (one is enough: a reader that resumes reads every partition); returns
         the clock."""
         keys = [self.keys.tag_clock, self.keys.tags]
         clock = int(await self._invalidate_tags(keys=keys, args=list(messages)))
-        for message in messages.values():
-            await self.log.announce_all(message)
+        for tag, message in messages.items():
+            await self.log.announce(self.keys.partition(tag), message)
         return clock
 
     @_guarded

@@ -221,8 +221,8 @@ ANNOUNCE_ALL = ANNOUNCE + "return announce(KEYS[1], ARGV[1], ARGV[2], ARGV[3], A
 # lost (evicted, flushed), and a clock behind a value's means the clock was:
 # either way the value counts as invalid (strategies/tagging.py). The clock
 # moves to max(clock + 1, Redis time in µs): it keeps increasing even after
-# Redis lost both. The caller then announces each tag in every partition's
-# invalidation log (ANNOUNCE_ALL): the log's keys are on other slots.
+# Redis lost both. The caller then announces each tag in one partition's
+# invalidation log (ANNOUNCE_ALL): the logs' keys are on other slots.
 # KEYS: the clock, the marks hash. ARGV: the tags.
 # Returns the new clock value.
 INVALIDATE_TAGS = """
