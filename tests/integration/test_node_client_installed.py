@@ -55,7 +55,9 @@ import {
   AcquireLockRequest,
   CacheCoordServiceClient,
   GetRequest,
+  PutRequest,
   traceparent,
+  WatchRequest,
   unary,
   type WatchResponse,
 } from "@cachecoord/client";
@@ -81,7 +83,7 @@ async function main(): Promise<void> {
 
   // Watch: the first event is a RESET; then the Put's invalidation must come.
   const key = `${prefix}a`;
-  const watch = client.watch({ namespaces: ["blobs"], keyPrefix: prefix }, md());
+  const watch = client.watch(WatchRequest.fromPartial({ namespaces: ["blobs"], keyPrefix: prefix }), md());
   watch.on("error", () => undefined); // the cancel below ends it with CANCELLED
   const events: WatchResponse[] = [];
   let wake = () => {};
@@ -106,7 +108,12 @@ async function main(): Promise<void> {
 
   const put = await unary(
     client.put.bind(client),
-    { namespace: "blobs", key, value: Buffer.from("from an app"), expectedVersion: 0n },
+    PutRequest.fromPartial({
+      namespace: "blobs",
+      key,
+      value: Buffer.from("from an app"),
+      expectedVersion: 0n,
+    }),
     md(),
     deadline(),
   );

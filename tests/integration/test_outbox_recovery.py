@@ -51,13 +51,11 @@ async def die_after_commit(
     committed, never = asyncio.Event(), asyncio.Event()
     after_commit = strategy.after_commit
 
-    async def dies(
-        self: CacheAside, k: str, recorded: RecordedWrite, stored: bytes | None, ttl: int | None
-    ) -> None:
+    async def dies(self: CacheAside, k: str, recorded: RecordedWrite, *rest: Any) -> None:
         if self.name == namespace and k == key:
             committed.set()
             await never.wait()  # the process is gone: nothing after the commit runs
-        await after_commit(self, k, recorded, stored, ttl)
+        await after_commit(self, k, recorded, *rest)
 
     async with serving(named(settings, "doomed")) as (_, client):
         await client.put(namespace, key, b"old")

@@ -311,6 +311,11 @@ def test_scalar_responses() -> None:
             WatchEvent(WatchEventKind.HEARTBEAT),
             id="heartbeat",
         ),
+        pytest.param(
+            pb.WatchResponse(resumed=pb.Resumed(replayed=3), resume_token="v1.t"),
+            WatchEvent(WatchEventKind.RESUMED, replayed=3, resume_token="v1.t"),
+            id="resumed",
+        ),
         # An event kind added to the contract after this client: skipped.
         pytest.param(pb.WatchResponse(), None, id="unknown-kind"),
     ],
@@ -320,7 +325,13 @@ def test_to_watch_event(response: pb.WatchResponse, event: WatchEvent | None) ->
 
 
 def test_watch_event_kinds() -> None:
-    assert [str(kind) for kind in WatchEventKind] == ["invalidation", "reset", "heartbeat"]
+    assert [str(kind) for kind in WatchEventKind] == [
+        "invalidation",
+        "reset",
+        "heartbeat",
+        "resumed",
+        "interrupted",
+    ]
     assert WatchEvent(WatchEventKind.RESET, reason="subscribed") == WatchEvent(
         WatchEventKind.RESET, "", "", False, 0, "subscribed", ""
     )

@@ -59,13 +59,15 @@ class ScriptedClient:
         self.stream = Stream()
         self.answers: dict[str, list[asyncio.Future[Value]]] = {}
         self.gets = 0
+        self.tokens: list[str] = []  # the resume_token of each watch
 
     def answer(self, key: str) -> asyncio.Future[Value]:
         future: asyncio.Future[Value] = asyncio.get_running_loop().create_future()
         self.answers.setdefault(key, []).append(future)
         return future
 
-    def watch(self, namespaces: Iterable[str]) -> Stream:
+    def watch(self, namespaces: Iterable[str], *, resume_token: str = "") -> Stream:
+        self.tokens.append(resume_token)
         return self.stream
 
     async def get(self, namespace: str, key: str, **options: Any) -> Value:
@@ -178,6 +180,56 @@ async def test_a_silent_stream_counts_as_lost() -> None:
     await cache.close()
     await cache.close()  # twice is fine
     assert not cache.watching
+
+
+async def test_a_lost_stream_keeps_memory_unserved_until_the_resumed_stream_caught_up() -> None:
+    client = ScriptedClient()
+    cache = LocalCache(cast(AsyncClient, client), ["ns"], silence=0.1, max_backoff=0.01)
+    client.stream.events.put_nowait(
+        WatchEvent(WatchEventKind.RESET, reason="subscribed", resume_token="t1")
+    )
+    await cache.open(timeout=1)
+    client.answer("k").set_result(value(1))
+    client.answer("gone").set_result(value(1))
+    await cache.get("ns", "k")
+    await cache.get("ns", "gone")
+
+    await asyncio.wait_for(_until(lambda: not cache.watching), 2)  # silent: lost
+    assert len(cache) == 2, "kept"
+    assert await held(cache, client, "k") is None, "but not served"
+    await asyncio.wait_for(_until(lambda: len(client.tokens) >= 2), 2)
+    assert client.tokens[-1] == "t1", "the new stream resumes from the last token"
+    # The new stream replays what was missed, then says it caught up.
+    client.stream.events.put_nowait(invalidation("gone", 2))
+    client.stream.events.put_nowait(
+        WatchEvent(WatchEventKind.RESUMED, replayed=1, resume_token="t3")
+    )
+    await asyncio.wait_for(_until(lambda: cache.watching), 2)
+
+    assert await held(cache, client, "k") == value(1), "served from the kept memory"
+    assert await held(cache, client, "gone") is None, "evicted by the replayed event"
+    await cache.close()
+
+
+async def test_a_reset_after_a_resume_drops_the_kept_memory() -> None:
+    client = ScriptedClient()
+    cache = LocalCache(cast(AsyncClient, client), ["ns"], silence=0.1, max_backoff=0.01)
+    client.stream.events.put_nowait(
+        WatchEvent(WatchEventKind.RESET, reason="subscribed", resume_token="t1")
+    )
+    await cache.open(timeout=1)
+    client.answer("k").set_result(value(1))
+    await cache.get("ns", "k")
+    await asyncio.wait_for(_until(lambda: not cache.watching), 2)
+    assert len(cache) == 1
+
+    client.stream.events.put_nowait(
+        WatchEvent(WatchEventKind.RESET, reason="too_old", resume_token="t9")
+    )
+    await asyncio.wait_for(_until(lambda: cache.watching), 2)
+
+    assert len(cache) == 0
+    await cache.close()
 
 
 @pytest.mark.parametrize(

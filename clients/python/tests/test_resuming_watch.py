@@ -41,11 +41,11 @@ class _BrokenCall:
 async def test_a_resuming_watch_cancelled_while_it_waits_to_reconnect_stops() -> None:
     opened: list[_BrokenCall] = []
 
-    def open_call() -> Any:
+    def open_call(token: str) -> Any:
         opened.append(_BrokenCall())
         return opened[-1]
 
-    stream = _ResumingWatchStream(open_call)
+    stream = _ResumingWatchStream(open_call, replay=False, token="")
     first = await anext(stream)  # the break is told at once, and a new call opened
     assert first.kind is WatchEventKind.RESET
     assert len(opened) == 2

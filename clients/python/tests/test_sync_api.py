@@ -60,7 +60,8 @@ BLOCKING_SURFACE = {
     "extend_lock": "(self, name: 'str', token: 'str', *, ttl_ms: 'int', "
     "timeout: 'float | None' = None) -> 'None'",
     "watch": "(self, namespaces: 'Iterable[str]', *, key_prefix: 'str' = '', "
-    "timeout: 'float | None' = None, resume: 'bool' = False) -> 'WatchStream'",
+    "timeout: 'float | None' = None, resume: 'bool' = False, replay: 'bool' = False, "
+    "resume_token: 'str' = '') -> 'WatchStream'",
     "hold_lock": "(self, name: 'str', *, ttl_ms: 'int', wait_timeout_ms: 'int' = 0, "
     "timeout: 'float | None' = None) -> 'Iterator[HeldLock]'",
 }

@@ -216,7 +216,10 @@ class LocalCache:
             self._memory.invalidate((namespace, key), 0)
 
     def _apply(self, event: WatchEvent) -> None:
-        self._token = event.resume_token or self._token
+        self._follow(event)
+        self._token = event.resume_token or self._token  # after a RESET's _blind
+
+    def _follow(self, event: WatchEvent) -> None:
         if event.kind is WatchEventKind.RESET:
             self._blind()  # the stream restarts: events may have been missed
             self._live.set()
