@@ -109,7 +109,7 @@ class InvalidationLog:
         for p in range(self.partitions):
             position = await self._announce_all(
                 keys=[self.keys.log_of(p)],
-                args=[self.keys.channel, message, *self.announce_args(p)],
+                args=[self.keys.channel_of(p), message, *self.announce_args(p)],
             )
             positions.append(_text(position))
         return positions
