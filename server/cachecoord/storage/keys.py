@@ -70,9 +70,12 @@ class KeySpace:
 
     @property
     def channels(self) -> list[str]:
-        """Every channel the namespace's changes are published on."""
+        """Every channel to hear the namespace's changes on: the classic one,
+        and with sharded pub/sub each partition's shard channel (the classic
+        one still carries what instances without sharded pub/sub publish,
+        e.g. during a rolling upgrade)."""
         if self.sharded:
-            return [self.channel_of(p) for p in range(self.partitions)]
+            return [self.channel, *(self.channel_of(p) for p in range(self.partitions))]
         return [self.channel]
 
     def partition(self, key: str) -> int:

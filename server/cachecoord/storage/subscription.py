@@ -35,7 +35,7 @@ import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cachecoord.storage.keys import is_shard_channel
@@ -186,17 +186,21 @@ class Subscriber:
             return {}
         if self._cluster is None:
             return {self._url: channels}
-        if self._stale_slots:
-            await self._cluster.nodes_manager.initialize()
-            self._stale_slots = False
-        else:
-            await self._cluster.initialize()
         owners: dict[str, list[str]] = {}
-        for channel in channels:
-            node = self._cluster.get_node_from_key(channel)
-            if node is None:
-                raise RedisConnectionError(f"no node serves the slot of {channel!r}")
-            owners.setdefault(node_url(self._url, node.host, node.port), []).append(channel)
+        try:
+            if self._stale_slots:
+                await self._cluster.nodes_manager.initialize()
+                self._stale_slots = False
+            else:
+                await self._cluster.initialize()
+            for channel in channels:
+                node = self._cluster.get_node_from_key(channel)
+                if node is None:
+                    raise RedisConnectionError(f"no node serves the slot of {channel!r}")
+                owners.setdefault(node_url(self._url, node.host, node.port), []).append(channel)
+        except RedisClusterException as err:  # no node reachable, a slot not covered
+            self._stale_slots = True
+            raise RedisConnectionError(f"no slot map to subscribe with: {err}") from err
         return owners
 
     async def next_node(self) -> None:

@@ -92,8 +92,8 @@ class Strategy:
 
     @property
     def channels(self) -> list[str]:
-        """The Redis channels of the namespace's invalidation messages (one,
-        or a shard channel per log partition, storage/keys.py)."""
+        """The Redis channels of the namespace's invalidation messages (the
+        classic one, and a shard channel per log partition, storage/keys.py)."""
         return self._store.keys.channels
 
     def check_key(self, key: str) -> None:
