@@ -27,9 +27,11 @@ from strategy_support import named, poll, serving, unique_namespace
 from watch_support import cut_subscriptions, next_event
 
 from cachecoord.app import App
+from cachecoord.invalidation.messages import Invalidation
 from cachecoord.storage.keys import KeySpace
 from cachecoord_client import AsyncClient, Layer, WatchEventKind
 from conftest import Backend
+from local_servers import RedisCluster
 
 NEAR = """
 [namespaces.{name}]
@@ -166,9 +168,11 @@ async def test_a_change_goes_out_on_its_shard_channel_and_is_not_broadcast(
         # reaches every node's classic subscriber first: the change did not.
         publisher = aioredis.Redis.from_url(home, protocol=2)
         stack.push_async_callback(publisher.aclose)
-        await publisher.publish(space.channel, json.dumps({"marker": True}))
+        marker = Invalidation(namespace, "marker", 0, "invalidate", "test")
+        await publisher.publish(space.channel, marker.encode())
         for listener in classic:
-            assert await listener.next() == (space.channel, {"marker": True})
+            channel_got, first = await listener.next()
+            assert (channel_got, first["key"]) == (space.channel, "marker")
 
 
 async def test_changes_on_every_primary_reach_the_other_instances_near_cache_and_watch(
@@ -234,3 +238,54 @@ async def test_with_sharded_pubsub_off_changes_go_out_on_the_classic_channel(
         await client.put(namespace, key, b"v")
         channel, message = await classic.next()
         assert (channel, message["key"]) == (KeySpace(namespace).channel, key)
+
+
+async def replica_of(primary: str) -> str:
+    """The URL of a replica of the primary at *primary*."""
+    node = aioredis.Redis.from_url(primary, protocol=2)
+    try:
+        myid = (await node.execute_command("CLUSTER", "MYID")).decode()
+        lines = await node.execute_command("CLUSTER", "REPLICAS", myid)
+    finally:
+        await node.aclose()
+    address = lines[0].decode().split()[1].split("@")[0]
+    return f"redis://{address}"
+
+
+async def failover_to(url: str) -> None:
+    node = aioredis.Redis.from_url(url, protocol=2)
+    try:
+        await node.execute_command("CLUSTER", "FAILOVER")
+    finally:
+        await node.aclose()
+
+
+async def test_a_failover_ends_the_node_subscription_and_it_moves_to_the_new_primary(
+    pair: Pair, namespace: str, cluster: aioredis.RedisCluster, redis_cluster: RedisCluster
+) -> None:
+    """A manual failover takes the slots from the node: Redis pushes
+    sunsubscribe, the instance subscribes on the new primary, catches up,
+    and keeps its near cache."""
+    _, (app_b, b) = pair
+    assert app_b.bus is not None
+    space = KeySpace(namespace, sharded=True)
+    changed, kept = keys_on_every_primary(cluster, space)[:2]
+    for key in (changed, kept):
+        await pair[0][1].put(namespace, key, b"old")
+        assert await near_of(b, namespace)(key) is Layer.NEAR
+    home = owner(cluster, space.channel_of(space.partition(changed)))
+    replica = await replica_of(home)
+    dropped = asyncio.Event()
+    app_b.bus.on_drop(dropped.set)
+    await failover_to(replica)
+    try:
+        await asyncio.wait_for(dropped.wait(), 10)
+        await asyncio.wait_for(app_b.bus.subscribed.wait(), 10)
+        await pair[0][1].put(namespace, changed, b"new")
+        got = await poll(partial(b.get, namespace, changed), lambda g: g.value == b"new", within=2)
+        assert got.value == b"new"
+        still = await b.get(namespace, kept)
+        assert (still.value, still.layer) == (b"old", Layer.NEAR)
+    finally:
+        await failover_to(home)
+        await asyncio.to_thread(redis_cluster.wait_ok, 30)
