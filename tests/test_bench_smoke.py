@@ -40,6 +40,8 @@ EXPECTED = {
         "get_hit_near_cpu_ratio",
         "get_miss_db_cpu_ratio",
         "batchget_keys_per_get_ratio",
+        "get_hit_tagged_over_untagged_cpu_ratio",
+        "get_hit_tagged_moved_over_untagged_cpu_ratio",
     ],
     "stampede": [
         "query_ms",

@@ -10,7 +10,20 @@ Phases, per run, after the echo floor:
 * Get miss (database): every Get names a key that exists in PostgreSQL and was
   never read before, so each one takes the whole miss path (Redis miss, lease,
   SQL load, fill); rows are inserted with SQL up front, never through cachecoord;
-* BatchGet of 100 keys, all Redis hits (sliding windows over the same 1,000 keys).
+* BatchGet of 100 keys, all Redis hits (sliding windows over the same 1,000 keys);
+* Get hit (Redis) of values with tags (issue 21 item 4), two tags each (one of
+  ten groups, and one all share), in a namespace whose tag clock has not moved
+  since they were filled (the value is valid without looking at its tags);
+* the same after an InvalidateTags of an unrelated tag moved the clock (made
+  before the runs): each read also needs its tags' marks, read from Redis
+  once per tag and clock value, then from the instance's memory.
+
+``get_hit_tagged_over_untagged_cpu_ratio`` and
+``get_hit_tagged_moved_over_untagged_cpu_ratio`` are those phases' server CPU
+per call over the untagged Redis hit's, in the same run (``..._rps_ratio``:
+throughput); what untagged values pay for tags (the
+tag clock read with every value) shows in ``get_hit_redis_cpu_us`` against
+the runs before tags (docs/benchmarks.md).
 
 ``get_hit_near_cpu_ratio`` is the near-cache phase's server CPU per call over
 the echo floor's, in the same run (median over runs), like every ``*_cpu_ratio``.
@@ -18,11 +31,13 @@ the echo floor's, in the same run (median over runs), like every ``*_cpu_ratio``
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import psycopg
 
 from bench import messages
 from bench.harness import Harness, Options
-from bench.report import Phase, Report, rps
+from bench.report import Phase, Report, cpu_us, rps
 from cachecoord_client import Client, Layer
 from cachecoord_client.proto.cachecoord.v1 import cachecoord_pb2 as pb
 
@@ -43,6 +58,16 @@ near_cache_ttl = "1h"
 kind = "managed"
 strategy = "cache-aside"
 ttl = "1h"
+
+[namespaces.tagged]
+kind = "managed"
+strategy = "cache-aside"
+ttl = "1h"
+
+[namespaces.moved]
+kind = "managed"
+strategy = "cache-aside"
+ttl = "1h"
 """
 
 HOT_KEYS = 1_000
@@ -57,6 +82,8 @@ HIT = Phase("get_hit_redis", "Get hit (Redis)")
 NEAR = Phase("get_hit_near", "Get hit (near cache)")
 MISS = Phase("get_miss_db", "Get miss (database)")
 BATCH_GET = Phase("batchget", f"BatchGet {BATCH} (Redis)")
+TAGGED = Phase("get_hit_tagged", "Get hit (Redis, tagged)")
+MOVED = Phase("get_hit_tagged_moved", "Get hit (tagged, clock moved)")
 
 
 def run(options: Options) -> None:
@@ -68,8 +95,14 @@ def run(options: Options) -> None:
         insert_rows(harness, "reads", hot)
         insert_rows(harness, "near", hot)
         insert_rows(harness, "misses", misses)
+        for namespace in ("tagged", "moved"):
+            insert_rows(harness, namespace, hot, tags=lambda i: [f"group:{i % 10}", "all"])
         fill_cache(harness, "reads", hot, Layer.REDIS)
         fill_cache(harness, "near", hot, Layer.NEAR)
+        fill_cache(harness, "tagged", hot, Layer.REDIS)
+        fill_cache(harness, "moved", hot, Layer.REDIS)
+        with Client(harness.stack.target, default_timeout=30) as client:
+            client.invalidate_tags("moved", ["no-value-has-this-tag"])
         for number in range(options.runs):
             report.new_run(harness.measure_floor(options.size(FLOOR_CALLS), options.size(WARMUP)))
             _measure_hits(harness, report, hot, "reads", HIT, pb.LAYER_REDIS)
@@ -77,6 +110,12 @@ def run(options: Options) -> None:
             used = misses[number * (miss_calls + miss_warmup) :][: miss_calls + miss_warmup]
             _measure_misses(harness, report, used[:miss_warmup], used[miss_warmup:])
             _measure_batches(harness, report, hot)
+            _measure_hits(harness, report, hot, "tagged", TAGGED, pb.LAYER_REDIS)
+            _measure_hits(harness, report, hot, "moved", MOVED, pb.LAYER_REDIS)
+    for phase in (TAGGED, MOVED):
+        over = f"{phase.name}_over_untagged"
+        report.result(f"{over}_cpu_ratio", report.paired(phase.name, HIT.name, cpu_us))
+        report.result(f"{over}_rps_ratio", report.paired(phase.name, HIT.name, rps))
     report.result("batchget_keys_per_s", BATCH * report.median(BATCH_GET.name, rps))
     report.result(
         "batchget_cpu_per_key_us", report.median(BATCH_GET.name, lambda s: s.cpu_us() / BATCH)
@@ -89,14 +128,19 @@ def run(options: Options) -> None:
     report.save(options, "get")
 
 
-def insert_rows(harness: Harness, namespace: str, keys: list[str]) -> None:
-    """Rows written behind cachecoord's back: in PostgreSQL, not in Redis."""
+def insert_rows(
+    harness: Harness,
+    namespace: str,
+    keys: list[str],
+    tags: Callable[[int], list[str]] = lambda i: [],
+) -> None:
+    """Rows written behind cachecoord's back: in PostgreSQL, not in Redis;
+    row *i* with the tags ``tags(i)``."""
     data = messages.value(harness.options.payload)
-    with psycopg.connect(harness.stack.postgres.dsn, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO cachecoord.entries (namespace, key, value) "
-            "SELECT %s, k, %s FROM unnest(%s::text[]) AS k",
-            (namespace, data, keys),
+    with psycopg.connect(harness.stack.postgres.dsn, autocommit=True) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO cachecoord.entries (namespace, key, value, tags) VALUES (%s, %s, %s, %s)",
+            [(namespace, key, data, tags(i)) for i, key in enumerate(keys)],
         )
 
 

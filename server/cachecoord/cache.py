@@ -16,6 +16,9 @@ from cachecoord.model import Deleted, Entry, Layer
 from cachecoord.strategies import Strategy
 
 MAX_TTL_MS = 365 * 86_400_000
+MAX_PUT_TAGS = 16
+MAX_INVALIDATED_TAGS = 100
+MAX_TAG_BYTES = 128
 
 
 class Cache:
@@ -67,9 +70,12 @@ class Cache:
         *,
         expected_version: int | None = None,
         ttl_ms: int | None = None,
+        tags: Sequence[str] = (),
     ) -> int:
         strategy = self._namespace(namespace)
         self._check_key(strategy, key)
+        tags = _checked_tags(tags, "tags", most=MAX_PUT_TAGS)
+        strategy.check_tags(tags)
         if len(value) > self._limits.max_value_bytes:
             raise InvalidArgument(
                 f"value is {len(value)} bytes; the limit is {self._limits.max_value_bytes} "
@@ -80,7 +86,7 @@ class Cache:
             raise InvalidArgument(
                 f"ttl_ms must be between 0 (namespace default) and {MAX_TTL_MS} (got {ttl_ms})"
             )
-        return await strategy.put(key, value, expected_version, ttl_ms or None)
+        return await strategy.put(key, value, expected_version, ttl_ms or None, tags)
 
     async def delete(
         self, namespace: str, key: str, *, expected_version: int | None = None
@@ -102,6 +108,13 @@ class Cache:
             raise InvalidArgument("give at least one key, or all = true")
         self._check_keys(strategy, keys)
         return await strategy.invalidate(list(dict.fromkeys(keys)))
+
+    async def invalidate_tags(self, namespace: str, tags: Sequence[str]) -> None:
+        """Hide every cached value of *namespace* carrying one of *tags*."""
+        strategy = self._namespace(namespace)
+        if not tags:
+            raise InvalidArgument("tags: give at least one tag")
+        await strategy.invalidate_tags(_checked_tags(tags, "tags", most=MAX_INVALIDATED_TAGS))
 
     def watch(
         self, namespaces: Sequence[str], key_prefix: str, resume_token: str = ""
@@ -198,6 +211,20 @@ def _check_min_version(key: str, min_version: int) -> None:
             f"min_version of key {key!r} must not be negative (got {min_version}); "
             "give the version a Put or Delete returned, or 0"
         )
+
+
+def _checked_tags(tags: Sequence[str], field: str, *, most: int) -> tuple[str, ...]:
+    """*tags* without repeats, or InvalidArgument naming *field*."""
+    if len(tags) > most:
+        raise InvalidArgument(f"{field}: {len(tags)} tags; the limit is {most}")
+    for tag in tags:
+        size = len(tag.encode())
+        if not 1 <= size <= MAX_TAG_BYTES:
+            raise InvalidArgument(
+                f"{field}: each tag must be 1 to {MAX_TAG_BYTES} bytes of UTF-8 "
+                f"(got {size} bytes: {tag[:40]!r})"
+            )
+    return tuple(dict.fromkeys(tags))
 
 
 def _check_version(expected_version: int | None) -> None:

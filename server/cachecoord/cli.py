@@ -3,9 +3,10 @@
     cachecoord serve --config FILE
     cachecoord get NAMESPACE KEY
     cachecoord batch-get NAMESPACE KEY...
-    cachecoord put NAMESPACE KEY VALUE [--expected-version N] [--ttl-ms N]
+    cachecoord put NAMESPACE KEY VALUE [--expected-version N] [--ttl-ms N] [--tag T...]
     cachecoord delete NAMESPACE KEY
     cachecoord invalidate NAMESPACE [KEY...] [--all]
+    cachecoord invalidate-tags NAMESPACE TAG...
     cachecoord watch NAMESPACE... [--key-prefix P] [--count N]
     cachecoord health [SERVICE]
     cachecoord lock NAME [--ttl-ms N] [--wait-ms N] -- COMMAND...
@@ -122,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     put.add_argument("value", help="the value ('-' reads it from standard input)")
     put.add_argument("--expected-version", type=int)
     put.add_argument("--ttl-ms", type=int)
+    put.add_argument(
+        "--tag", action="append", default=[], dest="tags", help="a tag of the value (repeatable)"
+    )
     put.set_defaults(run=_put)
 
     delete = commands.add_parser("delete", parents=[client], help="delete a key")
@@ -135,6 +139,13 @@ def _parser() -> argparse.ArgumentParser:
     invalidate.add_argument("keys", nargs="*")
     invalidate.add_argument("--all", action="store_true", help="every key of the namespace")
     invalidate.set_defaults(run=_invalidate)
+
+    invalidate_tags = commands.add_parser(
+        "invalidate-tags", parents=[client], help="hide every cached value carrying a tag"
+    )
+    invalidate_tags.add_argument("namespace")
+    invalidate_tags.add_argument("tags", nargs="+", metavar="tag")
+    invalidate_tags.set_defaults(run=_invalidate_tags)
 
     watch = commands.add_parser(
         "watch", parents=[client], help="print the invalidation events of namespaces"
@@ -274,6 +285,7 @@ def _put(args: argparse.Namespace) -> int:
             value,
             expected_version=args.expected_version,
             ttl_ms=args.ttl_ms,
+            tags=args.tags,
         )
         return {"version": version}, f"version {version}"
 
@@ -293,6 +305,14 @@ def _invalidate(args: argparse.Namespace) -> int:
     def action(client: Client) -> tuple[Any, str]:
         count = client.invalidate(args.namespace, args.keys, all=args.all)
         return {"invalidated": count}, f"{count} cached entr{'y' if count == 1 else 'ies'} dropped"
+
+    return _call(args, action)
+
+
+def _invalidate_tags(args: argparse.Namespace) -> int:
+    def action(client: Client) -> tuple[Any, str]:
+        client.invalidate_tags(args.namespace, args.tags)
+        return {"invalidated_tags": args.tags}, f"{len(args.tags)} tag(s) invalidated"
 
     return _call(args, action)
 
@@ -317,9 +337,13 @@ def _watch(args: argparse.Namespace) -> int:
                             version=event.version,
                             origin=event.origin,
                         )
+                        if event.tag:
+                            doc["tag"] = event.tag
                     print(json.dumps(doc), flush=True)
                 elif event.kind is WatchEventKind.INVALIDATION:
                     key = "(all keys)" if event.all_keys else event.key
+                    if event.tag:
+                        key = f"(tag {event.tag})"
                     print(
                         f"{event.namespace}\t{key}\tversion {event.version}\t{event.reason}"
                         f"\tfrom {event.origin}",

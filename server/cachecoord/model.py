@@ -26,6 +26,8 @@ class Entry:
     ttl_ms: int = 0
     reloaded: bool = False
     """A cached copy older than the read's min_version was skipped."""
+    tags: tuple[str, ...] = ()
+    """The value's tags (InvalidateTags)."""
 
     @property
     def found(self) -> bool:
@@ -38,6 +40,8 @@ class Row:
 
     value: bytes | None
     version: int
+    tags: tuple[str, ...] = ()
+    """Tags stored with the row (managed) or derived from its columns (mapped)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -196,6 +196,7 @@ async def replay(
                 fresh_ms=ns.ttl,
                 message=Invalidation(ns.name, letter.key, 0, reason, origin),
                 replay_of=letter.reverted_to,
+                tag_prefix=letter.tag_prefix,
             )
             if outcome.status is WriteStatus.QUEUE_FULL:
                 raise QueueFull(f"the write-behind queue of namespace {ns.name!r} is full")

@@ -15,7 +15,7 @@ from cli_support import CLI, Result, cachecoord, cli_env
 
 from cachecoord import exit_codes
 from cachecoord.app import App
-from cachecoord_client import AsyncClient, CacheCoordError
+from cachecoord_client import AsyncClient, CacheCoordError, Layer
 
 
 @pytest.fixture
@@ -167,6 +167,20 @@ async def test_invalidate_drops_the_cached_copy(app: App, client: AsyncClient, k
     assert (invalidated.code, invalidated.stdout.strip()) == (0, "1 cached entry dropped")
     assert again.json() == {"invalidated": 0}
     assert (await client.get("blobs", key)).value == b"cached"
+
+
+async def test_invalidate_tags_hides_the_values_put_with_the_tag(
+    app: App, client: AsyncClient, key: str
+) -> None:
+    put = await cachecoord(app, "put", "blobs", key, "tagged", "--tag", f"t-{key}", "--tag", "x")
+    await client.get("blobs", key)
+    await client.get("blobs", key)  # cached in Redis
+    invalidated = await cachecoord(app, "invalidate-tags", "blobs", f"t-{key}")
+
+    assert put.code == 0, put.stderr
+    assert (invalidated.code, invalidated.stdout.strip()) == (0, "1 tag(s) invalidated")
+    got = await client.get("blobs", key)
+    assert (got.value, got.layer) == (b"tagged", Layer.DATABASE)
 
 
 async def test_unknown_namespace_exits_64_plus_not_found_on_stderr(app: App) -> None:

@@ -210,16 +210,16 @@ async def test_concurrent_misses_in_one_instance_share_one_load(
     await client.put("plain", key, b"v")
     # The load is held until every Get has missed Redis, so all of them overlap.
     missed, all_missed = 0, asyncio.Event()
-    get, take_leases, load = ns.store.get, ns.store.take_leases, ns.table.load
+    read, take_leases, load = ns.store.read, ns.store.take_leases, ns.table.load
     lease_requests = 0
 
-    async def counted_get(name: str) -> bytes | None:
+    async def counted_read(name: str) -> tuple[bytes | None, int]:
         nonlocal missed
-        raw = await get(name)
+        raw, clock = await read(name)
         missed += raw is None
         if missed >= callers:
             all_missed.set()
-        return raw
+        return raw, clock
 
     async def counted_take_leases(
         tokens: dict[str, str], lease_ms: int, **options: Any
@@ -232,7 +232,7 @@ async def test_concurrent_misses_in_one_instance_share_one_load(
         await asyncio.wait_for(all_missed.wait(), 10)
         return await load(conn, keys)
 
-    monkeypatch.setattr(ns.store, "get", counted_get)
+    monkeypatch.setattr(ns.store, "read", counted_read)
     monkeypatch.setattr(ns.store, "take_leases", counted_take_leases)
     monkeypatch.setattr(ns.table, "load", held_load)
     answers = await asyncio.gather(*(client.get("plain", key) for _ in range(callers)))

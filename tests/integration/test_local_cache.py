@@ -116,6 +116,24 @@ async def test_a_put_on_another_instance_is_not_served_stale_once_its_event_arri
     assert gets[key] == 2, "read once before the put, once after its event, then from memory"
 
 
+async def test_a_tag_invalidated_on_another_instance_drops_the_values_carrying_it(
+    client: AsyncClient, writer: AsyncClient, gets: Counter[str], key: str
+) -> None:
+    """Values come with their tags: a tag event drops those carrying it, and
+    the others stay in memory."""
+    await writer.put("blobs", key, b"tagged", tags=[f"t-{key}"])
+    await writer.put("blobs", f"{key}-u", b"untagged")
+    async with LocalCache(client, namespaces=["blobs"]) as local:
+        for k in (key, f"{key}-u"):
+            await local.get("blobs", k)
+        await writer.invalidate_tags("blobs", [f"t-{key}"])
+        await poll(lambda: local.get("blobs", key), lambda _: gets[key] == 2, within=2)
+        assert (await local.get("blobs", f"{key}-u")).value == b"untagged"
+        assert (await local.get("blobs", key)).value == b"tagged"
+    assert gets[key] == 2, "read once before the tag event, once after it, then from memory"
+    assert gets[f"{key}-u"] == 1, "untagged: served from memory throughout"
+
+
 async def test_no_stale_read_after_a_put_on_another_instance(
     client: AsyncClient, writer: AsyncClient, key: str
 ) -> None:

@@ -3,8 +3,8 @@ log's bounds (length, age) and what happens past them, and tokens that are
 not tokens. Every test runs on a single Redis and on the Redis Cluster
 (``own_backend``), each in a namespace of its own.
 
-The Python client does not speak resume_token yet, so these tests use the
-generated stubs."""
+These tests use the generated stubs, to see the wire (the Python client's
+own resuming is tested in test_watch_replay_client.py and test_local_cache.py)."""
 
 from __future__ import annotations
 
@@ -134,6 +134,44 @@ async def test_a_watch_resumed_after_ten_thousand_changes_elsewhere_gets_all_the
         assert again.WhichOneof("event") == "resumed"
         assert again.resumed.replayed == 0
         await stream.close()
+
+
+async def test_a_resumed_watch_gets_the_tag_and_namespace_invalidations_made_while_away(
+    own_backend: Backend, tmp_path: Path
+) -> None:
+    ns = unique_namespace("tagged")
+    url, dsn, cluster = own_backend.url, own_backend.dsn, own_backend.cluster
+    async with (
+        instance(tmp_path, url, dsn, "watched", cluster=cluster, namespaces=managed(ns)) as (
+            app,
+            _,
+        ),
+        instance(tmp_path, url, dsn, "writer", cluster=cluster, namespaces=managed(ns)) as (
+            _,
+            writer,
+        ),
+    ):
+        stream = await watch_from(app, ns)
+        token = (await stream.next()).resume_token
+        await stream.close()
+
+        await writer.invalidate_tags(ns, ["tenant:1", "tenant:2"])
+        await writer.invalidate(ns, all=True)
+        await caught_up(app, ns)
+
+        stream = await watch_from(app, ns, token)
+        replayed = []
+        while (response := await stream.next()).WhichOneof("event") == "invalidation":
+            replayed.append(response.invalidation)
+        await stream.close()
+
+    assert response.WhichOneof("event") == "resumed"
+    tags = sorted(inv.tag for inv in replayed if inv.tag)
+    namespace_wide = [inv for inv in replayed if not inv.tag]
+    assert tags == ["tenant:1", "tenant:2"], "each tag once"
+    assert all(inv.all_keys and inv.key == "" for inv in replayed)
+    # A whole-namespace invalidation is in every partition's log.
+    assert len(namespace_wide) == 8  # log_partitions, by default
 
 
 async def test_a_token_older_than_the_log_reaches_gets_reset_too_old_then_live_events(

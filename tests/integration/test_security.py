@@ -389,6 +389,7 @@ async def test_token_from_a_file_reads_but_may_not_write(auth_app: App, tokens: 
         assert tokens.reader not in err.details
         await refused(client.delete("users", "1"), Code.PERMISSION_DENIED)
         await refused(client.invalidate("users", ["1"]), Code.PERMISSION_DENIED)
+        await refused(client.invalidate_tags("users", ["t"]), Code.PERMISSION_DENIED)
 
 
 async def test_token_from_the_environment_is_scoped_to_its_namespace(
@@ -399,6 +400,7 @@ async def test_token_from_the_environment_is_scoped_to_its_namespace(
         got = await client.get("blobs", key)
         assert (got.value, got.version) == (b"v1", version)
         await client.invalidate("blobs", [key])
+        await client.invalidate_tags("blobs", [key])  # the invalidate permission
         await client.delete("blobs", key)
 
         err = await refused(client.get("users", "1"), Code.PERMISSION_DENIED)

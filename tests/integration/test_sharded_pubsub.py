@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -242,7 +243,7 @@ async def test_with_sharded_pubsub_off_changes_go_out_on_the_classic_channel(
 
 async def replica_of(primary: str) -> str:
     """The URL of a replica of the primary at *primary*."""
-    node = aioredis.Redis.from_url(primary, protocol=2)
+    node: Any = aioredis.Redis.from_url(primary, protocol=2)
     try:
         myid = (await node.execute_command("CLUSTER", "MYID")).decode()
         lines = await node.execute_command("CLUSTER", "REPLICAS", myid)
@@ -253,7 +254,7 @@ async def replica_of(primary: str) -> str:
 
 
 async def failover_to(url: str) -> None:
-    node = aioredis.Redis.from_url(url, protocol=2)
+    node: Any = aioredis.Redis.from_url(url, protocol=2)
     try:
         await node.execute_command("CLUSTER", "FAILOVER")
     finally:

@@ -91,22 +91,24 @@ class HeldLoad:
 
 
 class Misses:
-    """Wraps a store's ``get``: signals each Redis read of *key* that found nothing.
+    """Wraps a store's ``read``: signals each Redis read of *key* that found nothing.
     The reader goes on synchronously from there to the single-flight, so once
     the test sees the signal, that reader has joined the running load."""
 
-    def __init__(self, get: Callable[[str], Awaitable[bytes | None]], key: str) -> None:
-        self._get = get
+    def __init__(
+        self, read: Callable[[str], Awaitable[tuple[bytes | None, int]]], key: str
+    ) -> None:
+        self._read = read
         self._key = key
         self.count = 0
         self.changed = asyncio.Event()
 
-    async def __call__(self, name: str) -> bytes | None:
-        raw = await self._get(name)
+    async def __call__(self, name: str) -> tuple[bytes | None, int]:
+        raw, clock = await self._read(name)
         if name == self._key and raw is None:
             self.count += 1
             self.changed.set()
-        return raw
+        return raw, clock
 
     async def wait_for(self, count: int) -> None:
         async with asyncio.timeout(5):
@@ -129,9 +131,9 @@ async def hold_a_load_then_write(
     ns = strategy(app_a, namespace)
     old = await client_b.put(namespace, key, b"old")
     held = HeldLoad(ns.table.load)
-    misses = Misses(ns.store.get, key)
+    misses = Misses(ns.store.read, key)
     monkeypatch.setattr(ns.table, "load", held)
-    monkeypatch.setattr(ns.store, "get", misses)
+    monkeypatch.setattr(ns.store, "read", misses)
     async with client_a.watch([namespace], key_prefix=key) as events:
         assert (await anext(events)).kind is WatchEventKind.RESET
         first = asyncio.create_task(client_a.get(namespace, key))
@@ -252,11 +254,11 @@ async def test_a_local_cache_read_after_an_event_gets_the_new_value_and_keeps_it
     old = await client_b.put("plain", key, b"old")
     await client_b.put("plain", marker, b"m")
     held = HeldLoad(ns.table.load)
-    misses = Misses(ns.store.get, key)
+    misses = Misses(ns.store.read, key)
     async with LocalCache(client_a, namespaces=["plain"]) as local:
         await poll(lambda: local.get("plain", marker), lambda _: len(local) == 1, within=2)
         monkeypatch.setattr(ns.table, "load", held)
-        monkeypatch.setattr(ns.store, "get", misses)
+        monkeypatch.setattr(ns.store, "read", misses)
         first = asyncio.create_task(client_a.get("plain", key))  # another client of A
         await asyncio.wait_for(held.loaded.wait(), 5)
         new = await client_b.put("plain", key, b"new")

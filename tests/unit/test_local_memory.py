@@ -141,3 +141,34 @@ def test_the_least_recently_used_entry_makes_room() -> None:
     assert mem.get(a) is not None
     get(mem, value(), c)
     assert [mem.holds(k) for k in (a, b, c)] == [True, False, True]
+
+
+def tagged(*tags: str) -> Value:
+    return Value(True, b"v", 1, Layer.REDIS, False, 0, tags=tags)
+
+
+def test_a_tag_drops_the_values_of_its_namespace_carrying_it_and_nothing_else() -> None:
+    mem = memory(ManualClock())
+    held = {
+        ("ns", "a"): tagged("t"),
+        ("ns", "b"): tagged("t", "s"),
+        ("ns", "c"): tagged("s"),
+        ("ns", "u"): tagged(),
+        ("other", "a"): tagged("t"),
+    }
+    for k, answer in held.items():
+        get(mem, answer, k)
+    mem.drop_tag("ns", "t")
+    assert [k for k in held if mem.holds(k)] == [("ns", "c"), ("ns", "u"), ("other", "a")]
+    mem.drop_tag("ns", "s")
+    assert [k for k in held if mem.holds(k)] == [("ns", "u"), ("other", "a")]
+
+
+def test_a_tagged_get_in_flight_across_a_tag_of_its_namespace_is_not_kept() -> None:
+    mem = memory(ManualClock())
+    tagged_read, untagged_read = mem.begin(("ns", "a")), mem.begin(("ns", "u"))
+    mem.drop_tag("ns", "any")
+    mem.finish(("ns", "a"), tagged_read, tagged("t"))
+    mem.finish(("ns", "u"), untagged_read, tagged())
+    assert not mem.holds(("ns", "a"))
+    assert mem.holds(("ns", "u"))

@@ -15,6 +15,8 @@ import {
   CacheCoordServiceClient,
   GetRequest,
   type HoldLockRequest,
+  PutRequest,
+  WatchRequest,
   HoldLockRequest_Acquire,
   type HoldLockResponse,
   type WatchResponse,
@@ -113,7 +115,7 @@ async function run(client: CacheCoordServiceClient): Promise<Record<string, unkn
   current = "watch";
   const key = `${prefix}a`;
   const watch: ClientReadableStream<WatchResponse> = client.watch(
-    { namespaces: ["blobs"], keyPrefix: prefix },
+    WatchRequest.fromPartial({ namespaces: ["blobs"], keyPrefix: prefix }),
     metadata(),
   );
   const events = new StreamReader<WatchResponse>(watch);
@@ -125,7 +127,7 @@ async function run(client: CacheCoordServiceClient): Promise<Record<string, unkn
   current = "put";
   const put1 = await unary(
     client.put.bind(client),
-    { namespace: "blobs", key, value: Buffer.from("hello from node"), expectedVersion: 0n },
+    PutRequest.fromPartial({ namespace: "blobs", key, value: Buffer.from("hello from node"), expectedVersion: 0n }),
     metadata(),
     options(),
   );
@@ -136,7 +138,7 @@ async function run(client: CacheCoordServiceClient): Promise<Record<string, unkn
   assert.equal(read1.version, put1.version);
   const put2 = await unary(
     client.put.bind(client),
-    { namespace: "blobs", key, value: Buffer.from("hello again"), expectedVersion: put1.version },
+    PutRequest.fromPartial({ namespace: "blobs", key, value: Buffer.from("hello again"), expectedVersion: put1.version }),
     metadata(),
     options(),
   );
@@ -149,7 +151,7 @@ async function run(client: CacheCoordServiceClient): Promise<Record<string, unkn
   current = "compare_and_set";
   const stale = await unary(
     client.put.bind(client),
-    { namespace: "blobs", key, value: Buffer.from("lost"), expectedVersion: put1.version },
+    PutRequest.fromPartial({ namespace: "blobs", key, value: Buffer.from("lost"), expectedVersion: put1.version }),
     metadata(),
     options(),
   ).then(

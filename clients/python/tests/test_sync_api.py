@@ -45,9 +45,10 @@ BLOCKING_SURFACE = {
     "batch_get": "(self, namespace: 'str', keys: 'Iterable[str]', *, "
     "min_versions: 'Mapping[str, int] | None' = None, "
     "timeout: 'float | None' = None) -> 'list[Entry]'",
+    # tags: added deliberately (issue 21 item 4), keyword-only with a default.
     "put": "(self, namespace: 'str', key: 'str', value: 'bytes', *, "
     "expected_version: 'int | None' = None, ttl_ms: 'int | None' = None, "
-    "timeout: 'float | None' = None) -> 'int'",
+    "tags: 'Iterable[str]' = (), timeout: 'float | None' = None) -> 'int'",
     "delete": "(self, namespace: 'str', key: 'str', *, expected_version: 'int | None' = None, "
     "timeout: 'float | None' = None) -> 'Deleted'",
     "invalidate": "(self, namespace: 'str', keys: 'Iterable[str]' = (), *, all: 'bool' = False, "

@@ -19,6 +19,7 @@ _HINTS: dict[type, str] = {
     float: "a number",
     bool: "true or false",
     str: "a string",
+    tuple[str, ...]: 'a list of strings, such as ["tenant:{tenant_id}"]',
 }
 
 
@@ -31,6 +32,10 @@ def field_types(cls: type[Any]) -> dict[str, Any]:
 def coerce(kind: Any, value: Any, label: str) -> Any:
     """*value* as a *kind*; a ConfigError naming *label* and the accepted forms if it is not."""
     try:
+        if kind == tuple[str, ...]:
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return tuple(value)
         if kind is Duration:
             return duration(value)
         if isinstance(kind, type) and issubclass(kind, enum.Enum):

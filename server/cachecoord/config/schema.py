@@ -18,6 +18,7 @@ from cachecoord.config.values import (
     QueueFull,
     StrategyName,
 )
+from cachecoord.storage.tag_templates import BadTemplate, TagTemplate
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +265,9 @@ class NamespaceSettings:
     wait_replicas: int = field(default=0, metadata=_write_behind_between(0, 16))
     """write-behind: replicas that must acknowledge a Put (Redis WAIT) before it
     is acknowledged; 0 relies on the primary's persistence alone."""
+    tags: tuple[str, ...] = ()
+    """mapped only: tag templates, e.g. ["tenant:{tenant_id}"]: each value gets
+    the tags rendered from its row's columns (for InvalidateTags)."""
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if self.kind is Kind.MAPPED and not (self.table and self.key_column):
@@ -272,6 +276,18 @@ class NamespaceSettings:
             yield "table", "a managed namespace uses cachecoord's own table; remove table"
         if _write_behind(self) and self.invalidation is Invalidation.VERSION:
             yield "invalidation", '"version" is not supported with write-behind; use "delete"'
+        yield from self._tag_problems()
+
+    def _tag_problems(self) -> Iterator[tuple[str, str]]:
+        if not self.tags:
+            return
+        if self.kind is Kind.MANAGED:
+            yield "tags", "only a mapped namespace derives tags from columns; a Put gives its tags"
+        for text in self.tags:
+            try:
+                TagTemplate.parse(text)
+            except BadTemplate as err:
+                yield "tags", str(err)
 
 
 @dataclass(frozen=True, slots=True)

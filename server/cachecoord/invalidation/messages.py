@@ -9,9 +9,12 @@ change created (0 when unknown, e.g. a plain Invalidate). ``origin`` is the
 instance that made the change, ``at`` when it published it (Unix time in
 seconds; absent or 0 when unknown): receivers measure the propagation delay
 from it (cachecoord.invalidation.propagation.duration), so it is only as
-good as the clocks of the hosts agree. A change (not a fill notice) also
-carries ``"partition": 3, "position": "1796538143288-0"``: the partition of
-the namespace's invalidation log it was appended to and its entry id there
+good as the clocks of the hosts agree. InvalidateTags publishes one message
+per tag with ``"tag": "<tag>"``, ``key`` null and ``reason`` ``"tags"``: every
+entry carrying that tag was invalidated (not the whole namespace); other
+messages have no ``tag`` member. A change (not a fill notice) also carries
+``"partition": 3, "position": "1796538143288-0"``: the partition of the
+namespace's invalidation log it was appended to and its entry id there
 (storage/invalidation_log.py), added by the script that made the change.
 Documented in the README; other programs may subscribe.
 """
@@ -31,17 +34,27 @@ class Invalidation:
     reason: str
     origin: str
     at: float = field(default_factory=time.time)
+    tag: str | None = None
+    """Set on InvalidateTags' messages (one per tag); *key* is then None."""
     partition: int = -1
     """The log partition the change was appended to (-1: not logged)."""
     position: str = ""
     """Its position there, a stream entry id ('' when not logged)."""
 
+    @property
+    def everything(self) -> bool:
+        """Whether the whole namespace was invalidated."""
+        return self.key is None and self.tag is None
+
     def encode(self) -> bytes:
         """The message as published, but without its partition and position
-        (the script that logs it adds them) unless it has them."""
+        (the script that logs it adds them) unless it has them, and without
+        a tag unless it has one."""
         data = asdict(self)
         if not self.position:
             del data["partition"], data["position"]
+        if self.tag is None:
+            del data["tag"]
         return json.dumps(data, separators=(",", ":")).encode()
 
     def at_position(self, partition: int, position: str) -> Invalidation:
@@ -67,6 +80,7 @@ class Invalidation:
             reason=str(data.get("reason", "")),
             origin=str(data.get("origin", "")),
             at=float(data.get("at") or 0.0),
+            tag=None if data.get("tag") is None else str(data["tag"]),
             partition=int(data.get("partition", -1)),
             position=str(data.get("position") or ""),
         )
@@ -74,6 +88,9 @@ class Invalidation:
 
 FILL = "fill"
 """The reason of a :class:`FillNotice`."""
+
+TAGS = "tags"
+"""The reason of InvalidateTags' messages."""
 
 
 @dataclass(frozen=True, slots=True)

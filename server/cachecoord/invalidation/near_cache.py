@@ -19,6 +19,10 @@ What may be kept, and for how long:
   began (:meth:`begin` .. :meth:`finish`, per key): a slow read cannot put
   back a value that was invalidated under it, and a message that arrives
   while the read is in flight cannot be overtaken by it;
+- a value with tags, only if no tag invalidation (of any tag) arrived since
+  its read began: a read in flight when InvalidateTags' message arrives may
+  have read the value before it (tags are few and their invalidations rare,
+  so the rule does not track which tags);
 - for ``near_cache_ttl`` (or the value's own TTL, if shorter) counted from
   when its read *began*, not from when it was kept: a value is never served
   longer than ``near_cache_ttl`` after it was read.
@@ -64,6 +68,8 @@ class NearCache:
         self._suspended = False
         self._reading: Counter[str] = Counter()  # keys with a read in flight
         self._changed: dict[str, int] = {}  # their last invalidation
+        self._tag_changed = 0  # the last tag invalidation
+        self._tagged: dict[str, set[str]] = {}  # tag -> the keys kept here that carry it
 
     def get(self, key: str) -> Entry | None:
         if self._suspended:
@@ -73,7 +79,7 @@ class NearCache:
             return None
         expires, entry = item
         if self._clock() >= expires:
-            del self._entries[key]
+            self._drop(key)
             return None
         self._entries.move_to_end(key)
         return entry
@@ -99,15 +105,21 @@ class NearCache:
             self._changed.pop(key, None)
         if entry is None or read_at is None or entry.stale or missed > began or self._suspended:
             return
+        if entry.tags and self._tag_changed > began:
+            return
         ttl = self._max_ttl if entry.ttl_ms <= 0 else min(self._max_ttl, entry.ttl_ms / 1000)
         expires = read_at + ttl
         if expires <= self._clock():
             return
-        near = Entry(entry.key, entry.value, entry.version, Layer.NEAR, False, entry.ttl_ms)
+        near = Entry(
+            entry.key, entry.value, entry.version, Layer.NEAR, False, entry.ttl_ms, tags=entry.tags
+        )
+        self._drop(entry.key)
         self._entries[entry.key] = (expires, near)
-        self._entries.move_to_end(entry.key)
+        for tag in near.tags:
+            self._tagged.setdefault(tag, set()).add(near.key)
         if len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+            self._drop(next(iter(self._entries)))
             if self._on_evict is not None:
                 self._on_evict()
 
@@ -116,19 +128,41 @@ class NearCache:
         self._seq += 1
         if key is None:
             self._flushed = self._seq
-            self._entries.clear()
+            self._clear()
             return
         if key in self._reading:
             self._changed[key] = self._seq
         item = self._entries.get(key)
         if item is not None and (version == 0 or item[1].version < version):
-            del self._entries[key]
+            self._drop(key)
+
+    def invalidate_tag(self, tag: str) -> None:
+        """Every value carrying *tag* was invalidated somewhere."""
+        self._seq += 1
+        self._tag_changed = self._seq
+        for key in self._tagged.pop(tag, ()):
+            self._drop(key)
 
     def flush(self) -> None:
         """Forget everything: invalidations may have been missed."""
         self._seq += 1
         self._flushed = self._seq
+        self._clear()
+
+    def _drop(self, key: str) -> None:
+        item = self._entries.pop(key, None)
+        if item is None:
+            return
+        for tag in item[1].tags:
+            keys = self._tagged.get(tag)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._tagged[tag]
+
+    def _clear(self) -> None:
         self._entries.clear()
+        self._tagged.clear()
 
     def suspend(self) -> None:
         """Invalidations may be missing until :meth:`resume`: serve nothing,

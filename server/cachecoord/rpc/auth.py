@@ -103,6 +103,7 @@ RULES: Mapping[str, Rule] = {
     "Put": _on_namespace(Action.WRITE),
     "Delete": _on_namespace(Action.WRITE),
     "Invalidate": _on_namespace(Action.INVALIDATE),
+    "InvalidateTags": _on_namespace(Action.INVALIDATE),
     "Watch": _watch,
     "AcquireLock": _lock,
     "ReleaseLock": _lock,

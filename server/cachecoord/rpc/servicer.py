@@ -69,6 +69,7 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
             stale=entry.stale,
             ttl_ms=entry.ttl_ms,
             reloaded=entry.reloaded,
+            tags=entry.tags,
         )
 
     @rpc(_timeout)
@@ -88,6 +89,7 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
                 request.expected_version if request.HasField("expected_version") else None
             ),
             ttl_ms=request.ttl_ms if request.HasField("ttl_ms") else None,
+            tags=list(request.tags),
         )
         return pb.PutResponse(version=version)
 
@@ -111,12 +113,12 @@ class CacheCoordServicer(pb_grpc.CacheCoordServiceServicer):
         )
         return pb.InvalidateResponse(invalidated=count)
 
+    @rpc(_timeout)
     async def InvalidateTags(
         self, request: pb.InvalidateTagsRequest, context: Context
     ) -> pb.InvalidateTagsResponse:
-        # Being built (issue 21, item 4): answered UNIMPLEMENTED until then.
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "InvalidateTags is not built yet")
-        raise AssertionError("unreachable")
+        await self.cache.invalidate_tags(request.namespace, list(request.tags))
+        return pb.InvalidateTagsResponse()
 
     @rpc(_timeout)
     async def AcquireLock(
@@ -211,10 +213,13 @@ def _watch_response(event: WatchEvent, resume_token: str) -> pb.WatchResponse:
             invalidation=pb.Invalidation(
                 namespace=change.namespace,
                 key=change.key or "",
+                # A tag's event too (the contract): a client that does not
+                # know tags then drops the whole namespace, not nothing.
                 all_keys=change.key is None,
                 version=change.version,
                 reason=change.reason,
                 origin=change.origin,
+                tag=change.tag or "",
             ),
             resume_token=resume_token,
         )
@@ -239,6 +244,7 @@ def _entry(entry: Entry) -> pb.Entry:
         stale=entry.stale,
         ttl_ms=entry.ttl_ms,
         reloaded=entry.reloaded,
+        tags=entry.tags,
     )
 
 

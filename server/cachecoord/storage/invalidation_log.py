@@ -102,17 +102,19 @@ class InvalidationLog:
         return [partition, self.bounds.max_entries, self.bounds.max_age_ms]
 
     @guarded
+    async def announce(self, partition: int, message: bytes) -> str:
+        """Announce a change that no entry script made (a tag's invalidation)
+        in *partition*'s log; its position."""
+        position = await self._announce_all(
+            keys=[self.keys.log_of(partition)],
+            args=[self.keys.channel_of(partition), message, *self.announce_args(partition)],
+        )
+        return _text(position)
+
     async def announce_all(self, message: bytes) -> list[str]:
         """Announce a whole-namespace change in every partition's log (one
         script per partition: each log is on its own slot); the positions."""
-        positions = []
-        for p in range(self.partitions):
-            position = await self._announce_all(
-                keys=[self.keys.log_of(p)],
-                args=[self.keys.channel_of(p), message, *self.announce_args(p)],
-            )
-            positions.append(_text(position))
-        return positions
+        return [await self.announce(p, message) for p in range(self.partitions)]
 
     @guarded
     async def positions(self) -> list[str]:

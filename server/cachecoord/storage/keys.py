@@ -16,13 +16,16 @@ stays on a single Redis Cluster slot:
   namespace, ``cc:wb:{<ns>}:dead`` (dead letters) and ``cc:wb:{<ns>}:errors``
   (why entries were rejected).
 
+Per namespace, ``cc:tags:{<ns>}:clock``, its tag clock, and ``cc:tags:{<ns>}``,
+the hash of its tag marks (InvalidateTags, see scripts.py INVALIDATE_TAGS).
+
 Namespace names cannot contain ``:`` or ``{`` (config.NAME_RE) and a
 partition is digits, so the hash tag ends at the first ``}``; after it comes
 a fixed part (``:v:``, ``:l:``, ``:g:``, ``:queue``, ``:log``), and the key,
 when there is one, is last or followed by ``:g<digits>`` (whose last ``:g``
 is the one before the digits). So distinct (namespace, key) pairs never share
 a Redis key, whatever bytes the key holds, and no entry key is a log or a
-queue.
+queue. The tag keys' hash tag holds no ``:``, so it is none of a partition's.
 
 Invalidation messages (invalidation/messages.py) go out on the namespace's
 classic pub/sub channel ``cc:inv:<ns>`` or, with sharded pub/sub on a Redis
@@ -124,6 +127,17 @@ class KeySpace:
         return f"cc:wb:{{{self.namespace}}}:errors"
 
     @property
+    def tag_clock(self) -> str:
+        """The namespace's tag clock (a number; read with every value)."""
+        return f"cc:tags:{{{self.namespace}}}:clock"
+
+    @property
+    def tags(self) -> str:
+        """A hash: tag -> the clock value at which the tag was last
+        invalidated; '' -> the clock as the hash last saw it."""
+        return f"cc:tags:{{{self.namespace}}}"
+
+    @property
     def scan_patterns(self) -> list[str]:
         """Globs matching every cached value, lease (and generation) of the
         namespace (names hold no glob characters), never its queues or logs."""
@@ -149,3 +163,7 @@ def fencing_key(name: str) -> str:
 LOCK_CHANNEL = "cc:locks"
 """Lock release notices: a classic channel, broadcast to every node of a
 cluster (lock keys are spread over every slot, and releases are rare)."""
+
+TAG_CLOCK = ""
+"""The field of KeySpace.tags that mirrors the tag clock (a tag is never
+empty): marks read with it are known to be the marks of that clock."""

@@ -33,6 +33,15 @@ CREATE TABLE IF NOT EXISTS cachecoord.entries (
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (namespace, key)
 );
+-- Tags of managed values (InvalidateTags): added to tables made before them.
+-- Looked up first: ALTER TABLE would lock the table at every start.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = 'cachecoord.entries'::regclass
+                   AND attname = 'tags' AND NOT attisdropped) THEN
+        ALTER TABLE cachecoord.entries ADD COLUMN tags text[] NOT NULL DEFAULT '{}';
+    END IF;
+END $$;
 -- Invalidations committed with the write that causes them; deleted once Redis
 -- has applied them. key NULL means the whole namespace.
 CREATE TABLE IF NOT EXISTS cachecoord.outbox (

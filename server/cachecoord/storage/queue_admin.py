@@ -34,6 +34,8 @@ class DeadLetter:
     reverted_to: int
     """The version the key moved on to (holding PostgreSQL's row); 0 if a
     newer write had replaced the rejected one already."""
+    tag_prefix: bytes = b""
+    """The write's tags and the tag clock read before it (envelope.py)."""
 
     @classmethod
     def parse(cls, entry_id: Any, fields: dict[bytes, bytes]) -> DeadLetter:
@@ -43,6 +45,7 @@ class DeadLetter:
             version=int(fields[b"v"]),
             kind=_KINDS.get(fields.get(b"t", b""), "value"),
             payload=fields.get(b"p", b""),
+            tag_prefix=fields.get(b"g", b""),
             error=fields.get(b"error", b"").decode(errors="replace"),
             dead_at=_id_ms(entry_id) / 1000,
             reverted_to=int(fields.get(b"reverted_to", b"0") or 0),

@@ -27,7 +27,7 @@ from cachecoord.storage.breaker import CircuitBreaker
 from cachecoord.storage.breaker import guarded as _guarded
 from cachecoord.storage.hot_path import REROUTE, HotPath, PipelinedRedis
 from cachecoord.storage.invalidation_log import InvalidationLog, LogBounds
-from cachecoord.storage.keys import KeySpace
+from cachecoord.storage.keys import TAG_CLOCK, KeySpace
 from cachecoord.storage.pipelined import Command
 from cachecoord.storage.scripts import (
     DROP_IF_CLEAN,
@@ -36,8 +36,10 @@ from cachecoord.storage.scripts import (
     GET_GENERATION,
     INVALIDATE,
     INVALIDATE_GENERATION,
+    INVALIDATE_TAGS,
     LEASE,
     LEASE_GENERATION,
+    START_TAG_CLOCK,
     STORE,
     STORE_GENERATION,
 )
@@ -128,6 +130,8 @@ class EntryStore:
         self._hot_path: HotPath | None = getattr(client, "hot_path", None)
         register = client.register_script
         self._drop_if_clean = register(DROP_IF_CLEAN)
+        self._invalidate_tags = register(INVALIDATE_TAGS)
+        self._start_tag_clock = register(START_TAG_CLOCK)
         self._get: Any = None
         if generations:
             self._get = register(GET_GENERATION)
@@ -212,6 +216,104 @@ class EntryStore:
             lambda _: self._get(keys=keys, args=args),
         )
         return cast("bytes | None", replies[0])
+
+    @_guarded
+    async def read(self, key: str) -> tuple[bytes | None, int]:
+        """*key*'s cached value and the namespace's tag clock, in one round
+        trip: one MGET on a single Redis; on a cluster (other slots) or with
+        generations (a script), two pipelined commands."""
+        clock_key = self.keys.tag_clock
+        if self._hot_path is None:
+            raws, clock = await self._read_many_plain([key])
+            return raws[0], clock
+        if not self.generations and not self.cluster:
+            name = self.keys.value(key)
+            replies = await self._hot(
+                [name], [("MGET", name, clock_key)], lambda _: self.client.mget(name, clock_key)
+            )
+            raw, clock = replies[0]
+            return raw, int(clock or 0)
+        raws, clock = await self._read_many_hot([key])
+        return raws[0], clock
+
+    async def read_many(self, key_list: Sequence[str]) -> tuple[list[bytes | None], int]:
+        """The cached values of *key_list* and the namespace's tag clock, in
+        one round trip where the hot path serves them (one per node)."""
+        if self._hot_path is None or not key_list:
+            return await self._read_many_plain(key_list)
+        return await self._read_many_hot(key_list)
+
+    async def _read_many_plain(self, key_list: Sequence[str]) -> tuple[list[bytes | None], int]:
+        clock, raws = await asyncio.gather(self.tag_clock(), self.get_many(key_list))
+        return raws, clock
+
+    @_guarded
+    async def _read_many_hot(self, key_list: Sequence[str]) -> tuple[list[bytes | None], int]:
+        clock_key = self.keys.tag_clock
+        names = [self.keys.value(k) for k in key_list]
+        if not self.generations and not self.cluster:
+            replies = await self._hot(
+                names[:1],
+                [("MGET", *names, clock_key)],
+                lambda _: self.client.mget(*names, clock_key),
+            )
+            *raws, clock = replies[0]
+            return raws, int(clock or 0)
+        if self.generations:
+            calls = [self._entry_keys(key) for key in key_list]
+            routes = [keys[0] for keys, _ in calls]
+            commands = [self._script_command(self._get, keys, args) for keys, args in calls]
+
+            def fetch(i: int) -> Awaitable[Any]:
+                keys, args = calls[i]
+                return self._get(keys=keys, args=args)  # type: ignore[no-any-return]
+
+        else:  # keys of a batch live in many slots: a GET each, grouped by node
+            routes, commands = names, [("GET", name) for name in names]
+
+            def fetch(i: int) -> Awaitable[Any]:
+                return self.client.get(names[i])
+
+        last = len(commands)
+        replies = await self._hot(
+            [*routes, clock_key],
+            [*commands, ("GET", clock_key)],
+            lambda i: self.client.get(clock_key) if i == last else fetch(i),
+        )
+        return cast("list[bytes | None]", replies[:last]), int(replies[last] or 0)
+
+    @_guarded
+    async def tag_clock(self) -> int:
+        """The namespace's tag clock (0: no tag was ever invalidated)."""
+        return int(await self.client.get(self.keys.tag_clock) or 0)
+
+    @_guarded
+    async def started_tag_clock(self) -> int:
+        """The namespace's tag clock, started if it is not there (see
+        START_TAG_CLOCK): what a value about to be read or written records."""
+        keys = [self.keys.tag_clock, self.keys.tags]
+        return int(await self._start_tag_clock(keys=keys, args=[]))
+
+    @_guarded
+    async def tag_marks(self, tags: Sequence[str]) -> tuple[int, list[int]]:
+        """The tag clock as the marks hash last saw it, and the clock value at
+        which each of *tags* was last invalidated (0: never)."""
+        marks = await self.client.hmget(self.keys.tags, [TAG_CLOCK, *tags])
+        recorded, *rest = (int(mark or 0) for mark in marks)
+        return recorded, rest
+
+    @_guarded
+    async def invalidate_tags(self, messages: dict[str, bytes]) -> int:
+        """Move the tag clock, mark each tag of ``tag -> message`` invalidated
+        at the new clock value (from then on no read serves a value carrying
+        it), then announce each message in the log of the tag's partition
+        (one is enough: a reader that resumes reads every partition); returns
+        the clock."""
+        keys = [self.keys.tag_clock, self.keys.tags]
+        clock = int(await self._invalidate_tags(keys=keys, args=list(messages)))
+        for tag, message in messages.items():
+            await self.log.announce(self.keys.partition(tag), message)
+        return clock
 
     @_guarded
     async def get_many(self, key_list: Sequence[str]) -> list[bytes | None]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 ENVELOPE = """
 -- The value envelope of storage/envelope.py:
--- <version>:<fresh_until_ms>:<load_ms>:<tag><payload>, tag v|n, V|N while dirty.
+-- <version>:<fresh_until_ms>:<load_ms>:<tag><payload>, tag v|n, V|N while dirty;
+-- t (T dirty) for a value with tags, whose payload starts with <clock>:<length>:<tags>.
 local function envelope_version(raw)
   return tonumber(string.match(raw, '^(%d+):'))
 end
@@ -233,3 +234,46 @@ STORE_GENERATION = (
 # KEYS: log. ARGV: channel, message, partition, log max_len, log max_age_ms.
 # Returns the position.
 ANNOUNCE_ALL = ANNOUNCE + "return announce(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])\n"
+# A namespace's tag clock is a plain key (keys.py KeySpace.tag_clock), read
+# with every value (one MGET on a single Redis); its marks are a hash
+# (KeySpace.tags): tag -> the clock value at which the tag was last
+# invalidated, and field '' (never a tag: tags are 1 to 128 bytes) the clock
+# as the hash last saw it. Both share a hash tag and change together here,
+# so a reader that finds the hash's '' behind the clock knows the hash was
+# lost (evicted, flushed), and a clock behind a value's means the clock was:
+# either way the value counts as invalid (strategies/tagging.py). The clock
+# moves to max(clock + 1, Redis time in µs): it keeps increasing even after
+# Redis lost both. The caller then announces each tag in one partition's
+# invalidation log (ANNOUNCE_ALL): the logs' keys are on other slots.
+# KEYS: the clock, the marks hash. ARGV: the tags.
+# Returns the new clock value.
+INVALIDATE_TAGS = """
+local now = redis.call('TIME')
+local micros = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local seen = math.max(tonumber(redis.call('GET', KEYS[1])) or 0,
+  tonumber(redis.call('HGET', KEYS[2], '')) or 0)
+local stamp = string.format('%.0f', math.max(seen + 1, micros))
+redis.call('SET', KEYS[1], stamp)
+redis.call('HSET', KEYS[2], '', stamp)
+for i = 1, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], stamp) end
+return stamp
+"""
+
+# The tag clock, started if it is not there (a namespace's first tagged value,
+# or Redis lost it): a tagged value always records a clock that exists, so a
+# clock read as 0 later means it was lost (strategies/tagging.py). Started at
+# max(marks' copy + 1, Redis time in µs); the marks' copy ('') is moved too
+# only if the marks are there: if they were lost as well, the copy stays
+# behind the clock and says so.
+# KEYS: the clock, the marks hash. Returns the clock.
+START_TAG_CLOCK = """
+local clock = redis.call('GET', KEYS[1])
+if clock then return clock end
+local now = redis.call('TIME')
+local micros = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local seen = tonumber(redis.call('HGET', KEYS[2], '')) or 0
+local stamp = string.format('%.0f', math.max(seen + 1, micros))
+redis.call('SET', KEYS[1], stamp)
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[2], '', stamp) end
+return stamp
+"""

@@ -28,6 +28,7 @@ from cachecoord.storage.key_forms import (
     UnsupportedKeyType,
     canonical_form,
 )
+from cachecoord.storage.tag_templates import TagTemplate, derive
 
 
 class Table(Protocol):
@@ -40,6 +41,17 @@ class Table(Protocol):
 
     @property
     def writable_columns(self) -> frozenset[str]: ...
+
+    @property
+    def tagged(self) -> bool:
+        """Whether rows may carry tags without a Put giving them (mapped
+        tables with tag templates)."""
+
+    def check_tags(self, tags: Sequence[str]) -> None:
+        """Raise InvalidArgument if a Put may not give *tags*."""
+
+    def row_tags(self, value: bytes, given: Sequence[str]) -> tuple[str, ...]:
+        """The tags of a row as written with the Put's tags *given*."""
 
     def check_key(self, key: str) -> None:
         """Raise InvalidArgument if *key* cannot name a row of this table."""
@@ -58,8 +70,11 @@ class Table(Protocol):
         """Lock the rows of *keys* that exist until the transaction ends,
         before their version rows (the order every writer takes them in)."""
 
-    async def write(self, conn: AsyncConnection, key: str, prepared: Any) -> bytes:
-        """Upsert the row; return the value as it is now stored."""
+    async def write(
+        self, conn: AsyncConnection, key: str, prepared: Any, tags: Sequence[str] = ()
+    ) -> bytes:
+        """Upsert the row (with *tags*, where the table stores them); return
+        the value as it is now stored."""
 
     async def delete(self, conn: AsyncConnection, key: str) -> bool: ...
 
@@ -68,18 +83,20 @@ class ManagedTable:
     """Opaque bytes in ``cachecoord.entries``."""
 
     _LOAD = """
-        SELECT k.key, e.value, coalesce(v.version, 0)
+        SELECT k.key, e.value, coalesce(v.version, 0), e.tags
         FROM unnest(%(keys)s::text[]) AS k(key)
         LEFT JOIN cachecoord.entries e ON e.namespace = %(ns)s AND e.key = k.key
         LEFT JOIN cachecoord.versions v ON v.namespace = %(ns)s AND v.key = k.key
     """
     _WRITE = """
-        INSERT INTO cachecoord.entries (namespace, key, value) VALUES (%s, %s, %s)
-        ON CONFLICT (namespace, key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
+        INSERT INTO cachecoord.entries (namespace, key, value, tags) VALUES (%s, %s, %s, %s)
+        ON CONFLICT (namespace, key)
+        DO UPDATE SET value = EXCLUDED.value, tags = EXCLUDED.tags, updated_at = now()
     """
 
     merges_rows = False
     writable_columns: frozenset[str] = frozenset()
+    tagged = False
 
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
@@ -90,9 +107,17 @@ class ManagedTable:
     def prepare(self, key: str, value: bytes) -> bytes:
         return value
 
+    def check_tags(self, tags: Sequence[str]) -> None:
+        return None
+
+    def row_tags(self, value: bytes, given: Sequence[str]) -> tuple[str, ...]:
+        return tuple(given)
+
     async def load(self, conn: AsyncConnection, keys: Sequence[str]) -> dict[str, Row]:
         cur = await conn.execute(self._LOAD, {"keys": list(keys), "ns": self.namespace})
-        return {key: Row(value, version) async for key, value, version in cur}
+        return {
+            key: Row(value, version, tuple(tags or ())) async for key, value, version, tags in cur
+        }
 
     async def exists(self, conn: AsyncConnection, key: str, *, lock: bool = False) -> bool:
         cur = await conn.execute(
@@ -105,8 +130,10 @@ class ManagedTable:
     async def lock(self, conn: AsyncConnection, keys: Sequence[str]) -> None:
         pass  # only cachecoord writes these rows, always after the version row
 
-    async def write(self, conn: AsyncConnection, key: str, prepared: bytes) -> bytes:
-        await conn.execute(self._WRITE, (self.namespace, key, prepared))
+    async def write(
+        self, conn: AsyncConnection, key: str, prepared: bytes, tags: Sequence[str] = ()
+    ) -> bytes:
+        await conn.execute(self._WRITE, (self.namespace, key, prepared, list(tags)))
         return prepared
 
     async def delete(self, conn: AsyncConnection, key: str) -> bool:
@@ -130,7 +157,12 @@ class MappedTable:
     key_type: str
     writable_columns: frozenset[str]
     canonical: Canonical
+    tag_templates: tuple[TagTemplate, ...] = ()
     merges_rows = True
+
+    @property
+    def tagged(self) -> bool:
+        return bool(self.tag_templates)
 
     @classmethod
     async def introspect(cls, conn: AsyncConnection, ns: NamespaceSettings) -> MappedTable:
@@ -183,6 +215,15 @@ class MappedTable:
         )
         schema_table = await cur.fetchone()
         assert schema_table is not None
+        templates = tuple(TagTemplate.parse(text) for text in ns.tags)
+        for template in templates:
+            unknown = [name for name in template.columns if name not in columns]
+            if unknown:
+                raise ConfigError(
+                    f"{where}.tags: the template {template.text!r} names column(s) "
+                    f"{', '.join(map(repr, unknown))} that {ns.table!r} does not have; "
+                    f"columns: {', '.join(columns)}"
+                )
         return cls(
             namespace=ns.name,
             table=sql.Identifier(*schema_table),
@@ -190,6 +231,7 @@ class MappedTable:
             key_type=key_type,
             writable_columns=frozenset(name for name, (_, gen, *_) in columns.items() if not gen),
             canonical=canonical,
+            tag_templates=templates,
         )
 
     def check_key(self, key: str) -> None:
@@ -209,6 +251,17 @@ class MappedTable:
                 f"key {key!r} is not in canonical form for {self.key_type} column "
                 f"{self.key_column}; use {canonical!r}"
             )
+
+    def check_tags(self, tags: Sequence[str]) -> None:
+        if tags:
+            raise InvalidArgument(
+                f"namespace {self.namespace!r} is mapped: its values' tags come from its "
+                f"columns (namespaces.{self.namespace}.tags), since its table, not "
+                "cachecoord's, has no place to keep tags given by a Put; send no tags"
+            )
+
+    def row_tags(self, value: bytes, given: Sequence[str]) -> tuple[str, ...]:
+        return derive(self.tag_templates, value)
 
     def prepare(self, key: str, value: bytes) -> str:
         try:
@@ -252,10 +305,11 @@ class MappedTable:
                LEFT JOIN cachecoord.versions v ON v.namespace = %(ns)s AND v.key = k.key"""
         ).format(table=self.table, key=sql.Identifier(self.key_column), type=self._type())
         cur = await conn.execute(query, {"keys": list(keys), "ns": self.namespace})
-        return {
-            key: Row(None if row is None else row.encode(), version)
-            async for key, row, version in cur
-        }
+        return {key: self._row(row, version) async for key, row, version in cur}
+
+    def _row(self, row: str | None, version: int) -> Row:
+        value = None if row is None else row.encode()
+        return Row(value, version, derive(self.tag_templates, value))
 
     async def exists(self, conn: AsyncConnection, key: str, *, lock: bool = False) -> bool:
         query = sql.SQL("SELECT 1 FROM {table} WHERE {key} = %s::{type}{lock}").format(
@@ -276,7 +330,9 @@ class MappedTable:
         ).format(table=self.table, key=sql.Identifier(self.key_column), type=self._type())
         await conn.execute(query, (list(keys),))
 
-    async def write(self, conn: AsyncConnection, key: str, prepared: str) -> bytes:
+    async def write(
+        self, conn: AsyncConnection, key: str, prepared: str, tags: Sequence[str] = ()
+    ) -> bytes:
         # Only the given columns are written (a partial update of an existing
         # row); PostgreSQL converts each JSON member to its column's type. An
         # UPDATE comes first: an INSERT ... ON CONFLICT would check NOT NULL

@@ -15,7 +15,7 @@ local previous, visible = 0, 0
 if current then
   local kind
   previous, kind = envelope_version_and_tag(current)
-  if kind == 'v' or kind == 'V' then visible = previous end
+  if kind ~= 'n' and kind ~= 'N' then visible = previous end
 end
 local expected = tonumber(ARGV[3])
 if expected >= 0 then
@@ -27,11 +27,13 @@ local now = redis.call('TIME')
 local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local version = string.format('%.0f', math.max(previous + 1, clock))
 local fresh_until = string.format('%.0f', math.floor(clock / 1000) + tonumber(ARGV[6]))
-redis.call('SET', KEYS[1], envelope_dirty(version, fresh_until, ARGV[2], ARGV[1]))
+local stored = ARGV[2]
+if ARGV[11] ~= '' and stored == 'v' then stored = 't' end
+redis.call('SET', KEYS[1], envelope_dirty(version, fresh_until, stored, ARGV[11] .. ARGV[1]))
 redis.call('DEL', KEYS[2])
 redis.call('XADD', KEYS[3], '*', 'k', ARGV[7], 'v', version, 't', ARGV[2], 'p', ARGV[1],
-  'c', ARGV[8])
-announce(KEYS[4], ARGV[5], ARGV[9] .. version .. ARGV[10], ARGV[11], ARGV[12], ARGV[13])
+  'c', ARGV[8], 'g', ARGV[11])
+announce(KEYS[4], ARGV[5], ARGV[9] .. version .. ARGV[10], ARGV[12], ARGV[13], ARGV[14])
 return {1, tonumber(version)}
 """
 
@@ -39,15 +41,16 @@ return {1, tonumber(version)}
 # acknowledged only when both the value and its queue entry exist.
 # KEYS: value, lease, queue, log. ARGV: payload, kind (v|n), expected version
 # (-1: none), queue bound, channel, fresh ms, key, traceparent of the Put (so
-# the flush span can link to it), message before and after its version,
+# the flush span can link to it), message before and after its version, the
+# value's tag prefix (envelope.py tag_prefix; '' without tags: queued as 'g'),
 # partition, log max_len, log max_age_ms.
 # Returns {1, version} written, {0, current} version conflict, {-1, 0} queue
 # full, {-2, 0} not cached (the caller loads the key, then retries).
 WRITE = ENVELOPE + ANNOUNCE + _WRITE_BODY
 
 # WRITE, run only if the key is still at the version the dead lettering left
-# it at (ARGV[14]; an absent value passes: the caller checked PostgreSQL's
-# version). KEYS and ARGV 1-13 as WRITE.
+# it at (ARGV[15]; an absent value passes: the caller checked PostgreSQL's
+# version). KEYS and ARGV 1-14 as WRITE.
 # Returns as WRITE, or {0, current} when the key was written since.
 REPLAY = (
     ENVELOPE
@@ -56,7 +59,7 @@ REPLAY = (
 local head = redis.call('GET', KEYS[1])
 if head then
   local seen = envelope_version(head)
-  if seen ~= tonumber(ARGV[14]) then return {0, seen} end
+  if seen ~= tonumber(ARGV[15]) then return {0, seen} end
 end
 """
     + _WRITE_BODY

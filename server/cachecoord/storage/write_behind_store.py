@@ -25,6 +25,7 @@ from redis.exceptions import ResponseError
 
 from cachecoord.invalidation.messages import Invalidation
 from cachecoord.storage.breaker import CircuitBreaker, guarded
+from cachecoord.storage.envelope import parse_tag_prefix
 from cachecoord.storage.keys import KeySpace
 from cachecoord.storage.redis_store import EntryStore, queue_script
 from cachecoord.storage.write_behind_scripts import REPLAY, REVERT, SETTLE, WRITE
@@ -64,6 +65,12 @@ class Queued:
     kind: str  # "v" value, "n" deletion, "r" revert (a new version of the row PostgreSQL has)
     payload: bytes
     traceparent: str = ""
+    tag_prefix: bytes = b""
+    """The value's tags and tag clock (envelope.py tag_prefix; empty: none)."""
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return parse_tag_prefix(self.tag_prefix)[0]
 
     @classmethod
     def parse(cls, queue: str, entry_id: Any, fields: dict[bytes, bytes]) -> Queued:
@@ -75,6 +82,7 @@ class Queued:
             kind=fields[b"t"].decode(),
             payload=fields[b"p"],
             traceparent=fields.get(b"c", b"").decode(),
+            tag_prefix=fields.get(b"g", b""),
         )
 
 
@@ -145,13 +153,15 @@ class WriteBehindStore:
         traceparent: str = "",
         wait_replicas: int = 0,
         replay_of: int | None = None,
+        tag_prefix: bytes = b"",
     ) -> WriteOutcome:
         """Write *payload* (kind ``v``, or ``n`` for a deletion) as the key's
         new dirty value and queue it, announcing *message* under the new
         version; with *expected*, only if the key's visible version is that
         (0: absent). With *wait_replicas*, WAIT for them (up to 1 s) on the
         script's connection. With *replay_of*, only if the key is still at
-        that version (a dead letter's replay)."""
+        that version (a dead letter's replay). *tag_prefix*: the value's tags
+        and tag clock (envelope.py), kept in its envelope and queued with it."""
         head, tail = message.encode_around_version()
         names = [
             self._keys.value(key),
@@ -170,6 +180,7 @@ class WriteBehindStore:
             traceparent,
             head,
             tail,
+            tag_prefix,
             *self._announce_args(key),
         ]
         script = self._write
@@ -351,6 +362,7 @@ class WriteBehindStore:
                 "v": entry.version,
                 "t": entry.kind,
                 "p": entry.payload,
+                "g": entry.tag_prefix,
                 "error": error,
                 "queue": entry.queue,
                 "id": entry.id,

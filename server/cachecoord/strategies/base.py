@@ -40,9 +40,14 @@ class WritePolicy(Protocol):
     """How a namespace's writes reach PostgreSQL and Redis."""
 
     async def put(
-        self, key: str, value: bytes, expected_version: int | None, ttl_ms: int | None
+        self,
+        key: str,
+        value: bytes,
+        expected_version: int | None,
+        ttl_ms: int | None,
+        tags: Sequence[str] = (),
     ) -> int:
-        """Write *value*; return the new version."""
+        """Write *value* with *tags*; return the new version."""
         ...
 
     async def delete(self, key: str, expected_version: int | None) -> Deleted:
@@ -100,6 +105,10 @@ class Strategy:
         """Raise InvalidArgument for a key the namespace's table cannot hold."""
         self._table.check_key(key)
 
+    def check_tags(self, tags: Sequence[str]) -> None:
+        """Raise InvalidArgument if a Put may not give *tags* here."""
+        self._table.check_tags(tags)
+
     def near_cache_size(self) -> int | None:
         return self._reader.near_cache_size()
 
@@ -123,6 +132,8 @@ class Strategy:
             # Not a change: the filled version is the current one.
             if message.key is not None:
                 self._reader.on_fill(message.key)
+        elif message.tag is not None:
+            self._reader.forget_tag(message.tag)
         else:
             self._reader.forget(message.key, message.version)
 
@@ -148,10 +159,15 @@ class Strategy:
     # -- writes --------------------------------------------------------------
 
     async def put(
-        self, key: str, value: bytes, expected_version: int | None, ttl_ms: int | None
+        self,
+        key: str,
+        value: bytes,
+        expected_version: int | None,
+        ttl_ms: int | None,
+        tags: Sequence[str] = (),
     ) -> int:
-        """Write *value*; return the new version."""
-        return await self._writes.put(key, value, expected_version, ttl_ms)
+        """Write *value* with *tags*; return the new version."""
+        return await self._writes.put(key, value, expected_version, ttl_ms, tags)
 
     async def delete(self, key: str, expected_version: int | None) -> Deleted:
         """Delete *key*; return whether a row existed and the deletion's version."""
@@ -168,6 +184,17 @@ class Strategy:
         finally:
             for key in keys:  # after Redis: see DropCached
                 self._changes.made_here(key, 0)
+
+    async def invalidate_tags(self, tags: Sequence[str]) -> None:
+        """Hide every cached value carrying one of *tags*, on every instance
+        (strategies/tagging.py), and publish one message per tag."""
+        messages = {tag: self._changes.tag_message(tag).encode() for tag in tags}
+        try:
+            await self._store.invalidate_tags(messages)
+        except RedisError as err:
+            raise Unavailable(f"Redis is unavailable, no tag was invalidated: {err}") from err
+        for tag in tags:  # after Redis: see DropCached
+            self._changes.tag_made_here(tag)
 
     async def invalidate_all(self) -> int:
         try:

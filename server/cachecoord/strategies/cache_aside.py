@@ -8,6 +8,7 @@ with the write makes the drainer do it later.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from cachecoord.config import NamespaceSettings
 from cachecoord.model import Deleted
@@ -39,9 +40,15 @@ class CacheAside:
         self._writes = DatabaseFirst(table, transaction, self)
 
     async def put(
-        self, key: str, value: bytes, expected_version: int | None, ttl_ms: int | None
+        self,
+        key: str,
+        value: bytes,
+        expected_version: int | None,
+        ttl_ms: int | None,
+        tags: Sequence[str] = (),
     ) -> int:
-        return await self._writes.put(key, value, expected_version, ttl_ms)
+        # No tag clock: nothing is cached here; the next read's fill reads it.
+        return await self._writes.put(key, value, expected_version, ttl_ms, tags=tags)
 
     async def delete(self, key: str, expected_version: int | None) -> Deleted:
         return await self._writes.delete(key, expected_version)
@@ -50,7 +57,13 @@ class CacheAside:
         return None
 
     async def after_commit(
-        self, key: str, recorded: RecordedWrite, stored: bytes | None, ttl_ms: int | None
+        self,
+        key: str,
+        recorded: RecordedWrite,
+        stored: bytes | None,
+        ttl_ms: int | None,
+        tags: tuple[str, ...] = (),
+        clock: int = 0,
     ) -> None:
         """Bring Redis up to date with a committed write (here: drop the entry)."""
         reason = "put" if stored is not None else "delete"

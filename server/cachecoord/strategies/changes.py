@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cachecoord import instruments, telemetry
-from cachecoord.invalidation.messages import Invalidation
+from cachecoord.invalidation.messages import TAGS, Invalidation
 from cachecoord.strategies.reads import Reader
 
 
@@ -18,6 +18,15 @@ class Changes:
 
     def message(self, key: str | None, version: int, reason: str) -> Invalidation:
         return Invalidation(self.name, key, version, reason, self.origin)
+
+    def tag_message(self, tag: str) -> Invalidation:
+        return Invalidation(self.name, None, 0, TAGS, self.origin, tag=tag)
+
+    def tag_made_here(self, tag: str) -> None:
+        """This instance invalidated *tag* (Redis has it): forget it locally now."""
+        self._reader.forget_tag(tag)
+        if telemetry.METRICS:
+            instruments.invalidations_published.add(1, {"cache.namespace": self.name})
 
     def made_here(self, key: str | None, version: int) -> None:
         """This instance changed *key* (None: every key; Redis has the change):

@@ -4,6 +4,7 @@ WriteTransaction, then their own step that brings Redis up to date
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from cachecoord.model import Deleted
@@ -14,10 +15,17 @@ from cachecoord.strategies.transaction import WriteTransaction
 
 class Committed(Protocol):
     async def after_commit(
-        self, key: str, recorded: RecordedWrite, stored: bytes | None, ttl_ms: int | None
+        self,
+        key: str,
+        recorded: RecordedWrite,
+        stored: bytes | None,
+        ttl_ms: int | None,
+        tags: tuple[str, ...] = (),
+        clock: int = 0,
     ) -> None:
         """Bring Redis up to date with a committed write (*stored*: the row as
-        written, None for a deletion); if it cannot, the outbox row committed
+        written, None for a deletion; *tags*: the row's; *clock*: the tag
+        clock read before the write); if it cannot, the outbox row committed
         with the write makes the drainer do it later."""
         ...
 
@@ -39,15 +47,19 @@ class DatabaseFirst:
         ttl_ms: int | None,
         *,
         floor: int = 0,
+        tags: Sequence[str] = (),
+        clock: int = 0,
     ) -> int:
-        """Write *value* at a version of at least *floor*; the new version."""
+        """Write *value* with *tags* at a version of at least *floor*; the new
+        version. *clock*: the tag clock read before (strategies/tagging.py)."""
         prepared = self._table.prepare(key, value)
         async with self._transaction.open(key, "put", expected_version, floor) as (
             conn,
             recorded,
         ):
-            stored = await self._table.write(conn, key, prepared)
-        await self._policy.after_commit(key, recorded, stored, ttl_ms)
+            stored = await self._table.write(conn, key, prepared, tags)
+        row_tags = self._table.row_tags(stored, tags)
+        await self._policy.after_commit(key, recorded, stored, ttl_ms, row_tags, clock)
         return recorded.version
 
     async def delete(self, key: str, expected_version: int | None, *, floor: int = 0) -> Deleted:

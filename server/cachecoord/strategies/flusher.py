@@ -336,7 +336,8 @@ class Flusher:
             if row.kind == "n":
                 await table.delete(conn, row.key)
                 continue
-            written = await table.write(conn, row.key, table.prepare(row.key, row.payload))
+            prepared = table.prepare(row.key, row.payload)
+            written = await table.write(conn, row.key, prepared, row.tags)
             if table.merges_rows:
                 stored[row.key] = written
 
@@ -353,11 +354,14 @@ class Flusher:
                 settings.negative_ttl if row.kind == "n" else settings.ttl, settings.ttl_jitter
             )
             row_now = stored.get(row.key)
-            replacement = (
-                b""
-                if row_now is None
-                else envelope.encode(row.version, time.time_ns() // 1_000_000 + ttl, 0, row_now)
-            )
+            replacement = b""
+            if row_now is not None:
+                # The row as stored may derive other tags (defaults); its
+                # clock is the write's (read before it).
+                tags = self._table.row_tags(row_now, row.tags)
+                clock = envelope.parse_tag_prefix(row.tag_prefix)[1]
+                fresh_until = time.time_ns() // 1_000_000 + ttl
+                replacement = envelope.encode(row.version, fresh_until, 0, row_now, tags, clock)
             settles.append(Settle(row.key, row.version, ttl, replacement))
         await self._queue.settle(settles)
 

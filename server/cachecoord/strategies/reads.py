@@ -43,6 +43,7 @@ from cachecoord.invalidation.messages import FillNotice
 from cachecoord.invalidation.near_cache import NearCache
 from cachecoord.model import Entry, Layer, Row
 from cachecoord.storage import envelope
+from cachecoord.storage.envelope import Cached
 from cachecoord.storage.errors import RedisError
 from cachecoord.storage.postgres import database_errors
 from cachecoord.storage.redis_store import EntryStore
@@ -55,6 +56,7 @@ from cachecoord.strategies.read_decisions import (
     loaded_read,
     plan_misses,
 )
+from cachecoord.strategies.tagging import TagMarks
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ class Reader:
         self._loads: SingleFlight[str, Read] = SingleFlight(f"load-{settings.name}")
         self._refreshes: SingleFlight[str, None] = SingleFlight(f"refresh-{settings.name}")
         self._fill_waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+        self._tag_marks = TagMarks(store.tag_marks)
         namespace = {"cache.namespace": settings.name}
         evicted = partial(instruments.near_cache_evictions.add, 1, namespace)
         self.near = (
@@ -148,21 +151,27 @@ class Reader:
         reads PostgreSQL itself, bypassing Redis. Also says whether a copy was
         skipped for *min_version*."""
         stale: Entry | None = None
-        below = False
+        below = hidden = False
+        clock = 0  # the tag clock, read before any load (strategies/tagging.py)
 
         async def look() -> Read | None:
-            nonlocal stale, below
+            nonlocal stale, below, hidden, clock
             stale = None
             started = self._clock.monotonic()
             try:
                 with span("cache.redis", **{"cache.namespace": self.settings.name}):
-                    raw = await self.store.get(key)
+                    raw, clock = await self.store.read(key)
+                    cached = None if raw is None else envelope.decode(raw)
+                    if cached is not None and cached.tags:
+                        cached = await self._valid(cached, clock)
             except RedisError as err:
                 self._check_postgres_can_answer(err)
                 log.debug("redis get failed, reading PostgreSQL: %s", err)
                 return Read(await self._load_uncached(key))
-            if raw is not None:
-                entry, reload = self._hit(key, raw)
+            if raw is not None and cached is None:
+                hidden = True  # a tag of it was invalidated: a miss, reloaded
+            if cached is not None:
+                entry, reload = self._hit(key, cached)
                 if entry.version < min_version:
                     below = True  # a copy older than the caller's write: a miss
                 elif not reload:
@@ -174,7 +183,7 @@ class Reader:
             return None
 
         async def load() -> Shared[Read]:
-            return await self._miss(key, reload=stale is not None or below)
+            return await self._miss(key, clock, reload=stale is not None or below or hidden)
 
         try:
             read = await self._loads.read_through(key, look, load)
@@ -232,18 +241,24 @@ class Reader:
         entries: dict[str, Read] = {}
         redis_up = True
         started = self._clock.monotonic()
+        clock, hidden = 0, False
         try:
-            raws = await self.store.get_many(unique)
+            raws, clock = await self.store.read_many(unique)
+            found = [None if raw is None else envelope.decode(raw) for raw in raws]
+            for i, cached in enumerate(found):
+                if cached is not None and cached.tags:  # untagged: nothing to check
+                    found[i] = await self._valid(cached, clock)
         except RedisError as err:
             self._check_postgres_can_answer(err)
-            raws, redis_up = [None] * len(unique), False
+            raws, found, redis_up = [None] * len(unique), [None] * len(unique), False
         misses = []
         stale: dict[str, Entry] = {}
-        for key, raw in zip(unique, raws, strict=True):
-            if raw is None:
+        for key, raw, cached in zip(unique, raws, found, strict=True):
+            if cached is None:
                 misses.append(key)
+                hidden = hidden or raw is not None  # a tag of it was invalidated
                 continue
-            entry, reload = self._hit(key, raw)
+            entry, reload = self._hit(key, cached)
             if entry.version < floor.get(key, 0):
                 misses.append(key)
                 skipped.add(key)
@@ -253,9 +268,9 @@ class Reader:
             else:
                 entries[key] = Read(entry, 0, started)
         if misses:
-            reload = bool(stale) or any(key in skipped for key in misses)
+            reload = hidden or bool(stale) or any(key in skipped for key in misses)
             try:
-                entries.update(await self._load_misses(misses, redis_up, reload=reload))
+                entries.update(await self._load_misses(misses, redis_up, clock, reload=reload))
             except Unavailable:
                 if len(stale) < len(misses):
                     raise
@@ -293,8 +308,15 @@ class Reader:
         if self.near is not None:
             self.near.invalidate(key, version)
 
+    def forget_tag(self, tag: str) -> None:
+        """Every value carrying *tag* was invalidated: the near cache drops them."""
+        if self.near is not None:
+            self.near.invalidate_tag(tag)
+
     def forget_all(self) -> None:
-        """Changes may have been missed: the near cache drops everything."""
+        """Changes may have been missed: the near cache drops everything, and
+        the tag marks kept here are read again (Redis may have lost them)."""
+        self._tag_marks.forget()
         if self.near is not None:
             self.near.flush()
 
@@ -314,10 +336,12 @@ class Reader:
         return None if self.near is None else len(self.near)
 
     def fresh(
-        self, key: str, row: Row, load_ms: int, ttl_ms: int | None = None
+        self, key: str, row: Row, load_ms: int, ttl_ms: int | None = None, *, clock: int = 0
     ) -> tuple[Entry, bytes, int]:
         """The entry for a row just read or written, its envelope and Redis PX
-        (the TTL plus the stale window, during which it may be served stale)."""
+        (the TTL plus the stale window, during which it may be served stale).
+        A row with tags records the tag *clock* read before it was read or
+        written (strategies/tagging.py)."""
         settings = self.settings
         ttl, px = fill_ttl(
             found=row.value is not None,
@@ -328,8 +352,10 @@ class Reader:
             stale_if_error_ms=settings.stale_if_error,
             rand=self._rand,
         )
-        stored = envelope.encode(row.version, self._clock.time_ms() + ttl, load_ms, row.value)
-        entry = Entry(key, row.value, row.version, Layer.DATABASE, ttl_ms=ttl)
+        stored = envelope.encode(
+            row.version, self._clock.time_ms() + ttl, load_ms, row.value, row.tags, clock
+        )
+        entry = Entry(key, row.value, row.version, Layer.DATABASE, ttl_ms=ttl, tags=row.tags)
         return entry, stored, px
 
     def _notice(self, key: str, row: Row) -> bytes:
@@ -337,10 +363,20 @@ class Reader:
 
     # -- hits ----------------------------------------------------------------
 
-    def _hit(self, key: str, raw: bytes) -> tuple[Entry, bool]:
+    async def _valid(self, cached: Cached, clock: int) -> Cached | None:
+        """*cached*, unless one of its tags was invalidated after it was read
+        (then None: a miss), the tag clock reading *clock*. A write-behind
+        value not flushed yet stays: PostgreSQL is behind it (as Invalidate
+        never drops it); once flushed, its tags count."""
+        if not cached.tags or cached.dirty:
+            return cached
+        if await self._tag_marks.valid(cached.tags, cached.tag_clock, clock):
+            return cached
+        return None
+
+    def _hit(self, key: str, cached: Cached) -> tuple[Entry, bool]:
         """The cached entry, and whether it must be reloaded before serving:
         past its TTL and the stale window, it is only kept for stale-if-error."""
-        cached = envelope.decode(raw)
         hit = decide_hit(
             now_ms=self._clock.time_ms(),
             fresh_until_ms=cached.fresh_until_ms,
@@ -354,7 +390,15 @@ class Reader:
             self._refreshes.spawn(
                 key, partial(self._refresh, key, cached.version, cached.fresh_until_ms)
             )
-        entry = Entry(key, cached.value, cached.version, Layer.REDIS, hit.stale, hit.remaining_ms)
+        entry = Entry(
+            key,
+            cached.value,
+            cached.version,
+            Layer.REDIS,
+            hit.stale,
+            hit.remaining_ms,
+            tags=cached.tags,
+        )
         return entry, hit.reload
 
     async def _refresh(self, key: str, seen_version: int, seen_fresh_until: int) -> Shared[None]:
@@ -367,13 +411,15 @@ class Reader:
             )
             if taken[key] is not True:
                 return _REFRESHED
-            raw = await self.store.get(key)
+            raw, clock = await self.store.read(key)
             if raw is not None:
                 now = envelope.decode(raw)
                 if (now.version, now.fresh_until_ms) != (seen_version, seen_fresh_until):
                     return _REFRESHED  # refreshed (or rewritten) by someone else meanwhile
+            if clock == 0:
+                clock = await self._started_tag_clock()
             rows, load_ms, _ = await self._load([key])
-            _, stored, px = self.fresh(key, rows[key], load_ms)
+            _, stored, px = self.fresh(key, rows[key], load_ms, clock=clock)
             await self.store.fill_many({key: (token, stored, px, self._notice(key, rows[key]))})
         except Exception as err:  # a background refresh must never surface
             log.warning("refresh of %s/%s failed: %s", self.settings.name, key, err)
@@ -381,14 +427,15 @@ class Reader:
 
     # -- misses --------------------------------------------------------------
 
-    async def _miss(self, key: str, reload: bool = False) -> Shared[Read]:
-        read = (await self._load_misses([key], redis_up=True, reload=reload))[key]
+    async def _miss(self, key: str, clock: int, reload: bool = False) -> Shared[Read]:
+        read = (await self._load_misses([key], True, clock, reload=reload))[key]
         return Shared(read, read.as_of)
 
     async def _load_misses(
-        self, keys: list[str], redis_up: bool, reload: bool = False
+        self, keys: list[str], redis_up: bool, clock: int, reload: bool = False
     ) -> dict[str, Read]:
-        """One SQL query for all *keys*; fill those whose lease this reader got.
+        """One SQL query for all *keys*; fill those whose lease this reader got,
+        with the tag *clock* read before (strategies/tagging.py).
         Keys leased by another reader are waited for first (single key only);
         keys filled meanwhile are served as they are now (unless *reload*).
 
@@ -408,17 +455,29 @@ class Reader:
                     tokens, self.settings.lease, even_if_cached=reload
                 )
         plan = plan_misses(keys, taken)
-        found = {key: Read(self._hit(key, raw)[0], mark, began) for key, raw in plan.cached.items()}
-        if not plan.load:
+        found = {}
+        for key, raw in plan.cached.items():
+            try:
+                cached = await self._valid(envelope.decode(raw), clock)
+            except RedisError:
+                cached = None
+            # A value filled meanwhile whose tag was invalidated (or that
+            # cannot be checked) is loaded like the others, but not filled.
+            if cached is not None:
+                found[key] = Read(self._hit(key, cached)[0], mark, began)
+        load = [key for key in keys if key not in found]
+        if not load:
             return found
         if plan.wait_for is not None:
             filled = await self._await_fill(plan.wait_for)
             if filled is not None:
                 return {**found, plan.wait_for: filled}
-        rows, load_ms, mark = await self._load(plan.load)
+        if clock == 0 and plan.fill:
+            clock = await self._started_tag_clock()
+        rows, load_ms, mark = await self._load(load)
         entries, fills = {}, {}
-        for key in plan.load:
-            entry, stored, px = self.fresh(key, rows[key], load_ms)
+        for key in load:
+            entry, stored, px = self.fresh(key, rows[key], load_ms, clock=clock)
             entries[key] = entry
             if key in plan.fill:
                 fills[key] = (tokens[key], stored, px, self._notice(key, rows[key]))
@@ -440,6 +499,16 @@ class Reader:
         }
         return {**reads, **found}
 
+    async def _started_tag_clock(self) -> int:
+        """The tag clock, started if Redis has none (a first fill, or Redis
+        lost it), read before the rows: a tagged value never records a clock
+        that was not there (strategies/tagging.py). 0 if Redis cannot say:
+        such a value counts as invalid once there is a clock."""
+        try:
+            return await self.store.started_tag_clock()
+        except RedisError:
+            return 0
+
     async def _await_fill(self, key: str) -> Read | None:
         with span("cache.lease_wait", **{"cache.namespace": self.settings.name}):
             return await self._wait_for_fill(key)
@@ -460,11 +529,12 @@ class Reader:
                 filled.clear()
                 mark, read_at = self._loads.tick(), self._clock.monotonic()
                 try:
-                    raw = await self.store.get(key)
+                    raw, clock = await self.store.read(key)
+                    cached = None if raw is None else await self._valid(envelope.decode(raw), clock)
                 except RedisError:
                     return None
-                if raw is not None:
-                    return Read(self._hit(key, raw)[0], mark, read_at)
+                if cached is not None:  # (an invalid value is not the fill waited for)
+                    return Read(self._hit(key, cached)[0], mark, read_at)
             return None
         finally:
             waiters.discard(filled)

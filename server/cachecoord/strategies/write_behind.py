@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry import propagate
@@ -22,6 +23,7 @@ from cachecoord import telemetry
 from cachecoord.config import NamespaceSettings, QueueFull
 from cachecoord.errors import QueueFullError, Unavailable, VersionConflict
 from cachecoord.model import Deleted
+from cachecoord.storage import envelope
 from cachecoord.storage.errors import RedisError
 from cachecoord.storage.redis_store import EntryStore
 from cachecoord.storage.tables import Table
@@ -71,10 +73,25 @@ class WriteBehind:
         )
 
     async def put(
-        self, key: str, value: bytes, expected_version: int | None, ttl_ms: int | None
+        self,
+        key: str,
+        value: bytes,
+        expected_version: int | None,
+        ttl_ms: int | None,
+        tags: Sequence[str] = (),
     ) -> int:
         self._table.prepare(key, value)
-        return await self._enqueue(key, value, "v", "put", expected_version, ttl_ms)
+        clock = None
+        if tags or self._table.tagged:
+            # The clock before the write (strategies/tagging.py); if Redis
+            # cannot say, the write cannot be made either.
+            try:
+                clock = await self._reader.store.started_tag_clock()
+            except RedisError as err:
+                raise Unavailable(f"Redis is unavailable: {err}") from err
+        return await self._enqueue(
+            key, value, "v", "put", expected_version, ttl_ms, tags=tags, tag_clock=clock
+        )
 
     async def delete(self, key: str, expected_version: int | None) -> Deleted:
         existed = (await self._reader.get(key)).found
@@ -89,7 +106,12 @@ class WriteBehind:
         reason: str,
         expected_version: int | None,
         ttl_ms: int | None,
+        *,
+        tags: Sequence[str] = (),
+        tag_clock: int | None = None,
     ) -> int:
+        """Write and queue; a value's tags (given, or derived from the merged
+        row of a mapped namespace) go with it when *tag_clock* is given."""
         for _ in range(_CAS_ATTEMPTS):
             expected = expected_version
             payload = value
@@ -103,7 +125,10 @@ class WriteBehind:
                     expected = current.version if current.found else 0
                 elif expected != (current.version if current.found else 0):
                     raise VersionConflict(key, expected, current.version if current.found else 0)
-            outcome = await self._run_write(key, payload, kind, reason, expected, ttl_ms)
+            prefix = b""
+            if tag_clock is not None and kind == "v":
+                prefix = envelope.tag_prefix(self._table.row_tags(payload, tags), tag_clock)
+            outcome = await self._run_write(key, payload, kind, reason, expected, ttl_ms, prefix)
             if outcome.status is WriteStatus.WRITTEN:
                 self._changes.made_here(key, outcome.version)
                 self._check_replicas(outcome.replicas)
@@ -113,7 +138,7 @@ class WriteBehind:
                     raise VersionConflict(key, expected_version, outcome.version)
                 continue  # a concurrent merge won; merge again
             if outcome.status is WriteStatus.QUEUE_FULL:
-                return await self._queue_full(key, value, kind, expected_version, ttl_ms)
+                return await self._queue_full(key, value, kind, expected_version, ttl_ms, tags)
             await self._reader.get(key)  # not cached: load it, then compare again
         raise Unavailable(f"key {key!r} is written too often concurrently; retry")
 
@@ -125,6 +150,7 @@ class WriteBehind:
         reason: str,
         expected: int | None,
         ttl_ms: int | None,
+        tag_prefix: bytes,
     ) -> WriteOutcome:
         """Write and queue; with wait_replicas, WAIT for them and report how
         many acknowledged."""
@@ -139,6 +165,7 @@ class WriteBehind:
                 message=self._changes.message(key, 0, reason),
                 traceparent=_traceparent(),
                 wait_replicas=self._settings.wait_replicas,
+                tag_prefix=tag_prefix,
             )
         except RedisError as err:
             raise Unavailable(
@@ -152,6 +179,7 @@ class WriteBehind:
         kind: str,
         expected_version: int | None,
         ttl_ms: int | None,
+        tags: Sequence[str] = (),
     ) -> int:
         if self._settings.on_queue_full is QueueFull.REJECT or expected_version is not None:
             raise QueueFullError(
@@ -163,7 +191,7 @@ class WriteBehind:
         floor = time.time_ns() // 1000
         if kind == "n":
             return (await self._overflow.delete(key, None, floor=floor)).version
-        return await self._overflow.put(key, value, None, ttl_ms, floor=floor)
+        return await self._overflow.put(key, value, None, ttl_ms, tags, floor=floor)
 
     def _merged(self, key: str, current: bytes | None, patch: bytes) -> bytes:
         row: dict[str, Any] = {} if current is None else json.loads(current)

@@ -8,6 +8,7 @@ value; if it fails, the outbox row makes the drainer drop the entry instead.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from cachecoord.config import NamespaceSettings
 from cachecoord.model import Deleted, Row
@@ -38,6 +39,7 @@ class WriteThrough:
         changes: Changes,
     ) -> None:
         self.name = changes.name
+        self._table = table
         self._store = store
         self._outbox = backends.outbox
         self._reader = reader
@@ -51,10 +53,24 @@ class WriteThrough:
         value: bytes,
         expected_version: int | None,
         ttl_ms: int | None,
+        tags: Sequence[str] = (),
         *,
         floor: int = 0,
     ) -> int:
-        return await self._writes.put(key, value, expected_version, ttl_ms, floor=floor)
+        clock = await self._tag_clock() if tags or self._table.tagged else 0
+        return await self._writes.put(
+            key, value, expected_version, ttl_ms, floor=floor, tags=tags, clock=clock
+        )
+
+    async def _tag_clock(self) -> int:
+        """The tag clock before the write: the cached value then counts as
+        written no later than now (strategies/tagging.py). If Redis cannot say,
+        0, older than any clock: the value counts as invalid, which at worst
+        costs a reload."""
+        try:
+            return await self._store.started_tag_clock()
+        except RedisError:
+            return 0
 
     async def delete(self, key: str, expected_version: int | None, *, floor: int = 0) -> Deleted:
         return await self._writes.delete(key, expected_version, floor=floor)
@@ -63,12 +79,18 @@ class WriteThrough:
         return None
 
     async def after_commit(
-        self, key: str, recorded: RecordedWrite, stored: bytes | None, ttl_ms: int | None
+        self,
+        key: str,
+        recorded: RecordedWrite,
+        stored: bytes | None,
+        ttl_ms: int | None,
+        tags: tuple[str, ...] = (),
+        clock: int = 0,
     ) -> None:
         """Bring Redis up to date with a committed write (here: cache it,
         unless a newer version is cached)."""
         _, cached, px = self._reader.fresh(
-            key, Row(stored, recorded.version), load_ms=0, ttl_ms=ttl_ms
+            key, Row(stored, recorded.version, tags), load_ms=0, ttl_ms=ttl_ms, clock=clock
         )
         reason = "put" if stored is not None else "delete"
         try:

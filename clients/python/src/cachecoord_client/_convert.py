@@ -151,10 +151,15 @@ def batch_get_request(
 
 
 def put_request(
-    namespace: str, key: str, value: bytes, expected_version: int | None, ttl_ms: int | None
+    namespace: str,
+    key: str,
+    value: bytes,
+    expected_version: int | None,
+    ttl_ms: int | None,
+    tags: Iterable[str] = (),
 ) -> pb.PutRequest:
     """Build a PutRequest; None leaves an optional field unset (0 is sent as 0)."""
-    request = pb.PutRequest(namespace=namespace, key=key, value=value)
+    request = pb.PutRequest(namespace=namespace, key=key, value=value, tags=tag_list(tags))
     if expected_version is not None:
         request.expected_version = expected_version
     if ttl_ms is not None:
@@ -173,6 +178,18 @@ def delete_request(namespace: str, key: str, expected_version: int | None) -> pb
 def invalidate_request(namespace: str, keys: Iterable[str], all: bool) -> pb.InvalidateRequest:
     """Build an InvalidateRequest."""
     return pb.InvalidateRequest(namespace=namespace, keys=_keys(keys), all=all)
+
+
+def invalidate_tags_request(namespace: str, tags: Iterable[str]) -> pb.InvalidateTagsRequest:
+    """Build an InvalidateTagsRequest."""
+    return pb.InvalidateTagsRequest(namespace=namespace, tags=tag_list(tags))
+
+
+def tag_list(tags: Iterable[str]) -> list[str]:
+    """*tags* as a list; TypeError for a single str or bytes."""
+    if isinstance(tags, str | bytes):
+        raise TypeError("tags must be an iterable of str, not a single str or bytes")
+    return list(tags)
 
 
 def acquire_lock_request(name: str, ttl_ms: int, wait_timeout_ms: int) -> pb.AcquireLockRequest:
@@ -225,6 +242,7 @@ def to_value(response: pb.GetResponse) -> Value:
         stale=response.stale,
         ttl_ms=response.ttl_ms,
         reloaded=response.reloaded,
+        tags=tuple(response.tags),
     )
 
 
@@ -239,6 +257,7 @@ def to_entry(message: pb.Entry) -> Entry:
         stale=message.stale,
         ttl_ms=message.ttl_ms,
         reloaded=message.reloaded,
+        tags=tuple(message.tags),
     )
 
 

@@ -262,6 +262,7 @@ class AsyncClient:
         *,
         expected_version: int | None = None,
         ttl_ms: int | None = None,
+        tags: Iterable[str] = (),
         timeout: float | None = None,
     ) -> int:
         """Write one key according to the namespace's strategy.
@@ -273,6 +274,9 @@ class AsyncClient:
             expected_version: Write only if the key's current version equals
                 this (0: only if the key does not exist); None writes unconditionally.
             ttl_ms: Cache time to live for this write; None or 0 uses the namespace's.
+            tags: Tags of the value (0 to 16, each 1 to 128 bytes of UTF-8), for
+                :meth:`invalidate_tags`; not for mapped namespaces (their
+                configuration derives tags from columns).
             timeout: Deadline in seconds; None uses ``default_timeout``.
 
         Returns:
@@ -283,7 +287,7 @@ class AsyncClient:
             NamespaceNotFound: The namespace is not configured.
             CacheCoordError: Any other failure.
         """
-        request = _convert.put_request(namespace, key, value, expected_version, ttl_ms)
+        request = _convert.put_request(namespace, key, value, expected_version, ttl_ms, tags)
         timeout = _convert.deadline(timeout, self._default_timeout)
         return _convert.to_version(await self._call(self._stub.Put, request, timeout))
 
@@ -344,6 +348,27 @@ class AsyncClient:
         request = _convert.invalidate_request(namespace, keys, all)
         timeout = _convert.deadline(timeout, self._default_timeout)
         return _convert.to_invalidated(await self._call(self._stub.Invalidate, request, timeout))
+
+    async def invalidate_tags(
+        self, namespace: str, tags: Iterable[str], *, timeout: float | None = None
+    ) -> None:
+        """Hide every cached value of the namespace carrying one of *tags*, on
+        every instance, without touching PostgreSQL (the next read reloads).
+
+        Args:
+            namespace: Namespace as configured on the server.
+            tags: Tags to invalidate (1 to 100, each 1 to 128 bytes of UTF-8).
+            timeout: Deadline in seconds; None uses ``default_timeout``.
+
+        Raises:
+            TypeError: ``tags`` is a str or bytes.
+            InvalidArgument: No tags, too many, or one too long.
+            NamespaceNotFound: The namespace is not configured.
+            CacheCoordError: Any other failure.
+        """
+        request = _convert.invalidate_tags_request(namespace, tags)
+        timeout = _convert.deadline(timeout, self._default_timeout)
+        await self._call(self._stub.InvalidateTags, request, timeout)
 
     async def acquire_lock(
         self,

@@ -40,6 +40,7 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Self
 
+from cachecoord_client import _convert
 from cachecoord_client.client import AsyncClient
 from cachecoord_client.errors import CacheCoordError, InvalidArgument, NamespaceNotFound
 from cachecoord_client.local_memory import LocalMemory
@@ -169,6 +170,7 @@ class LocalCache:
         *,
         expected_version: int | None = None,
         ttl_ms: int | None = None,
+        tags: Iterable[str] = (),
         timeout: float | None = None,
     ) -> int:
         """Write through the client (see `AsyncClient.put`); the key is dropped here at once."""
@@ -179,10 +181,23 @@ class LocalCache:
                 value,
                 expected_version=expected_version,
                 ttl_ms=ttl_ms,
+                tags=tags,
                 timeout=timeout,
             )
         finally:
             self._memory.invalidate((namespace, key), 0)  # failed writes may have happened too
+
+    async def invalidate_tags(
+        self, namespace: str, tags: Iterable[str], *, timeout: float | None = None
+    ) -> None:
+        """Invalidate tags through the client (see `AsyncClient.invalidate_tags`);
+        the values carrying them are dropped here at once."""
+        tags = _convert.tag_list(tags)
+        try:
+            await self._client.invalidate_tags(namespace, tags, timeout=timeout)
+        finally:
+            for tag in tags:
+                self._memory.drop_tag(namespace, tag)
 
     async def delete(
         self,
@@ -207,6 +222,9 @@ class LocalCache:
             self._live.set()
         elif event.kind is WatchEventKind.RESUMED:
             self._live.set()  # every event missed while the stream was down is applied
+        elif event.kind is WatchEventKind.INVALIDATION and event.tag:
+            # Before all_keys, which a tag's event also sets for older clients.
+            self._memory.drop_tag(event.namespace, event.tag)
         elif event.kind is WatchEventKind.INVALIDATION and event.all_keys:
             self._memory.drop_namespace(event.namespace)
         elif event.kind is WatchEventKind.INVALIDATION:

@@ -5,7 +5,9 @@ Watch stream and its reads (local_cache.py): the server's near cache rule
 A read is :meth:`LocalMemory.begin` .. :meth:`LocalMemory.finish`. Its
 answer is kept only if no invalidation of its key, of its namespace, nor a
 RESET (:meth:`LocalMemory.forget_all`) came while it was in flight: it may
-have read the value from before that change, whose event already went by.
+have read the value from before that change, whose event already went by. A
+value with tags is not kept either if a tag of its namespace (any tag) was
+invalidated meanwhile (:meth:`LocalMemory.drop_tag`).
 It is then served for ``max_age`` (or its own TTL, if shorter) counted from
 when the read began, never from when its answer came back.
 """
@@ -52,6 +54,8 @@ class LocalMemory:
         self._seq = 0
         self._flushed = 0  # the last RESET or stream failure
         self._dropped: dict[str, int] = {}  # namespace -> its last all_keys invalidation
+        self._tag_dropped: dict[str, int] = {}  # namespace -> its last tag invalidation
+        self._tagged: dict[tuple[str, str], set[_Key]] = {}  # (namespace, tag) -> keys held
         self._changed: dict[_Key, int] = {}  # keys with a read in flight only
         self._in_flight: Counter[_Key] = Counter()
 
@@ -66,7 +70,7 @@ class LocalMemory:
         if self._clock() < held[0]:
             self._entries.move_to_end(k)
             return held[1]
-        del self._entries[k]  # too old
+        self._drop(k)  # too old
         return None
 
     def holds(self, k: _Key) -> bool:
@@ -87,6 +91,8 @@ class LocalMemory:
         if not self._in_flight[k]:
             del self._in_flight[k]
             self._changed.pop(k, None)
+        if value is not None and value.tags and self._tag_dropped.get(k[0], 0) > reading.seq:
+            return
         if value is not None and missed <= reading.seq:
             self._store(k, value, reading.began)
 
@@ -97,15 +103,17 @@ class LocalMemory:
         if held is not None and not _same_or_newer(value, held[1]):
             # A slower read overtaken by a faster one: keep neither, rather
             # than let a reader see the older value after the newer one.
-            del self._entries[k]
+            self._drop(k)
             return
         age = self._max_age if value.ttl_ms <= 0 else min(self._max_age, value.ttl_ms / 1000)
         if began + age <= self._clock():
             return  # read too long ago already
+        self._drop(k)
         self._entries[k] = (began + age, value)
-        self._entries.move_to_end(k)
+        for tag in value.tags:
+            self._tagged.setdefault((k[0], tag), set()).add(k)
         if len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+            self._drop(next(iter(self._entries)))
 
     def invalidate(self, k: _Key, version: int) -> None:
         """*k* changed to *version* (0: unknown, e.g. this process wrote it)."""
@@ -114,14 +122,21 @@ class LocalMemory:
             self._changed[k] = self._seq
         held = self._entries.get(k)
         if held is not None and (version == 0 or not held[1].found or held[1].version < version):
-            del self._entries[k]
+            self._drop(k)
 
     def drop_namespace(self, namespace: str) -> None:
         """Every key of *namespace* was invalidated."""
         self._seq += 1
         self._dropped[namespace] = self._seq
         for k in [k for k in self._entries if k[0] == namespace]:
-            del self._entries[k]
+            self._drop(k)
+
+    def drop_tag(self, namespace: str, tag: str) -> None:
+        """Every value of *namespace* carrying *tag* was invalidated."""
+        self._seq += 1
+        self._tag_dropped[namespace] = self._seq
+        for k in self._tagged.pop((namespace, tag), set()):
+            self._drop(k)
 
     def forget_all(self) -> None:
         """Events may have been missed: forget everything, and keep nothing
@@ -129,6 +144,18 @@ class LocalMemory:
         self._seq += 1
         self._flushed = self._seq
         self._entries.clear()
+        self._tagged.clear()
+
+    def _drop(self, k: _Key) -> None:
+        held = self._entries.pop(k, None)
+        if held is None:
+            return
+        for tag in held[1].tags:
+            keys = self._tagged.get((k[0], tag))
+            if keys is not None:
+                keys.discard(k)
+                if not keys:
+                    del self._tagged[(k[0], tag)]
 
 
 def _same_or_newer(new: Value, old: Value) -> bool:

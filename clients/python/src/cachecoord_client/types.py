@@ -54,6 +54,8 @@ class Value:
             PostgreSQL without caching.
         reloaded: True when a cached copy older than the read's ``min_version``
             was skipped and the key read again.
+        tags: The value's tags (given by its Put, or derived from a mapped
+            row's columns), for ``invalidate_tags``.
     """
 
     found: bool
@@ -63,6 +65,7 @@ class Value:
     stale: bool
     ttl_ms: int
     reloaded: bool = False
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,7 @@ class Entry:
         ttl_ms: Milliseconds until the cached copy expires (see `Value.ttl_ms`).
         reloaded: True when a cached copy older than the key's min_version was
             skipped (see `Value.reloaded`).
+        tags: The value's tags (see `Value.tags`).
     """
 
     key: str
@@ -90,6 +94,7 @@ class Entry:
     stale: bool
     ttl_ms: int
     reloaded: bool = False
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,8 +207,10 @@ class WatchEvent:
     Attributes:
         kind: What the event says.
         namespace: Namespace of the changed key.
-        key: The changed key; empty when ``all_keys`` is True.
-        all_keys: True when every key of the namespace was invalidated.
+        key: The changed key; empty when ``all_keys`` is True or ``tag`` is set.
+        all_keys: True when every key of the namespace was invalidated, and
+            for a tag invalidation (so that a client that does not know tags
+            drops the whole namespace).
         version: The version the change created; 0 when unknown (a plain
             invalidate), so a cached copy of any version is invalid.
         reason: INVALIDATION: ``put``, ``delete``, ``invalidate``,
@@ -216,9 +223,10 @@ class WatchEvent:
             back) or, with ``watch(resume=True)``, ``reconnecting`` (the
             stream broke and is being opened again).
         origin: The cachecoord instance that made the change.
-        tag: Set when every entry carrying this tag was invalidated
-            (``invalidate_tags``); ``all_keys`` is then True as well, for
-            clients that do not know tags.
+        tag: Set when every value carrying this tag was invalidated
+            (``invalidate_tags``, reason ``tags``); ``key`` is then empty and
+            ``all_keys`` True: a client that keeps the values' tags
+            (`Value.tags`) may drop only those carrying it.
         replayed: RESUMED: how many events were replayed from the log.
         resume_token: The stream's position after this event: pass it to
             ``watch(resume_token=...)`` to continue from here. Opaque.

@@ -124,6 +124,11 @@ export interface GetResponse {
    * and the key was read again.
    */
   reloaded: boolean;
+  /**
+   * The value's tags (PutRequest.tags, or derived from a mapped row's
+   * columns), so a client cache can drop it on an Invalidation.tag.
+   */
+  tags: string[];
 }
 
 /** BatchGetRequest asks for many keys of one namespace. */
@@ -175,6 +180,8 @@ export interface Entry {
    * (see GetResponse.reloaded).
    */
   reloaded: boolean;
+  /** The value's tags (see GetResponse.tags). */
+  tags: string[];
 }
 
 /** PutRequest writes one key. */
@@ -662,7 +669,16 @@ export const GetRequest: MessageFns<GetRequest> = {
 };
 
 function createBaseGetResponse(): GetResponse {
-  return { found: false, value: Buffer.alloc(0), version: 0n, layer: 0, stale: false, ttlMs: 0n, reloaded: false };
+  return {
+    found: false,
+    value: Buffer.alloc(0),
+    version: 0n,
+    layer: 0,
+    stale: false,
+    ttlMs: 0n,
+    reloaded: false,
+    tags: [],
+  };
 }
 
 export const GetResponse: MessageFns<GetResponse> = {
@@ -693,6 +709,9 @@ export const GetResponse: MessageFns<GetResponse> = {
     }
     if (message.reloaded !== false) {
       writer.uint32(56).bool(message.reloaded);
+    }
+    for (const v of message.tags) {
+      writer.uint32(66).string(v!);
     }
     return writer;
   },
@@ -766,6 +785,14 @@ export const GetResponse: MessageFns<GetResponse> = {
             message.reloaded = reader.bool();
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.tags.push(reader.string());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -787,6 +814,7 @@ export const GetResponse: MessageFns<GetResponse> = {
       stale: isSet(object.stale) ? globalThis.Boolean(object.stale) : false,
       ttlMs: isSet(object.ttlMs) ? BigInt(object.ttlMs) : isSet(object.ttl_ms) ? BigInt(object.ttl_ms) : 0n,
       reloaded: isSet(object.reloaded) ? globalThis.Boolean(object.reloaded) : false,
+      tags: globalThis.Array.isArray(object?.tags) ? object.tags.map((e: any) => globalThis.String(e)) : [],
     };
   },
 
@@ -813,6 +841,9 @@ export const GetResponse: MessageFns<GetResponse> = {
     if (message.reloaded !== false) {
       obj.reloaded = message.reloaded;
     }
+    if (message.tags?.length) {
+      obj.tags = message.tags;
+    }
     return obj;
   },
 
@@ -828,6 +859,7 @@ export const GetResponse: MessageFns<GetResponse> = {
     message.stale = object.stale ?? false;
     message.ttlMs = (object.ttlMs !== undefined && object.ttlMs !== null) ? BigInt(object.ttlMs) : 0n;
     message.reloaded = object.reloaded ?? false;
+    message.tags = object.tags?.map((e) => e) || [];
     return message;
   },
 };
@@ -1147,6 +1179,7 @@ function createBaseEntry(): Entry {
     stale: false,
     ttlMs: 0n,
     reloaded: false,
+    tags: [],
   };
 }
 
@@ -1181,6 +1214,9 @@ export const Entry: MessageFns<Entry> = {
     }
     if (message.reloaded !== false) {
       writer.uint32(64).bool(message.reloaded);
+    }
+    for (const v of message.tags) {
+      writer.uint32(74).string(v!);
     }
     return writer;
   },
@@ -1262,6 +1298,14 @@ export const Entry: MessageFns<Entry> = {
             message.reloaded = reader.bool();
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.tags.push(reader.string());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1284,6 +1328,7 @@ export const Entry: MessageFns<Entry> = {
       stale: isSet(object.stale) ? globalThis.Boolean(object.stale) : false,
       ttlMs: isSet(object.ttlMs) ? BigInt(object.ttlMs) : isSet(object.ttl_ms) ? BigInt(object.ttl_ms) : 0n,
       reloaded: isSet(object.reloaded) ? globalThis.Boolean(object.reloaded) : false,
+      tags: globalThis.Array.isArray(object?.tags) ? object.tags.map((e: any) => globalThis.String(e)) : [],
     };
   },
 
@@ -1313,6 +1358,9 @@ export const Entry: MessageFns<Entry> = {
     if (message.reloaded !== false) {
       obj.reloaded = message.reloaded;
     }
+    if (message.tags?.length) {
+      obj.tags = message.tags;
+    }
     return obj;
   },
 
@@ -1329,6 +1377,7 @@ export const Entry: MessageFns<Entry> = {
     message.stale = object.stale ?? false;
     message.ttlMs = (object.ttlMs !== undefined && object.ttlMs !== null) ? BigInt(object.ttlMs) : 0n;
     message.reloaded = object.reloaded ?? false;
+    message.tags = object.tags?.map((e) => e) || [];
     return message;
   },
 };

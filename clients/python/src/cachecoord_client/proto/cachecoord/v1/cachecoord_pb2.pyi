@@ -98,6 +98,7 @@ class GetResponse(_message.Message):
     STALE_FIELD_NUMBER: _builtins.int
     TTL_MS_FIELD_NUMBER: _builtins.int
     RELOADED_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
     """True when the key exists; when false every other field but reloaded is
     unset.
@@ -122,6 +123,12 @@ class GetResponse(_message.Message):
     """True when a cached copy older than GetRequest.min_version was skipped
     and the key was read again.
     """
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The value's tags (PutRequest.tags, or derived from a mapped row's
+        columns), so a client cache can drop it on an Invalidation.tag.
+        """
+
     def __init__(
         self,
         *,
@@ -132,10 +139,11 @@ class GetResponse(_message.Message):
         stale: _builtins.bool = ...,
         ttl_ms: _builtins.int = ...,
         reloaded: _builtins.bool = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "layer", b"layer", "reloaded", b"reloaded", "stale", b"stale", "ttl_ms", b"ttl_ms", "value", b"value", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "layer", b"layer", "reloaded", b"reloaded", "stale", b"stale", "tags", b"tags", "ttl_ms", b"ttl_ms", "value", b"value", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -236,6 +244,7 @@ class Entry(_message.Message):
     STALE_FIELD_NUMBER: _builtins.int
     TTL_MS_FIELD_NUMBER: _builtins.int
     RELOADED_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The key this entry answers."""
     found: _builtins.bool
@@ -256,6 +265,10 @@ class Entry(_message.Message):
     """True when a cached copy older than the key's min_version was skipped
     (see GetResponse.reloaded).
     """
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The value's tags (see GetResponse.tags)."""
+
     def __init__(
         self,
         *,
@@ -267,10 +280,11 @@ class Entry(_message.Message):
         stale: _builtins.bool = ...,
         ttl_ms: _builtins.int = ...,
         reloaded: _builtins.bool = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "key", b"key", "layer", b"layer", "reloaded", b"reloaded", "stale", b"stale", "ttl_ms", b"ttl_ms", "value", b"value", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "key", b"key", "layer", b"layer", "reloaded", b"reloaded", "stale", b"stale", "tags", b"tags", "ttl_ms", b"ttl_ms", "value", b"value", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
