@@ -117,7 +117,10 @@ class App:
             name: EntryStore(
                 client,
                 KeySpace(
-                    name, classes[name].partitions(ns), write_behind=classes[name].write_behind
+                    name,
+                    classes[name].partitions(ns),
+                    write_behind=classes[name].write_behind,
+                    sharded=settings.redis.sharded,
                 ),
                 generations=ns.invalidation is Invalidation.VERSION,
                 breaker=breaker,
@@ -160,7 +163,8 @@ class App:
             )
             self.feeds[name] = feed
             watch_hub.add_source(name, feed)
-            bus.on(strategy.channel, _decoded(feed.receive))
+            for channel in strategy.channels:
+                bus.on(channel, _decoded(feed.receive))
             bus.on_drop(feed.suspend)
             bus.on_subscribed(feed.catch_up)
         self.cache = Cache(strategies, settings.server, watch_hub)

@@ -203,7 +203,9 @@ async def _replay(
     ids = _ids(args)
     if ids is None:  # --all: every one, not a first page
         ids = [d.id for d in await operations.dead_letters(client, ns, limit=None)]
-    results = await operations.replay(client, settings.postgres.url, ns, ids)
+    results = await operations.replay(
+        client, settings.postgres.url, ns, ids, sharded=settings.redis.sharded
+    )
     docs = [{"id": r.id, "key": r.key, "outcome": r.outcome, "version": r.version} for r in results]
     lines = [
         f"{r.id}\t{r.key}\t{r.outcome}" + (f"\tversion {r.version}" if r.version else "")

@@ -92,8 +92,9 @@ def write_behind(settings: Settings, names: list[str]) -> dict[str, NamespaceSet
     return {name: behind[name] for name in names} if names else behind
 
 
-def keyspace(ns: NamespaceSettings) -> KeySpace:
-    return KeySpace(ns.name, ns.partitions, write_behind=True)
+def keyspace(ns: NamespaceSettings, *, sharded: bool = False) -> KeySpace:
+    """*sharded*: changes go out on shard channels (redis.sharded_pubsub)."""
+    return KeySpace(ns.name, ns.partitions, write_behind=True, sharded=sharded)
 
 
 def _admin(client: RedisClient, ns: NamespaceSettings) -> QueueAdmin:
@@ -151,13 +152,19 @@ async def drop(client: RedisClient, ns: NamespaceSettings, ids: list[str]) -> in
 
 
 async def replay(
-    client: RedisClient, database_url: str, ns: NamespaceSettings, ids: list[str]
+    client: RedisClient,
+    database_url: str,
+    ns: NamespaceSettings,
+    ids: list[str],
+    *,
+    sharded: bool = False,
 ) -> list[Replayed]:
     """Write dead letters again as new writes (see the module docstring);
-    replayed ones leave the dead-letter stream."""
+    replayed ones leave the dead-letter stream (*sharded*: announced on
+    shard channels, as the instances do with redis.sharded_pubsub)."""
     entries = EntryStore(
         client,
-        keyspace(ns),
+        keyspace(ns, sharded=sharded),
         generations=False,
         log_bounds=LogBounds(ns.log_max_entries, ns.log_max_age),
     )

@@ -305,6 +305,19 @@ def test_bad_redis_url_names_redis_url(tmp_path: Path, url: str) -> None:
     assert "redis://" in message
 
 
+@pytest.mark.parametrize("literal", ['"yes"', "1"])
+def test_bad_sharded_pubsub_names_redis_sharded_pubsub(tmp_path: Path, literal: str) -> None:
+    message = error_of(tmp_path, f"[redis]\ncluster = true\nsharded_pubsub = {literal}\n")
+    assert "redis.sharded_pubsub" in message
+
+
+def test_sharded_pubsub_is_on_for_a_cluster_only_and_can_be_turned_off(tmp_path: Path) -> None:
+    assert not load_text(tmp_path, "").redis.sharded
+    assert load_text(tmp_path, "[redis]\ncluster = true\n").redis.sharded
+    off = load_text(tmp_path, "[redis]\ncluster = true\nsharded_pubsub = false\n")
+    assert not off.redis.sharded
+
+
 def test_namespace_without_kind_names_its_kind_key(tmp_path: Path) -> None:
     message = error_of(tmp_path, '[namespaces.x]\nttl = "5m"\n')
     assert "namespaces.x.kind" in message

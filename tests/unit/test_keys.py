@@ -10,8 +10,9 @@ from fnmatch import fnmatchcase
 from itertools import product
 
 import pytest
+from redis.crc import key_slot
 
-from cachecoord.storage.keys import KeySpace
+from cachecoord.storage.keys import LOCK_CHANNEL, KeySpace, is_shard_channel
 
 AWKWARD = [
     "1",
@@ -77,3 +78,25 @@ def test_a_key_and_its_log_share_a_hash_tag() -> None:
             tag = space.value(key).split("}")[0]
             assert space.log(key).startswith(tag + "}")
             assert space.lease(key).startswith(tag + "}")
+
+
+def test_with_sharded_pubsub_a_change_goes_out_on_its_partitions_slot() -> None:
+    """The shard channel of a key's partition hashes to the slot of the key's
+    entry and log, so the script that changes it may SPUBLISH on it."""
+    for write_behind in (False, True):
+        space = KeySpace("users", 8, write_behind=write_behind, sharded=True)
+        shard_channels = [c for c in space.channels if is_shard_channel(c)]
+        assert len(set(shard_channels)) == 8
+        assert set(space.channels) - set(shard_channels) == {space.channel}  # still heard
+        for key in AWKWARD:
+            channel = space.channel_of(space.partition(key))
+            assert key_slot(channel.encode()) == key_slot(space.log(key).encode())
+            assert key_slot(channel.encode()) == key_slot(space.value(key).encode())
+
+
+def test_without_sharded_pubsub_every_change_goes_out_on_the_classic_channel() -> None:
+    space = KeySpace("users", 8)
+    assert space.channels == [space.channel] == ["cc:inv:users"]
+    assert {space.channel_of(p) for p in range(8)} == {"cc:inv:users"}
+    assert not is_shard_channel(space.channel)
+    assert not is_shard_channel(LOCK_CHANNEL)

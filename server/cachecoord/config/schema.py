@@ -104,8 +104,14 @@ class RedisSettings:
     of the cluster (database 0), from which the others are discovered."""
     cluster: bool = False
     """Redis Cluster mode: commands go to the shard owning their keys (MOVED
-    and ASK are followed, topology changes and failovers picked up); pub/sub
-    uses one node's connection (PUBLISH reaches every node of a cluster)."""
+    and ASK are followed, topology changes and failovers picked up)."""
+    sharded_pubsub: bool = True
+    """With ``cluster``: invalidation messages go out on each log partition's
+    shard channel ``cc:inv:{<ns>:<p>}`` (SPUBLISH, carried by the node owning
+    the partition's slot only), and each instance subscribes (SSUBSCRIBE) on
+    every primary; ``false``: on the classic channel ``cc:inv:<ns>`` (PUBLISH,
+    broadcast to every node; one node's subscription), e.g. for other programs
+    subscribed to it. A single Redis always uses the classic channel."""
     max_connections: int = field(default=64, metadata=at_least(1))
     """Size of the blocking connection pool (on a cluster: Redis calls in
     flight, hence connections to any one node)."""
@@ -117,6 +123,11 @@ class RedisSettings:
     """Consecutive failed Redis calls after which Redis is skipped for a while."""
     breaker_cooldown: Duration = Duration(1_000)
     """How long Redis is skipped before one call probes whether it is back."""
+
+    @property
+    def sharded(self) -> bool:
+        """Whether invalidation messages use shard channels (sharded_pubsub)."""
+        return self.cluster and self.sharded_pubsub
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if not self.cluster:

@@ -1,10 +1,12 @@
-"""The instance's pub/sub subscription, on a connection of its own
-(storage/subscription.py).
+"""The instance's pub/sub subscription, on connections of its own
+(storage/subscription.py: one, or on a Redis Cluster with sharded pub/sub,
+one per primary; a drop of any of them is the subscription's drop).
 
 Pub/sub messages sent while a subscriber is disconnected are lost, so the bus
 never lets redis-py reconnect silently: every drop goes through ``on_drop``
 and ``on_reset`` (listeners must assume they are missing messages), then the
-bus resubscribes (on a Redis Cluster, on the next node), calls ``on_reset``
+bus resubscribes (on a Redis Cluster, on the next node and with a fresh
+slot map), calls ``on_reset``
 again once subscribed, and awaits every ``on_subscribed`` handler (which
 catch up from the invalidation log, feed.py) before it dispatches the
 messages received since. Before the first subscription, ``on_drop`` handlers

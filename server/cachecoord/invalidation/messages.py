@@ -1,4 +1,6 @@
-"""The invalidation message published on ``cc:inv:<namespace>``.
+"""The invalidation message published on ``cc:inv:<namespace>``
+(or, with sharded pub/sub on a cluster, on its partition's shard channel
+``cc:inv:{<namespace>:<partition>}``, storage/keys.py).
 
 JSON, one object per key: ``{"namespace": "users", "key": "1", "version": 7,
 "reason": "put", "origin": "host-1234", "at": 1796519670.675}``. ``key`` is

@@ -107,7 +107,7 @@ class InvalidationLog:
         in *partition*'s log; its position."""
         position = await self._announce_all(
             keys=[self.keys.log_of(partition)],
-            args=[self.keys.channel, message, *self.announce_args(partition)],
+            args=[self.keys.channel_of(partition), message, *self.announce_args(partition)],
         )
         return _text(position)
 

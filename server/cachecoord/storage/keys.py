@@ -26,6 +26,15 @@ when there is one, is last or followed by ``:g<digits>`` (whose last ``:g``
 is the one before the digits). So distinct (namespace, key) pairs never share
 a Redis key, whatever bytes the key holds, and no entry key is a log or a
 queue. The tag keys' hash tag holds no ``:``, so it is none of a partition's.
+
+Invalidation messages (invalidation/messages.py) go out on the namespace's
+classic pub/sub channel ``cc:inv:<ns>`` or, with sharded pub/sub on a Redis
+Cluster (``redis.sharded_pubsub``), on its partition's shard channel
+``cc:inv:{<ns>:<p>}``: the hash tag of the partition's keys, so the script
+that changes an entry publishes (SPUBLISH) on its own slot, and only the
+node owning that slot carries the message. A channel is a shard channel
+exactly when its name has a hash tag (:func:`is_shard_channel`); classic
+names never have one (namespace names cannot contain ``{``).
 """
 
 from __future__ import annotations
@@ -40,13 +49,37 @@ class KeySpace:
     """The Redis names of one namespace."""
 
     def __init__(
-        self, namespace: str, partitions: int = LOG_PARTITIONS, *, write_behind: bool = False
+        self,
+        namespace: str,
+        partitions: int = LOG_PARTITIONS,
+        *,
+        write_behind: bool = False,
+        sharded: bool = False,
     ) -> None:
+        """*sharded*: messages go out on the partitions' shard channels."""
         self.namespace = namespace
         self.partitions = partitions
         self.write_behind = write_behind
+        self.sharded = sharded
         self.channel = f"cc:inv:{namespace}"
+        """The namespace's classic channel (whether or not it is used)."""
         self._prefix = "cc:wb:" if write_behind else "cc:"
+
+    def channel_of(self, partition: int) -> str:
+        """The channel a change of *partition* is published on."""
+        if self.sharded:
+            return f"cc:inv:{{{self.namespace}:{partition}}}"
+        return self.channel
+
+    @property
+    def channels(self) -> list[str]:
+        """Every channel to hear the namespace's changes on: the classic one,
+        and with sharded pub/sub each partition's shard channel (the classic
+        one still carries what instances without sharded pub/sub publish,
+        e.g. during a rolling upgrade)."""
+        if self.sharded:
+            return [self.channel, *(self.channel_of(p) for p in range(self.partitions))]
+        return [self.channel]
 
     def partition(self, key: str) -> int:
         return zlib.crc32(key.encode()) % self.partitions
@@ -113,6 +146,12 @@ class KeySpace:
         return [f"cc:{{{self.namespace}:*}}:[vlg]:*"]
 
 
+def is_shard_channel(channel: str) -> bool:
+    """Whether *channel* is a shard channel (SSUBSCRIBE/SPUBLISH, on the node
+    owning its hash tag's slot) rather than a classic one."""
+    return "{" in channel
+
+
 def lock_key(name: str) -> str:
     return f"cc:lock:{{{name}}}"
 
@@ -122,6 +161,8 @@ def fencing_key(name: str) -> str:
 
 
 LOCK_CHANNEL = "cc:locks"
+"""Lock release notices: a classic channel, broadcast to every node of a
+cluster (lock keys are spread over every slot, and releases are rare)."""
 
 TAG_CLOCK = ""
 """The field of KeySpace.tags that mirrors the tag clock (a tag is never

@@ -163,6 +163,10 @@ class EntryStore:
     def _announce_args(self, key: str) -> list[int]:
         return self.log.announce_args(self.keys.partition(key))
 
+    def _channel(self, key: str) -> str:
+        """The channel the changes of *key* are published on."""
+        return self.keys.channel_of(self.keys.partition(key))
+
     async def get(self, key: str) -> bytes | None:
         if self.generations:
             return await self._get_generation(key)
@@ -384,7 +388,8 @@ class EntryStore:
         calls = []
         for key, (token, envelope, px, notice) in fills.items():
             keys, args = self._entry_keys(key)
-            calls.append((keys, [*args, token, envelope, px, self.keys.channel, notice]))
+            channel = self.keys.channel_of(self.keys.partition(key))
+            calls.append((keys, [*args, token, envelope, px, channel, notice]))
         if self._hot_path is not None:
             results = await self._hot(
                 [keys[0] for keys, _ in calls],
@@ -412,7 +417,7 @@ class EntryStore:
                     pipe,
                     self._invalidate,
                     keys,
-                    [*args, self.keys.channel, message, *self._announce_args(key)],
+                    [*args, self._channel(key), message, *self._announce_args(key)],
                 )
             return sum(int(n) for n in await pipe.execute())
 
@@ -427,7 +432,7 @@ class EntryStore:
                 envelope,
                 px,
                 version,
-                self.keys.channel,
+                self._channel(key),
                 message,
                 *self._announce_args(key),
             ],

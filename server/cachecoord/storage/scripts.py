@@ -33,24 +33,44 @@ end
 """
 """Prepended to every script that looks inside a cached value."""
 
-ANNOUNCE = """
+PUBLISH = """
+-- Publish on a classic channel (cc:inv:<ns>: PUBLISH, which a cluster
+-- broadcasts to every node) or on a shard channel (its name has a hash tag,
+-- cc:inv:{<ns>:<p>}, keys.is_shard_channel: SPUBLISH, which stays on the
+-- node owning the slot; the script's keys share that slot).
+local function publish(channel, message)
+  if string.find(channel, '{', 1, true) then
+    return redis.call('SPUBLISH', channel, message)
+  end
+  return redis.call('PUBLISH', channel, message)
+end
+"""
+"""Prepended to every script that publishes on a namespace's channel."""
+
+ANNOUNCE = (
+    PUBLISH
+    + """
 -- A change: append its message to the partition's invalidation log (a Redis
 -- Stream, storage/invalidation_log.py), trimmed to about max_len entries
 -- (MAXLEN ~: whole nodes only, so it stays cheap) and exactly to max_age_ms
 -- (MINID, against the new entry's own clock), then publish the message with
--- its partition and position (the entry id) added as its last two fields.
--- The message is a JSON object: it ends with '}'. Returns the position.
+-- its partition and position (the entry id) added as its last two fields, on
+-- channel (KeySpace.channel_of(partition): classic or the partition's shard
+-- channel, see publish). The message is a JSON object: it ends with '}'.
+-- Returns the position.
 local function announce(log, channel, message, partition, max_len, max_age_ms)
   local id = redis.call('XADD', log, 'MAXLEN', '~', max_len, '*', 'm', message)
   local oldest = tonumber(string.match(id, '^(%d+)-')) - tonumber(max_age_ms)
   if oldest > 0 then redis.call('XTRIM', log, 'MINID', string.format('%.0f', oldest)) end
-  redis.call('PUBLISH', channel, string.sub(message, 1, -2) .. ',"partition":' .. partition
+  publish(channel, string.sub(message, 1, -2) .. ',"partition":' .. partition
     .. ',"position":"' .. id .. '"}')
   return id
 end
 """
-"""Prepended to every script that makes a change. Its last three arguments
-(partition, max_len, max_age_ms) are InvalidationLog.announce_args()."""
+)
+"""Prepended to every script that makes a change. Its channel is
+``KeySpace.channel_of(partition)``, its last three arguments (partition,
+max_len, max_age_ms) are InvalidationLog.announce_args()."""
 
 _VALUE_KEY = """
 local function value_key(gen_key, prefix)
@@ -116,20 +136,22 @@ return 0
 # KEYS: value, lease. ARGV: token, envelope, px, channel, fill notice.
 # Returns 1 if filled, 0 if the lease was lost or a newer value is cached.
 FILL = (
-    _NEWER_CACHED
+    PUBLISH
+    + _NEWER_CACHED
     + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 if newer_cached(KEYS[1], ARGV[2]) then redis.call('DEL', KEYS[2]) return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[4], ARGV[5])
+publish(ARGV[4], ARGV[5])
 return 1
 """
 )
 
 # KEYS: generation, lease. ARGV: value key prefix, then as FILL. Returns as FILL.
 FILL_GENERATION = (
-    _VALUE_KEY
+    PUBLISH
+    + _VALUE_KEY
     + _NEWER_CACHED
     + """
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
@@ -137,7 +159,7 @@ local target = value_key(KEYS[1], ARGV[1])
 if newer_cached(target, ARGV[3]) then redis.call('DEL', KEYS[2]) return 0 end
 redis.call('SET', target, ARGV[3], 'PX', ARGV[4])
 redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[5], ARGV[6])
+publish(ARGV[5], ARGV[6])
 return 1
 """
 )

@@ -96,9 +96,10 @@ class Strategy:
         return self._reader
 
     @property
-    def channel(self) -> str:
-        """The Redis channel of the namespace's invalidation messages."""
-        return self._store.keys.channel
+    def channels(self) -> list[str]:
+        """The Redis channels of the namespace's invalidation messages (the
+        classic one, and a shard channel per log partition, storage/keys.py)."""
+        return self._store.keys.channels
 
     def check_key(self, key: str) -> None:
         """Raise InvalidArgument for a key the namespace's table cannot hold."""
