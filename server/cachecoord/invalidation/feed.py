@@ -103,8 +103,10 @@ class Feed:
             for forget in self._on_lost:
                 forget()
             self._on_resume()
+            # At the first subscription, start both series at 0 (alerts see them).
+            for outcome, count in (("replayed", 0), ("too_old", int(positioned))):
+                instruments.catch_ups.add(count, {_NAMESPACE: self.namespace, _OUTCOME: outcome})
             if positioned:
-                instruments.catch_ups.add(1, {_NAMESPACE: self.namespace, _OUTCOME: "too_old"})
                 log.warning(
                     "namespace %s: the invalidation log no longer reaches back to the last "
                     "change applied here; near cache flushed, Watch streams reset",
