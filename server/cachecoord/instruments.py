@@ -433,3 +433,21 @@ consistency_violations = meter.create_counter(
     unit="{check}",
     description="Checks that found a layer older than the change after the bound",
 )
+catch_ups = meter.create_counter(
+    "cachecoord.invalidation.catch_ups",
+    unit="{catch_up}",
+    description="Namespaces caught up after the pub/sub subscription dropped, by outcome:"
+    " replayed (from the invalidation log) or too_old (the log no longer reached back:"
+    " near cache flushed, Watch streams reset)",
+)
+replayed_changes = meter.create_counter(
+    "cachecoord.invalidation.replayed",
+    unit="{change}",
+    description="Changes replayed from the invalidation log after the subscription dropped",
+)
+watch_resumes = meter.create_counter(
+    "cachecoord.watch.resumes",
+    unit="{stream}",
+    description="Watch streams opened with a resume_token, by outcome: resumed (the log"
+    " replayed what they missed) or too_old (they were reset)",
+)

@@ -22,11 +22,14 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
+from cachecoord import instruments
 from cachecoord.invalidation.messages import Invalidation
 from cachecoord.invalidation.positions import NONE, is_newer, reaches_back
 from cachecoord.invalidation.replay import LogReader, changes_after, merged
 
 log = logging.getLogger(__name__)
+
+_NAMESPACE, _OUTCOME = "cache.namespace", "cache.outcome"
 
 Handler = Callable[[Invalidation], None]
 
@@ -100,6 +103,9 @@ class Feed:
             for forget in self._on_lost:
                 forget()
             self._on_resume()
+            # At the first subscription, start both series at 0 (alerts see them).
+            for outcome, count in (("replayed", 0), ("too_old", int(positioned))):
+                instruments.catch_ups.add(count, {_NAMESPACE: self.namespace, _OUTCOME: outcome})
             if positioned:
                 log.warning(
                     "namespace %s: the invalidation log no longer reaches back to the last "
@@ -116,6 +122,9 @@ class Feed:
             self.receive(change)
             replayed += 1
         self._on_resume()
+        attributes = {_NAMESPACE: self.namespace}
+        instruments.catch_ups.add(1, {**attributes, _OUTCOME: "replayed"})
+        instruments.replayed_changes.add(replayed, attributes)
         if replayed:
             log.info(
                 "namespace %s: replayed %d missed changes from its log", self.namespace, replayed

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from cachecoord import instruments
 from cachecoord.invalidation import resume_token
 from cachecoord.invalidation.messages import FILL, Invalidation
 from cachecoord.invalidation.positions import NONE, is_newer
@@ -245,10 +246,12 @@ class Watcher:
                 continue
             if change is None:
                 if replay.too_old:
+                    instruments.watch_resumes.add(1, {"cache.outcome": "too_old"})
                     self.move_to(replay.upto)
                     self._backlog.offer(TOO_OLD)
                     self._end_replay()
                     return None
+                instruments.watch_resumes.add(1, {"cache.outcome": "resumed"})
                 resumed = WatchEvent(EventKind.RESUMED, replayed=self._replayed)
                 self._end_replay()
                 return resumed
