@@ -83,7 +83,8 @@ async function main(): Promise<void> {
 
   // Watch: the first event is a RESET; then the Put's invalidation must come.
   const key = `${prefix}a`;
-  const watch = client.watch(WatchRequest.fromPartial({ namespaces: ["blobs"], keyPrefix: prefix }), md());
+  const request = WatchRequest.fromPartial({ namespaces: ["blobs"], keyPrefix: prefix });
+  const watch = client.watch(request, md());
   watch.on("error", () => undefined); // the cancel below ends it with CANCELLED
   const events: WatchResponse[] = [];
   let wake = () => {};
