@@ -729,11 +729,18 @@ async def test_a_hold_outlives_many_connection_ages_and_nobody_else_gets_it(
 async def test_a_sync_hold_outlives_many_connection_ages(recycling: App, name: str) -> None:
     target = f"127.0.0.1:{recycling.port}"
     done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    async def stop_competing() -> None:
+        done.set()
+        await competitor  # its last try ends while the lock is still held
 
     def hold() -> Lock:
         with Client(target) as sync, sync.hold_lock(name, ttl_ms=2_000) as lock:
             time.sleep(4)
             assert not lock.lost
+            # Only then release: a try still in flight would rightly get the lock.
+            asyncio.run_coroutine_threadsafe(stop_competing(), loop).result(timeout=10)
         return lock
 
     async with AsyncClient(target) as other:
@@ -741,8 +748,6 @@ async def test_a_sync_hold_outlives_many_connection_ages(recycling: App, name: s
         await asyncio.sleep(0.3)
         competitor = asyncio.create_task(refused_throughout(other, name, done))
         lock = await holder
-        done.set()
-        await competitor
         after = await other.acquire_lock(name, ttl_ms=1_000)
     assert after.fencing_token > lock.fencing_token
 
